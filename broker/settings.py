@@ -1,0 +1,218 @@
+"""One frozen object holding every setting and limit, and the one place that reads them.
+
+Precedence, lowest first: defaults here, an optional TOML file, `REDWIRE_*` environment
+variables, command-line flags. Units are in the names (`_bytes`, `_s`); `None` means "off"
+where a field's comment says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from broker.errors import ConfigError
+
+ENV_PREFIX = "REDWIRE_"
+KIB = 1024
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # --- listening and processes ---
+    host: str = "127.0.0.1"
+    port: int = 8765
+    workers: int = 0  # 0 means one worker per CPU
+    redis_url: str | None = None  # None: the supervisor starts an embedded redis-server
+    redis_server_path: str | None = None  # None: look for `redis-server` on PATH
+    app: str | None = None  # "module:object" application hooks, None for none
+    api_key: str | None = None  # POST /publish needs it; None disables POST /publish
+    allowed_origins: tuple[str, ...] | None = None  # None: any Origin (or none) is accepted
+    log_level: str = "INFO"
+
+    # --- opening handshake (HTTP/1.1) ---
+    handshake_timeout_s: float = 10.0
+    max_request_line_bytes: int = 8 * KIB
+    max_header_bytes: int = 16 * KIB  # all header lines together
+    max_headers: int = 100
+    max_http_body_bytes: int = 1 * MIB  # POST /publish bodies
+
+    # --- WebSocket limits and timers ---
+    max_message_bytes: int = 1 * MIB  # after reassembly and decompression
+    ping_interval_s: float | None = 20.0  # protocol-level keepalive ping; None disables
+    ping_timeout_s: float = 20.0  # no pong within this: close 1011 and drop
+    close_timeout_s: float = 5.0  # wait this long for the peer's close frame, then drop
+    compression: bool = True  # offer/accept permessage-deflate (RFC 7692)
+    compression_level: int = 6
+    compression_min_bytes: int = 128  # smaller messages are sent uncompressed
+    max_window_bits: int = 15  # our window for compression, 9..15
+
+    # --- transport back-pressure ---
+    write_buffer_high_bytes: int = 256 * KIB
+    write_buffer_low_bytes: int = 64 * KIB
+    max_send_buffer_bytes: int = 4 * MIB  # a client further behind is a slow consumer
+    slow_consumer_policy: str = "close"  # "close" (1013)
+
+    # --- pub/sub protocol ---
+    max_topic_bytes: int = 200
+    max_subscriptions_per_connection: int = 1000
+    max_errors_per_window: int = 20  # more error replies than this in the window: close 1008
+    error_window_s: float = 10.0
+    heartbeat_interval_s: float = 25.0  # app-level {"op":"ping"} expected from clients
+    heartbeat_timeout_s: float = 60.0  # nothing from a client for this long: it is dropped
+
+    # --- bus ---
+    bus_reconnect_min_s: float = 0.05
+    bus_reconnect_max_s: float = 5.0
+    bus_probe_interval_s: float = 2.0  # idle subscription probe; see docs/architecture.md
+    bus_probe_timeout_s: float = 5.0
+    bus_resubscribe_batch: int = 500
+    bus_publish_timeout_s: float = 5.0
+
+    # --- supervisor ---
+    drain_timeout_s: float = 10.0  # SIGTERM: clients get close 1001, workers exit within this
+    worker_restart_delay_s: float = 0.5
+    metrics_dir: str | None = None  # prometheus multiprocess dir; None: supervisor makes one
+
+    extra: Mapping[str, Any] = field(default_factory=dict)  # free-form, for application hooks
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        toml_path: str | None = None,
+        environ: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Settings:
+        """Build settings from defaults < TOML file < environment < explicit overrides."""
+        values: dict[str, Any] = {}
+        env = os.environ if environ is None else environ
+        toml_path = toml_path or env.get(ENV_PREFIX + "CONFIG")
+        if toml_path:
+            values.update(_read_toml(toml_path))
+        for f in fields(cls):
+            key = ENV_PREFIX + f.name.upper()
+            if key in env and f.name != "extra":
+                values[f.name] = _coerce(f.name, env[key])
+        for name, value in (overrides or {}).items():
+            if value is not None:
+                values[name] = value
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        return cls(**{k: _coerce(k, v) for k, v in values.items()})
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes `Settings.load()` in a child process rebuild these."""
+        env: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra":
+                continue
+            if value is None:
+                value = "none"
+            if isinstance(value, tuple):
+                value = ",".join(value)
+            env[ENV_PREFIX + f.name.upper()] = str(value)
+        return env
+
+
+_HINTS: dict[str, Any] = {}
+
+
+def _field_type(name: str) -> Any:
+    if not _HINTS:
+        _HINTS.update(typing.get_type_hints(Settings))
+    return _HINTS[name]
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a TOML or environment value into the field's type, or raise ConfigError."""
+    if name not in {f.name for f in fields(Settings)}:
+        raise ConfigError(f"unknown setting: {name}")
+    hint = _field_type(name)
+    args = typing.get_args(hint)
+    optional = isinstance(hint, types.UnionType) and type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("", "none")):
+        if optional:
+            return None
+        raise ConfigError(f"setting {name} cannot be empty")
+    origin = typing.get_origin(base)
+    try:
+        if origin is tuple:
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(str(v) for v in value)
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if base is int:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if base is float:
+            return float(value)
+        if base is str:
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name}: cannot use {value!r} ({exc})") from None
+    return value
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    section = data.get("redwire", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {path}: [redwire] must be a table")
+    return dict(section)
+
+
+def _validate(s: Settings) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(0 <= s.port <= 65535, f"port must be 0..65535, got {s.port}")
+    need(s.workers >= 0, "workers must be >= 0 (0 = one per CPU)")
+    need(s.max_message_bytes >= 125, "max_message_bytes must be >= 125")
+    need(9 <= s.max_window_bits <= 15, "max_window_bits must be 9..15")
+    need(-1 <= s.compression_level <= 9, "compression_level must be -1..9")
+    need(
+        0 <= s.write_buffer_low_bytes <= s.write_buffer_high_bytes,
+        "write_buffer_low_bytes must be <= write_buffer_high_bytes",
+    )
+    need(s.max_send_buffer_bytes > 0, "max_send_buffer_bytes must be > 0")
+    need(s.slow_consumer_policy in ("close",), "slow_consumer_policy must be 'close'")
+    need(1 <= s.max_topic_bytes <= 1024, "max_topic_bytes must be 1..1024")
+    need(s.ping_interval_s is None or s.ping_interval_s > 0, "ping_interval_s must be > 0")
+    for name in ("handshake_timeout_s", "ping_timeout_s", "close_timeout_s", "drain_timeout_s"):
+        need(getattr(s, name) > 0, f"{name} must be > 0")
+    need(s.max_headers > 0 and s.max_header_bytes > 0, "header limits must be > 0")
+    need(s.bus_reconnect_min_s > 0, "bus_reconnect_min_s must be > 0")
+    need(s.bus_reconnect_max_s >= s.bus_reconnect_min_s, "bus_reconnect_max_s < min")
+    need(s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "bad log_level")

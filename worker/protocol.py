@@ -1,0 +1,393 @@
+"""`asyncio.Protocol` for one TCP connection: HTTP request, then maybe a WebSocket.
+
+Drives `broker.handshake` until a request is complete. A plain HTTP request goes to the
+application's `http` handler and the connection closes after the response. An upgrade
+request is checked, optionally authorized by the application, answered with 101, and from
+then on bytes go through a `broker.connection.Connection` whose events reach a `Session`.
+This module owns every timer of a connection: handshake timeout, keepalive ping and its
+pong timeout, closing timeout. Writes go straight to `transport.write`; the transport's
+high/low water marks pause reading from a peer we cannot write to fast enough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from broker import errors
+from broker.connection import (
+    BinaryMessage,
+    CloseReceived,
+    Connection,
+    ConnectionFailed,
+    ConnectionLost,
+    Ping,
+    Pong,
+    Role,
+    State,
+    TextMessage,
+)
+from broker.deflate import PerMessageDeflate
+from broker.errors import ConnectionClosedError, HandshakeError
+from broker.handshake import Request, RequestParser, accept_upgrade, error_response
+from broker.settings import Settings
+
+log = logging.getLogger("redwire.worker")
+
+
+class Session(Protocol):
+    """The application side of one open WebSocket connection."""
+
+    def on_message(self, data: str | bytes) -> None: ...
+
+    def on_close(self, code: int, reason: str) -> None: ...
+
+
+class ServerApp(Protocol):
+    """What a worker serves: HTTP routes, an upgrade check and a session per WebSocket."""
+
+    subprotocols: tuple[str, ...]
+    default_subprotocol: str | None
+
+    async def http(self, request: Request) -> bytes: ...
+
+    async def authorize(self, request: Request) -> Any:
+        """Return an identity (any value) or raise HandshakeError to refuse."""
+
+    def open_session(self, ws: WebSocket) -> Session: ...
+
+
+class WebSocket(asyncio.Protocol):
+    """One TCP connection: HTTP first, then (after a 101) one WebSocket."""
+
+    __slots__ = (
+        "_close_timer",
+        "_handshake_timer",
+        "_parser",
+        "_paused_reading",
+        "_ping_timer",
+        "_pong_timer",
+        "app",
+        "compress_key",
+        "conn",
+        "identity",
+        "loop",
+        "on_lost",
+        "request",
+        "session",
+        "settings",
+        "subprotocol",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(
+        self,
+        app: ServerApp,
+        settings: Settings,
+        on_lost: Callable[[WebSocket], None] | None = None,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.on_lost = on_lost
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self._parser: RequestParser | None = RequestParser.from_settings(settings)
+        self.request: Request | None = None
+        self.conn: Connection | None = None
+        self.session: Session | None = None
+        self.subprotocol: str | None = None
+        self.identity: Any = None
+        self.compress_key: int | None = None  # window bits when this peer gets compressed frames
+        self.write_paused = False
+        self._paused_reading = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._pong_timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    # --- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        s = self.settings
+        self.transport.set_write_buffer_limits(s.write_buffer_high_bytes, s.write_buffer_low_bytes)
+        self._handshake_timer = self.loop.call_later(s.handshake_timeout_s, self._handshake_expired)
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is not None:
+            self._receive_ws(conn, data)
+        elif self._parser is not None:
+            self._receive_http(data)
+        # else: a request is being handled asynchronously; ignore further bytes until then.
+
+    def eof_received(self) -> bool | None:
+        if self.conn is not None:
+            self._handle_events(self.conn.receive_data(b""))
+        return None  # let the transport close itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timers()
+        conn = self.conn
+        if conn is not None and self.session is not None:
+            if conn.close_received is not None:
+                code, reason = conn.close_received
+            else:
+                code, reason = errors.CLOSE_ABNORMAL, ""
+            conn.state = State.CLOSED
+            session, self.session = self.session, None
+            session.on_close(code, reason)
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.transport is not None and not self._paused_reading:
+            self._paused_reading = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.transport is not None and self._paused_reading:
+            self._paused_reading = False
+            self.transport.resume_reading()
+
+    # --- HTTP phase --------------------------------------------------------------------------
+
+    def _receive_http(self, data: bytes) -> None:
+        assert self._parser is not None
+        try:
+            request = self._parser.feed(data)
+        except HandshakeError as exc:
+            self._refuse(exc)
+            return
+        if request is None:
+            return
+        leftover = self._parser.leftover
+        self._parser = None
+        self.request = request
+        if request.is_upgrade:
+            self.loop.create_task(self._upgrade(request, leftover))
+        else:
+            self.loop.create_task(self._serve_http(request))
+
+    async def _serve_http(self, request: Request) -> None:
+        try:
+            response = await self.app.http(request)
+        except HandshakeError as exc:
+            response = error_response(exc)
+        except Exception:
+            log.exception("HTTP handler failed for %s %s", request.method, request.path)
+            response = error_response(HandshakeError(500, "internal error"))
+        self._cancel_timers()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
+
+    def _refuse(self, exc: HandshakeError) -> None:
+        self._cancel_timers()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(error_response(exc))
+            self.transport.close()
+
+    async def _upgrade(self, request: Request, leftover: bytes) -> None:
+        s = self.settings
+        app = self.app
+        try:
+            accepted = accept_upgrade(
+                request,
+                allowed_origins=s.allowed_origins,
+                subprotocols=app.subprotocols,
+                default_subprotocol=app.default_subprotocol,
+                compression=s.compression,
+                max_window_bits=s.max_window_bits,
+            )
+            self.identity = await app.authorize(request)
+        except HandshakeError as exc:
+            self._refuse(exc)
+            return
+        except Exception:
+            log.exception("authorize hook failed")
+            self._refuse(HandshakeError(500, "internal error"))
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        deflate = None
+        if accepted.deflate is not None:
+            deflate = PerMessageDeflate(
+                accepted.deflate,
+                is_server=True,
+                level=s.compression_level,
+                min_bytes=s.compression_min_bytes,
+                max_message_bytes=s.max_message_bytes,
+            )
+            self.compress_key = accepted.deflate.server_max_window_bits
+        self.subprotocol = accepted.subprotocol
+        self.conn = Connection(Role.SERVER, max_message_bytes=s.max_message_bytes, deflate=deflate)
+        transport.write(accepted.response)
+        try:
+            self.session = app.open_session(self)
+        except Exception:
+            log.exception("open_session failed")
+            self.close(errors.CLOSE_INTERNAL_ERROR)
+            return
+        self._schedule_ping()
+        if leftover:
+            self._receive_ws(self.conn, leftover)
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        if self.conn is None and self.transport is not None:
+            log.debug("handshake timeout")
+            self._refuse(HandshakeError(408, "request timeout"))
+
+    # --- WebSocket phase ---------------------------------------------------------------------
+
+    def _receive_ws(self, conn: Connection, data: bytes) -> None:
+        events = conn.receive_data(data)
+        out = conn.data_to_send()
+        if out and self.transport is not None:
+            self.transport.write(out)
+        if events:
+            self._handle_events(events)
+
+    def _handle_events(self, events: list[Any]) -> None:
+        session = self.session
+        for event in events:
+            kind = type(event)
+            if kind is TextMessage or kind is BinaryMessage:
+                if session is not None:
+                    session.on_message(event.data)
+            elif kind is Ping:
+                continue
+            elif kind is Pong:
+                if self._pong_timer is not None:
+                    self._pong_timer.cancel()
+                    self._pong_timer = None
+            elif kind is CloseReceived:
+                # Section 7.1.1: once the closing handshake is done, the server closes TCP.
+                self._end(flush=True)
+            elif kind is ConnectionFailed:
+                log.debug("failing connection: %s %s", event.code, event.reason)
+                self._linger()
+            elif kind is ConnectionLost:
+                self._end(flush=False)
+
+    def send(self, data: str | bytes) -> None:
+        """Send one message (text for str, binary for bytes) if the connection is open."""
+        conn = self.conn
+        if conn is None or conn.state is not State.OPEN or self.transport is None:
+            return
+        if isinstance(data, str):
+            frame = conn.send_text(data)
+        else:
+            frame = conn.send_binary(data)
+        self.transport.write(frame)
+
+    def write_frame(self, frame: bytes) -> None:
+        """Write an already-encoded server frame (a broadcast encoded once for many)."""
+        conn = self.conn
+        if conn is not None and conn.state is State.OPEN and self.transport is not None:
+            self.transport.write(frame)
+
+    def close(self, code: int = errors.CLOSE_NORMAL, reason: str = "") -> None:
+        """Start the closing handshake; the TCP connection is dropped after close_timeout_s."""
+        conn = self.conn
+        if conn is None or self.transport is None:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        try:
+            frame = conn.close(code, reason)
+        except ConnectionClosedError:
+            return
+        if frame:
+            self.transport.write(frame)
+            if self._close_timer is None:
+                self._close_timer = self.loop.call_later(
+                    self.settings.close_timeout_s, self._close_expired
+                )
+
+    def abort(self) -> None:
+        """Drop the TCP connection now, without a closing handshake."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def is_open(self) -> bool:
+        return self.conn is not None and self.conn.state is State.OPEN
+
+    def buffered_bytes(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def _close_expired(self) -> None:
+        self._close_timer = None
+        log.debug("closing handshake timed out")
+        self.abort()
+
+    def _linger(self) -> None:
+        """After failing the connection: send our close frame and half-close, then read and
+        discard until the peer closes (or close_timeout_s), so a peer still writing a large
+        message reads our close frame instead of a connection reset."""
+        self._cancel_timers()
+        transport = self.transport
+        if transport is None:
+            return
+        if self._paused_reading:
+            self._paused_reading = False
+            transport.resume_reading()
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._close_timer = self.loop.call_later(self.settings.close_timeout_s, self._close_expired)
+
+    def _end(self, *, flush: bool) -> None:
+        self._cancel_timers()
+        if self.transport is None:
+            return
+        if flush:
+            self.transport.close()
+            # A peer that never reads must not keep the socket (and its buffer) forever.
+            self._close_timer = self.loop.call_later(
+                self.settings.close_timeout_s, self._close_expired
+            )
+        else:
+            self.transport.abort()
+
+    # --- keepalive ---------------------------------------------------------------------------
+
+    def _schedule_ping(self) -> None:
+        interval = self.settings.ping_interval_s
+        if interval is not None:
+            self._ping_timer = self.loop.call_later(interval, self._send_ping)
+
+    def _send_ping(self) -> None:
+        self._ping_timer = None
+        if not self.is_open or self.transport is None:
+            return
+        self.transport.write(self.conn.send_ping(b"redwire"))  # type: ignore[union-attr]
+        if self._pong_timer is None:
+            self._pong_timer = self.loop.call_later(
+                self.settings.ping_timeout_s, self._pong_expired
+            )
+        self._schedule_ping()
+
+    def _pong_expired(self) -> None:
+        self._pong_timer = None
+        log.debug("no pong within ping_timeout_s; dropping connection")
+        if self.conn is not None and self.transport is not None:
+            self.transport.write(self.conn.close(errors.CLOSE_INTERNAL_ERROR, ""))
+        self.abort()
+
+    def _cancel_timers(self) -> None:
+        for name in ("_handshake_timer", "_ping_timer", "_pong_timer", "_close_timer"):
+            timer = getattr(self, name)
+            if timer is not None:
+                timer.cancel()
+                setattr(self, name, None)
