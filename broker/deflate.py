@@ -140,9 +140,7 @@ class _BadParams(ValueError):
     """Parameters that make an offer declined (section 5) or a response invalid."""
 
 
-def _read_params(
-    params: list[tuple[str, str | None]], *, in_offer: bool
-) -> dict[str, int | None]:
+def _read_params(params: list[tuple[str, str | None]], *, in_offer: bool) -> dict[str, int | None]:
     """Check names, duplicates and values; map name -> window bits or None (no value)."""
     seen: dict[str, int | None] = {}
     for name, value in params:
@@ -249,16 +247,17 @@ def accept_client_response(
         # Section 7.1.2.1: accepting our server_max_window_bits means echoing it, <= ours.
         if server_bits is None or server_bits > max_window_bits:
             raise _refused(f"server_max_window_bits={server_bits} does not honour our offer")
-    client_bits = answer.get("client_max_window_bits") or 15
+    # Section 7.1.2.2: the server may limit our window, never widen what we offered.
+    client_bits = answer.get("client_max_window_bits")
     if client_bits == 8:
         raise _refused("client_max_window_bits=8 is not supported (zlib limitation)")
-    if client_bits > max_window_bits:
+    if client_bits is not None and client_bits > max_window_bits:
         raise _refused(f"client_max_window_bits={client_bits} exceeds our offer")
     return DeflateParams(
         server_no_context_takeover="server_no_context_takeover" in answer,
         client_no_context_takeover="client_no_context_takeover" in answer,
         server_max_window_bits=server_bits or 15,
-        client_max_window_bits=min(client_bits, max_window_bits),
+        client_max_window_bits=min(client_bits or 15, max_window_bits),
     )
 
 

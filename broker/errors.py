@@ -9,7 +9,8 @@ RedwireError
 ├── ClientError            a well-formed WebSocket message the pub/sub protocol rejects;
 │                          carries a stable error code string (see docs/protocol.md)
 ├── BusError               the message bus failed
-│   └── BusUnavailable     the bus is disconnected: publishing now would lose the message
+│   ├── BusUnavailable     the bus is disconnected: publishing now would lose the message
+│   └── EnvelopeError      bytes on a bus channel that are not a well-formed envelope
 └── ConfigError            a setting is invalid or a required program is missing
 """
 
@@ -99,6 +100,10 @@ class BusError(RedwireError):
 
 class BusUnavailable(BusError):
     """The bus is disconnected; a publish now would be lost, so it is refused."""
+
+
+class EnvelopeError(BusError):
+    """Bytes read from the bus are not a well-formed envelope (see broker/envelope.py)."""
 
 
 class ConfigError(RedwireError):

@@ -69,7 +69,7 @@ class FrameParser:
     `max_payload_bytes` raise `PayloadTooBig` as soon as their header is read.
     """
 
-    __slots__ = ("_buf", "allow_rsv1", "mask_required", "max_payload_bytes")
+    __slots__ = ("_buf", "_need", "allow_rsv1", "mask_required", "max_payload_bytes")
 
     def __init__(
         self, *, mask_required: bool, max_payload_bytes: int, allow_rsv1: bool = False
@@ -78,6 +78,7 @@ class FrameParser:
         self.max_payload_bytes = max_payload_bytes
         self.allow_rsv1 = allow_rsv1
         self._buf = bytearray()
+        self._need = 0  # buffered bytes the pending frame needs before parsing can progress
 
     @property
     def buffered_bytes(self) -> int:
@@ -89,6 +90,8 @@ class FrameParser:
         buf = self._buf
         if buf:
             buf += data
+            if len(buf) < self._need:
+                return []  # still inside the pending frame: nothing to parse yet
             src: bytes | bytearray = buf
         else:
             src = bytes(data) if not isinstance(data, bytes) else data
@@ -103,9 +106,13 @@ class FrameParser:
     def _parse(self, src: bytes | bytearray, frames: list[Frame]) -> int:
         end = len(src)
         pos = 0
+        need = 0
         view = memoryview(src)
         try:
-            while end - pos >= 2:
+            while True:
+                if end - pos < 2:
+                    need = 2
+                    break
                 b0 = src[pos]
                 b1 = src[pos + 1]
                 length = b1 & 0x7F
@@ -113,6 +120,7 @@ class FrameParser:
                 if length == 126:
                     if end - head < 2:
                         self._check_header(b0, b1, None)
+                        need = 4
                         break
                     length = _U16.unpack_from(src, head)[0]
                     head += 2
@@ -121,6 +129,7 @@ class FrameParser:
                 elif length == 127:
                     if end - head < 8:
                         self._check_header(b0, b1, None)
+                        need = 10
                         break
                     length = _U64.unpack_from(src, head)[0]
                     head += 8
@@ -132,12 +141,14 @@ class FrameParser:
                 if b1 & _MASK_BIT:
                     stop = head + 4 + length
                     if stop > end:
+                        need = stop - pos
                         break
                     mask = src[head : head + 4]
                     payload = apply_mask(view[head + 4 : stop], mask) if length else b""
                 else:
                     stop = head + length
                     if stop > end:
+                        need = stop - pos
                         break
                     payload = bytes(view[head:stop])
                 frames.append(
@@ -146,6 +157,7 @@ class FrameParser:
                 pos = stop
         finally:
             view.release()
+        self._need = need
         return pos
 
     def _check_header(self, b0: int, b1: int, length: int | None) -> Opcode:

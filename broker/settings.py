@@ -64,8 +64,8 @@ class Settings:
     max_subscriptions_per_connection: int = 1000
     max_errors_per_window: int = 20  # more error replies than this in the window: close 1008
     error_window_s: float = 10.0
-    heartbeat_interval_s: float = 25.0  # app-level {"op":"ping"} expected from clients
-    heartbeat_timeout_s: float = 60.0  # nothing from a client for this long: it is dropped
+    heartbeat_interval_s: float = 25.0  # clients send an app-level {"op":"ping"} this often
+    heartbeat_timeout_s: float = 10.0  # no frame this long after a client ping: it reconnects
 
     # --- bus ---
     bus_reconnect_min_s: float = 0.05

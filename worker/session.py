@@ -1,0 +1,215 @@
+"""One client's pub/sub session on a worker: requests in, replies and messages out.
+
+Requests are handled in the order they arrive: one that must wait (a subscribe waiting for
+the bus, an application hook) holds the ones behind it in a small queue, so a client that
+subscribes and then publishes receives its own message. Fan-out frames are queued by the
+hub into `pending` and written by `flush` in one `transport.write`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from broker import errors
+from broker.envelope import BusMessage
+from broker.errors import BusError, ClientError
+from worker import wire
+
+if TYPE_CHECKING:
+    from worker.broker_app import BrokerApp
+    from worker.protocol import WebSocket
+
+log = logging.getLogger("redwire.session")
+_ids = itertools.count(1)
+
+
+class ClientSession:
+    __slots__ = (
+        "_error_times",
+        "_queue",
+        "app",
+        "codec",
+        "id",
+        "live",
+        "pending",
+        "pending_bytes",
+        "topics",
+        "variant",
+        "ws",
+    )
+
+    def __init__(self, app: BrokerApp, ws: WebSocket) -> None:
+        self.app = app
+        self.ws = ws
+        self.id = f"{app.worker_id}-{next(_ids)}"
+        s = app.settings
+        self.codec = wire.WireCodec(
+            ws.subprotocol, max_topic_bytes=s.max_topic_bytes, max_data_bytes=s.max_message_bytes
+        )
+        self.variant = (self.codec.binary, ws.compress_key)
+        self.topics: set[str] = set()
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.live = True
+        self._queue: deque[Any] | None = None
+        self._error_times: deque[float] | None = None
+        app.stats.connections += 1
+        app.stats.connections_accepted += 1
+        self.send(
+            self.codec.encode(
+                {
+                    "op": "welcome",
+                    "version": wire.PROTOCOL_VERSION,
+                    "client": self.id,
+                    "worker": app.worker_id,
+                    "heartbeat": {
+                        "interval": s.heartbeat_interval_s,
+                        "timeout": s.heartbeat_timeout_s,
+                    },
+                }
+            )
+        )
+
+    @property
+    def identity(self) -> Any:
+        """What the application's on_connect hook returned for this client."""
+        return self.ws.identity
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def send(self, data: str | bytes) -> None:
+        self.ws.send(data)
+
+    def flush(self) -> int:
+        """Write the frames the hub queued; close a slow consumer. Returns bytes written."""
+        pending = self.pending
+        if not pending:
+            return 0
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        ws = self.ws
+        ws.write_frame(data)
+        if ws.buffered_bytes() > self.app.settings.max_send_buffer_bytes:
+            self.live = False
+            self.app.stats.slow_consumer_closes += 1
+            log.info("closing slow consumer %s (1013)", self.id)
+            ws.close(errors.CLOSE_TRY_AGAIN_LATER, "slow consumer")
+        return len(data)
+
+    # --- requests ----------------------------------------------------------------------------
+
+    def on_message(self, data: str | bytes) -> None:
+        self.app.stats.frames_in += 1
+        if self._queue is not None:
+            self._queue.append(data)
+            return
+        self._handle(data)
+
+    def _handle(self, data: str | bytes) -> None:
+        try:
+            request = self.codec.decode(data)
+        except ClientError as exc:
+            self._reply_error(None, exc)
+            return
+        op = request.op
+        if op == "ping":
+            self.send(self.codec.encode({"op": "pong", "id": request.id}))
+        elif op == "unsubscribe":
+            assert request.topic is not None
+            if request.topic in self.topics:
+                self.topics.discard(request.topic)
+                self.app.hub.unsubscribe(self, request.topic)
+                self.app.stats.subscriptions -= 1
+            self._ack(request.id)
+        else:
+            # subscribe and publish may wait (bus, hooks): hold later requests until done.
+            self._queue = deque()
+            asyncio.get_running_loop().create_task(self._run_async(request))
+
+    async def _run_async(self, request: wire.Request) -> None:
+        try:
+            if request.op == "subscribe":
+                await self._subscribe(request)
+            else:
+                await self._publish(request)
+        except ClientError as exc:
+            self._reply_error(request.id, exc)
+        except Exception:
+            log.exception("request %s failed", request.op)
+            self._reply_error(request.id, ClientError(wire.INTERNAL, "internal error"))
+        queue, self._queue = self._queue, None
+        while queue and self._queue is None and self.live:
+            self._handle(queue.popleft())
+        if queue and self._queue is not None:
+            self._queue.extend(queue)
+
+    async def _subscribe(self, request: wire.Request) -> None:
+        topic = request.topic
+        assert topic is not None
+        if topic in self.topics:
+            self._ack(request.id)
+            return
+        if len(self.topics) >= self.app.settings.max_subscriptions_per_connection:
+            raise ClientError(wire.TOO_MANY_SUBSCRIPTIONS, "subscription limit reached")
+        await self.app.hooks.on_subscribe(self, topic)
+        if not self.live:
+            return
+        try:
+            await self.app.hub.subscribe(self, topic)
+        except BusError as exc:
+            raise ClientError(wire.UNAVAILABLE, f"bus unavailable: {exc}") from None
+        if not self.live:  # the client went away while the bus was subscribing
+            self.app.hub.unsubscribe(self, topic)
+            return
+        self.topics.add(topic)
+        self.app.stats.subscriptions += 1
+        self._ack(request.id)
+
+    async def _publish(self, request: wire.Request) -> None:
+        assert request.topic is not None and request.payload is not None
+        payload = await self.app.hooks.transform_publish(self, request)
+        message = BusMessage(request.topic, payload, self.codec.encoding, self.app.worker_id)
+        try:
+            await self.app.bus.publish(message)
+        except BusError as exc:
+            self.app.stats.publish_errors += 1
+            raise ClientError(wire.UNAVAILABLE, f"not published: {exc}") from None
+        self.app.stats.publishes += 1
+        self._ack(request.id)
+
+    def _ack(self, req_id: Any) -> None:
+        if req_id is not None and self.live:
+            self.send(self.codec.ack(req_id))
+
+    def _reply_error(self, req_id: Any, exc: ClientError) -> None:
+        if not self.live:
+            return
+        stats = self.app.stats
+        stats.client_errors += 1
+        self.send(self.codec.error(req_id, exc.code, exc.reason))
+        # Too many errors in a window: the client is broken or hostile (close 1008).
+        s = self.app.settings
+        now = time.monotonic()
+        times = self._error_times
+        if times is None:
+            times = self._error_times = deque()
+        times.append(now)
+        while times and times[0] < now - s.error_window_s:
+            times.popleft()
+        if len(times) > s.max_errors_per_window:
+            self.live = False
+            stats.error_flood_closes += 1
+            self.ws.close(errors.CLOSE_POLICY_VIOLATION, "too many errors")
+
+    def on_close(self, code: int, reason: str) -> None:
+        self.live = False
+        stats = self.app.stats
+        stats.connections -= 1
+        stats.subscriptions -= len(self.topics)
+        self.app.hub.remove_session(self)
+        self.app.sessions.discard(self)

@@ -1,0 +1,24 @@
+"""Plain counters of one worker, bumped on the hot path; `worker.metrics` exports them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    connections: int = 0  # open WebSocket sessions now
+    connections_accepted: int = 0
+    subscriptions: int = 0  # (session, topic) pairs now
+    messages_in: int = 0  # messages read from the bus
+    deliveries: int = 0  # message frames queued to clients
+    bytes_out: int = 0  # bytes written to clients by the fan-out
+    frames_in: int = 0  # client requests received
+    publishes: int = 0  # publishes accepted onto the bus
+    publish_errors: int = 0
+    client_errors: int = 0  # error replies sent to clients
+    slow_consumer_closes: int = 0
+    error_flood_closes: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

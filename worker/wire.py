@@ -1,0 +1,170 @@
+"""The pub/sub wire protocol a client speaks (docs/protocol.md), both encodings.
+
+Client frames are decoded into `Request`s (or a `ClientError` naming what is wrong); server
+frames are encoded here. JSON text frames are the default (`redwire.json`); with the
+`redwire.msgpack` subprotocol the same maps travel as msgpack binary frames. Published data
+is turned into payload bytes once, at publish time; fan-out frames are assembled around
+those bytes without decoding them (`message_frame_body`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from broker.envelope import ENCODING_JSON, ENCODING_MSGPACK, msgpack_dumps, msgpack_loads
+from broker.errors import ClientError
+
+SUBPROTOCOL_JSON = "redwire.json"
+SUBPROTOCOL_MSGPACK = "redwire.msgpack"
+SUBPROTOCOLS = (SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK)
+PROTOCOL_VERSION = 1
+
+# Error codes (stable strings; docs/protocol.md lists them).
+BAD_REQUEST = "bad_request"
+UNKNOWN_OP = "unknown_op"
+BAD_TOPIC = "bad_topic"
+TOO_LARGE = "too_large"
+FORBIDDEN = "forbidden"
+UNAVAILABLE = "unavailable"
+TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+INTERNAL = "internal"
+
+_TOPIC_RE = re.compile(r"[A-Za-z0-9_.:\-]+")
+_OPS = frozenset({"subscribe", "unsubscribe", "publish", "ping"})
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+_loads = json.loads
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    op: str
+    topic: str | None
+    id: int | str | None
+    payload: bytes | None = None  # publish: the data, encoded as `encoding` says
+    encoding: int = ENCODING_JSON
+    options: dict[str, Any] | None = None  # extra fields (e.g. "since"), for later features
+
+
+def check_topic(topic: Any, max_topic_bytes: int) -> str:
+    """Topic grammar: 1..max_topic_bytes characters of [A-Za-z0-9_.:-]."""
+    if not isinstance(topic, str) or not topic:
+        raise ClientError(BAD_TOPIC, "topic must be a non-empty string")
+    if len(topic) > max_topic_bytes:
+        raise ClientError(BAD_TOPIC, f"topic longer than {max_topic_bytes} bytes")
+    if not _TOPIC_RE.fullmatch(topic):
+        raise ClientError(BAD_TOPIC, "topic may only contain A-Z a-z 0-9 _ . : -")
+    return topic
+
+
+class WireCodec:
+    """Decode client frames and encode server frames for one encoding."""
+
+    __slots__ = ("binary", "encoding", "max_data_bytes", "max_topic_bytes")
+
+    def __init__(self, subprotocol: str | None, *, max_topic_bytes: int, max_data_bytes: int):
+        self.binary = subprotocol == SUBPROTOCOL_MSGPACK
+        self.encoding = ENCODING_MSGPACK if self.binary else ENCODING_JSON
+        self.max_topic_bytes = max_topic_bytes
+        self.max_data_bytes = max_data_bytes
+
+    # --- client -> server --------------------------------------------------------------------
+
+    def decode(self, frame: str | bytes) -> Request:
+        """One client frame as a Request; ClientError carries the reply's code and reason."""
+        if self.binary:
+            if not isinstance(frame, bytes):
+                raise ClientError(BAD_REQUEST, "text frame on a redwire.msgpack connection")
+            try:
+                obj = msgpack_loads(frame)
+            except ValueError as exc:
+                raise ClientError(BAD_REQUEST, f"invalid msgpack: {exc}") from None
+        else:
+            if not isinstance(frame, str):
+                raise ClientError(BAD_REQUEST, "binary frame on a redwire.json connection")
+            try:
+                obj = _loads(frame)
+            except ValueError as exc:
+                raise ClientError(BAD_REQUEST, f"invalid JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise ClientError(BAD_REQUEST, "a request must be an object")
+        req_id = obj.get("id")
+        if req_id is not None and (
+            isinstance(req_id, bool) or not isinstance(req_id, int | str) or _too_long(req_id)
+        ):
+            raise ClientError(BAD_REQUEST, "id must be an integer or a short string")
+        op = obj.get("op")
+        if op not in _OPS:
+            raise ClientError(UNKNOWN_OP, f"unknown op {op!r}"[:120])
+        if op == "ping":
+            return Request("ping", None, req_id)
+        topic = check_topic(obj.get("topic"), self.max_topic_bytes)
+        extra = {k: v for k, v in obj.items() if k not in ("op", "topic", "id", "data")} or None
+        if op != "publish":
+            return Request(op, topic, req_id, options=extra)
+        if "data" not in obj:
+            raise ClientError(BAD_REQUEST, "publish needs data")
+        payload = self.encode_data(obj["data"])
+        return Request("publish", topic, req_id, payload, self.encoding, extra)
+
+    def encode_data(self, data: Any) -> bytes:
+        """Application data as payload bytes in this codec's encoding, within the limit."""
+        try:
+            payload = msgpack_dumps(data) if self.binary else _dumps(data).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise ClientError(BAD_REQUEST, f"data cannot be encoded: {exc}") from None
+        if len(payload) > self.max_data_bytes:
+            raise ClientError(TOO_LARGE, f"data over {self.max_data_bytes} bytes")
+        return payload
+
+    # --- server -> client --------------------------------------------------------------------
+
+    def encode(self, obj: dict[str, Any]) -> str | bytes:
+        """A control reply (ack, error, pong, welcome, ...) as a frame's data."""
+        return msgpack_dumps(obj) if self.binary else _dumps(obj)
+
+    def ack(self, req_id: Any, **fields: Any) -> str | bytes:
+        return self.encode({"op": "ack", "id": req_id, **fields})
+
+    def error(self, req_id: Any, code: str, reason: str) -> str | bytes:
+        reply: dict[str, Any] = {"op": "error", "code": code, "reason": reason}
+        if req_id is not None:
+            reply["id"] = req_id
+        return self.encode(reply)
+
+
+def _too_long(value: int | str) -> bool:
+    if isinstance(value, str):
+        return len(value) > 64
+    return abs(value) >= 2**53
+
+
+def message_frame_body(topic: str, payload: bytes, encoding: int, *, binary: bool) -> bytes:
+    """The `message` frame's data for one published payload, built around its bytes.
+
+    `encoding` is the payload's; `binary` says which the receiving clients speak. When they
+    differ the data is converted (once per message per worker, by the caller's cache).
+    """
+    if binary:
+        if encoding != ENCODING_MSGPACK:
+            payload = msgpack_dumps(_loads(payload))
+        head = msgpack_dumps({"op": "message", "topic": topic})
+        # A map of 3 instead of 2 entries, then "data": payload. fixmap header is 0x80 | n.
+        return bytes((head[0] + 1,)) + head[1:] + msgpack_dumps("data") + payload
+    if encoding != ENCODING_JSON:
+        payload = _dumps(_jsonable(msgpack_loads(payload))).encode("utf-8")
+    return b'{"op":"message","topic":' + _dumps(topic).encode() + b',"data":' + payload + b"}"
+
+
+def _jsonable(value: Any) -> Any:
+    """msgpack data for JSON clients: bytes become base64 strings."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
