@@ -2,20 +2,23 @@
 
 Theory of operation. A `Connection` exists once the opening handshake succeeded; it is the
 same class for the server and the client role (only masking differs). The I/O layer feeds
-every received chunk to `receive_data` and gets back events; replies the protocol makes on
-its own (pong to a ping, the close reply, the close frame that fails a connection) are
-queued and collected with `data_to_send`. Application sends (`send_text`, `send_binary`,
-`send_ping`, `close`) return the bytes to write. Timers (keepalive, closing timeout) belong
-to the I/O layer: they only need `send_ping` and `close`.
+every received chunk to `receive_data` and handles the events in order. Replies the
+protocol requires are asked for while handling the event that calls for them:
+`pong(event)` for a `Ping`, `close_reply()` for `CloseReceived`, `fail_frame(event)` for
+`ConnectionFailed`. So what goes out follows what came in: a message echoed before a bad
+frame leaves before the close frame (section 5.5.1: no data frame after a close frame), and
+a pong to a ping between fragments leaves before the message's reply. Application sends
+(`send_text`, `send_binary`, `send_ping`, `close`) return the bytes to write; they work
+until our close frame has been produced. Timers (keepalive, closing timeout) belong to the
+I/O layer: they only need `send_ping` and `close`.
 
-States and transitions, all of them:
+Receiving states and transitions, all of them:
 
-    state          on                          → state          side effect
-    OPEN           close() by us               → LOCAL_CLOSING  close frame returned
-    OPEN           peer's close frame          → CLOSED         reply queued; CloseReceived
-    LOCAL_CLOSING  peer's close frame          → CLOSED         CloseReceived
-    OPEN/LOCAL_*   protocol error from peer    → CLOSED         close(code) queued if we had
-                                                                not sent one; ConnectionFailed
+    state          on                          → state          event
+    OPEN           close() by us               → LOCAL_CLOSING  (close frame returned)
+    OPEN           peer's close frame          → CLOSED         CloseReceived (reply it)
+    LOCAL_CLOSING  peer's close frame          → CLOSED         CloseReceived (no reply)
+    OPEN/LOCAL_*   protocol error from peer    → CLOSED         ConnectionFailed
     any but CLOSED end of stream (EOF)         → CLOSED         ConnectionLost (1006)
     CLOSED         anything                    → CLOSED         ignored
 
@@ -66,7 +69,7 @@ class BinaryMessage:
 
 @dataclass(frozen=True, slots=True)
 class Ping:
-    """The peer pinged; the pong is already queued."""
+    """The peer pinged; answer with `Connection.pong(event)`."""
 
     payload: bytes
 
@@ -78,7 +81,9 @@ class Pong:
 
 @dataclass(frozen=True, slots=True)
 class CloseReceived:
-    """The peer sent a close frame (code 1005 when it carried none); the handshake is done."""
+    """The peer sent a close frame (code 1005 when it carried none).
+
+    Answer with `Connection.close_reply()` (b"" when we had sent ours first)."""
 
     code: int
     reason: str
@@ -86,7 +91,7 @@ class CloseReceived:
 
 @dataclass(frozen=True, slots=True)
 class ConnectionFailed:
-    """The peer broke the protocol; a close frame with `code` is queued. Drop the connection."""
+    """The peer broke the protocol: send `Connection.fail_frame(event)`, then drop the TCP."""
 
     code: int
     reason: str
@@ -166,7 +171,6 @@ class Connection:
             max_payload_bytes=limit,
             allow_rsv1=deflate is not None,
         )
-        self._outgoing = bytearray()
         # The message being reassembled.
         self._msg_opcode: Opcode | None = None
         self._msg_compressed = False
@@ -176,6 +180,7 @@ class Connection:
         self._msg_decoder: codecs.IncrementalDecoder | None = None
         self.close_sent: tuple[int, str] | None = None
         self.close_received: tuple[int, str] | None = None
+        self._lost = False
 
     # --- receiving ---------------------------------------------------------------------------
 
@@ -185,13 +190,17 @@ class Connection:
             return []
         if not data:
             self.state = State.CLOSED
+            self._lost = True
             return [ConnectionLost()]
         events: list[Event] = []
+        parser = self._parser
         try:
-            for frame in self._parser.feed(data):
+            for frame in parser.feed(data):
                 self._handle_frame(frame, events)
                 if self.state is State.CLOSED:
-                    break
+                    return events
+            if parser.error is not None:
+                raise parser.error
         except ProtocolError as exc:
             events.append(self._fail(exc.close_code, exc.reason))
         return events
@@ -271,46 +280,60 @@ class Connection:
     def _handle_control(self, frame: Frame, events: list[Event]) -> None:
         opcode = frame.opcode
         if opcode is Opcode.PING:
-            if self.state is State.OPEN:
-                self._outgoing += serialize_frame(Opcode.PONG, frame.payload, mask=self._mask)
             events.append(Ping(frame.payload))
         elif opcode is Opcode.PONG:
             events.append(Pong(frame.payload))
         else:
             code, reason = parse_close_payload(frame.payload)
             self.close_received = (code, reason)
-            if self.state is State.OPEN:
-                # Echo the peer's code (section 5.5.1); a close without a code gets one without.
-                reply = None if code == errors.CLOSE_NO_STATUS else code
-                self._outgoing += serialize_frame(
-                    Opcode.CLOSE, close_payload(reply), mask=self._mask
-                )
-                self.close_sent = (reply or errors.CLOSE_NO_STATUS, "")
             self.state = State.CLOSED
             events.append(CloseReceived(code, reason))
 
     def _fail(self, code: int, reason: str) -> ConnectionFailed:
-        """Fail the connection (section 7.1.7): queue a close frame unless one was sent."""
-        if self.close_sent is None:
-            # Section 7.1.7 and our rule: internal details never go on the wire for 1011.
-            wire_reason = "" if code == errors.CLOSE_INTERNAL_ERROR else reason
-            self._outgoing += serialize_frame(
-                Opcode.CLOSE, close_payload(code, wire_reason), mask=self._mask
-            )
-            self.close_sent = (code, wire_reason)
         self.state = State.CLOSED
         return ConnectionFailed(code, reason)
 
-    def data_to_send(self) -> bytes:
-        """Bytes the protocol queued on its own (pongs, close replies); empties the queue."""
-        out = bytes(self._outgoing)
-        self._outgoing.clear()
-        return out
+    # --- replies the protocol requires, produced in event order -----------------------------
+
+    def pong(self, ping: Ping) -> bytes:
+        """The pong answering `ping` (section 5.5.2), or b"" once our close frame is out."""
+        if self.close_sent is not None:
+            return b""
+        return serialize_frame(Opcode.PONG, ping.payload, mask=self._mask)
+
+    def close_reply(self) -> bytes:
+        """The close frame answering the peer's (section 5.5.1), b"" if we sent ours first.
+
+        It echoes the peer's code; a close without a code gets one without.
+        """
+        if self.close_sent is not None or self.close_received is None:
+            return b""
+        code = self.close_received[0]
+        reply = None if code == errors.CLOSE_NO_STATUS else code
+        self.close_sent = (reply or errors.CLOSE_NO_STATUS, "")
+        return serialize_frame(Opcode.CLOSE, close_payload(reply), mask=self._mask)
+
+    def fail_frame(self, failure: ConnectionFailed) -> bytes:
+        """The close frame that fails the connection (section 7.1.7), b"" if one was sent.
+
+        Internal details never go on the wire for 1011.
+        """
+        if self.close_sent is not None:
+            return b""
+        code = failure.code
+        reason = "" if code == errors.CLOSE_INTERNAL_ERROR else failure.reason
+        self.close_sent = (code, reason)
+        return serialize_frame(Opcode.CLOSE, close_payload(code, reason), mask=self._mask)
 
     # --- sending -----------------------------------------------------------------------------
 
+    @property
+    def can_send(self) -> bool:
+        """Data may still be sent: our close frame is not out and the stream did not end."""
+        return self.close_sent is None and not self._lost
+
     def _check_open(self) -> None:
-        if self.state is not State.OPEN:
+        if self.close_sent is not None or self._lost:
             code, reason = self.close_sent or self.close_received or (errors.CLOSE_ABNORMAL, "")
             raise ConnectionClosedError(code, reason)
 
@@ -339,7 +362,7 @@ class Connection:
 
     def close(self, code: int = errors.CLOSE_NORMAL, reason: str = "") -> bytes:
         """Start the closing handshake; returns the close frame (b"" if already closing)."""
-        if self.state is not State.OPEN:
+        if self.state is not State.OPEN or self.close_sent is not None:
             return b""
         self.state = State.LOCAL_CLOSING
         self.close_sent = (code, reason)

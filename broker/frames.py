@@ -69,7 +69,7 @@ class FrameParser:
     `max_payload_bytes` raise `PayloadTooBig` as soon as their header is read.
     """
 
-    __slots__ = ("_buf", "_need", "allow_rsv1", "mask_required", "max_payload_bytes")
+    __slots__ = ("_buf", "_need", "allow_rsv1", "error", "mask_required", "max_payload_bytes")
 
     def __init__(
         self, *, mask_required: bool, max_payload_bytes: int, allow_rsv1: bool = False
@@ -79,6 +79,9 @@ class FrameParser:
         self.allow_rsv1 = allow_rsv1
         self._buf = bytearray()
         self._need = 0  # buffered bytes the pending frame needs before parsing can progress
+        # An error found after complete frames in the same chunk: those frames are returned
+        # first (they arrived first), then the error is raised by the next `feed`.
+        self.error: ProtocolError | None = None
 
     @property
     def buffered_bytes(self) -> int:
@@ -86,7 +89,13 @@ class FrameParser:
         return len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
-        """Add received bytes; return the frames they complete (possibly none)."""
+        """Add received bytes; return the frames they complete (possibly none).
+
+        Raises ProtocolError for a broken frame; when complete frames preceded it in this
+        chunk, they are returned and the error is kept in `error` (raised by the next call).
+        """
+        if self.error is not None:
+            raise self.error
         buf = self._buf
         if buf:
             buf += data
@@ -96,7 +105,13 @@ class FrameParser:
         else:
             src = bytes(data) if not isinstance(data, bytes) else data
         frames: list[Frame] = []
-        pos = self._parse(src, frames)
+        try:
+            pos = self._parse(src, frames)
+        except ProtocolError as exc:
+            self.error = exc
+            if not frames:
+                raise
+            return frames
         if src is buf:
             del buf[:pos]
         elif pos < len(src):

@@ -19,6 +19,7 @@ from typing import Any
 from broker.errors import ConfigError
 
 ENV_PREFIX = "REDWIRE_"
+_BUS_SCHEMES = ("redis", "rediss", "unix", "memory")  # memory:// is the one-process bus
 KIB = 1024
 MIB = 1024 * 1024
 
@@ -74,6 +75,10 @@ class Settings:
     bus_probe_timeout_s: float = 5.0
     bus_resubscribe_batch: int = 500
     bus_publish_timeout_s: float = 5.0
+    bus_connect_timeout_s: float = 5.0  # connect + handshake + resubscribe of one connection
+    bus_publish_batch: int = 256  # most PUBLISH commands in one pipeline round trip
+    bus_read_batch: int = 1000  # most messages handed to the hub before yielding to the loop
+    channel_prefix: str = "redwire:"  # Redis channel of topic T: channel_prefix + "t:" + T
 
     # --- supervisor ---
     drain_timeout_s: float = 10.0  # SIGTERM: clients get close 1001, workers exit within this
@@ -215,4 +220,21 @@ def _validate(s: Settings) -> None:
     need(s.max_headers > 0 and s.max_header_bytes > 0, "header limits must be > 0")
     need(s.bus_reconnect_min_s > 0, "bus_reconnect_min_s must be > 0")
     need(s.bus_reconnect_max_s >= s.bus_reconnect_min_s, "bus_reconnect_max_s < min")
+    for name in (
+        "bus_probe_interval_s",
+        "bus_probe_timeout_s",
+        "bus_publish_timeout_s",
+        "bus_connect_timeout_s",
+    ):
+        need(getattr(s, name) > 0, f"{name} must be > 0")
+    for name in ("bus_resubscribe_batch", "bus_publish_batch", "bus_read_batch"):
+        need(getattr(s, name) >= 1, f"{name} must be >= 1")
+    need(
+        0 < len(s.channel_prefix) <= 64 and s.channel_prefix.isprintable(),
+        "channel_prefix must be 1..64 printable characters",
+    )
+    need(
+        s.redis_url is None or s.redis_url.split("://", 1)[0] in _BUS_SCHEMES,
+        f"redis_url must start with one of {', '.join(x + '://' for x in _BUS_SCHEMES)}",
+    )
     need(s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "bad log_level")

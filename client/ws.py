@@ -26,6 +26,7 @@ from broker.connection import (
     Connection,
     ConnectionFailed,
     ConnectionLost,
+    Ping,
     Pong,
     Role,
     State,
@@ -80,18 +81,19 @@ class _ClientProtocol(asyncio.Protocol):
         self.feed(data)
 
     def feed(self, data: bytes) -> None:
-        assert self.conn is not None
-        events = self.conn.receive_data(data)
-        out = self.conn.data_to_send()
-        if out and self.transport is not None:
-            self.transport.write(out)
-        for event in events:
+        conn = self.conn
+        assert conn is not None
+        transport = self.transport
+        for event in conn.receive_data(data):
             kind = type(event)
             if kind is TextMessage or kind is BinaryMessage:
                 self.messages.append(event.data)
                 if len(self.messages) >= self.max_queue and not self.paused:
                     self.paused = True
                     self.transport.pause_reading()  # type: ignore[union-attr]
+            elif kind is Ping:
+                if transport is not None:
+                    transport.write(conn.pong(event))
             elif kind is Pong:
                 while self.pongs:
                     payload, waiter = self.pongs.popleft()
@@ -99,7 +101,16 @@ class _ClientProtocol(asyncio.Protocol):
                         waiter.set_result(None)
                     if payload == event.payload:
                         break
-            elif kind is CloseReceived or kind is ConnectionFailed or kind is ConnectionLost:
+            elif kind is CloseReceived:
+                if transport is not None:
+                    transport.write(conn.close_reply())
+                self.closed.set()
+            elif kind is ConnectionFailed:
+                if transport is not None:
+                    transport.write(conn.fail_frame(event))
+                    transport.close()
+                self.closed.set()
+            elif kind is ConnectionLost:
                 self.closed.set()
         self.readable.set()
 

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 from support.processes import ServerProcess, redwire
+from support.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +15,23 @@ def echo_server() -> Iterator[ServerProcess]:
     server = ServerProcess(redwire("echo", "--host", "127.0.0.1", "--port", "0"))
     yield server
     server.stop()
+
+
+# --- a real Redis (tests/support/redis_server.py) ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One Redis for the session: a container when Docker answers, else `redis-server`."""
+    server = RedisServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The session Redis' URL, emptied (FLUSHALL) and running again if a test stopped it."""
+    if not redis_server.running:
+        redis_server.start()
+    redis_server.flushall()
+    return redis_server.url

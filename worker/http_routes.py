@@ -63,6 +63,20 @@ def _get(app: BrokerApp, path: str) -> bytes:
             content_type="text/javascript; charset=utf-8",
             headers=[("Cache-Control", "no-cache")],
         )
+    if path == "/demo.js":
+        return http_response(
+            200,
+            _asset("worker", "static", "demo.js"),
+            content_type="text/javascript; charset=utf-8",
+            headers=[("Cache-Control", "no-cache")],
+        )
+    if path == "/demo.css":
+        return http_response(
+            200,
+            _asset("worker", "static", "demo.css"),
+            content_type="text/css; charset=utf-8",
+            headers=[("Cache-Control", "no-cache")],
+        )
     if path in ("/", "/index.html"):
         return http_response(
             200,

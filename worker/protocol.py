@@ -252,30 +252,36 @@ class WebSocket(asyncio.Protocol):
 
     def _receive_ws(self, conn: Connection, data: bytes) -> None:
         events = conn.receive_data(data)
-        out = conn.data_to_send()
-        if out and self.transport is not None:
-            self.transport.write(out)
         if events:
             self._handle_events(events)
 
     def _handle_events(self, events: list[Any]) -> None:
+        """Handle events in order, so replies leave in the order their causes arrived."""
         session = self.session
+        conn = self.conn
+        transport = self.transport
+        assert conn is not None
         for event in events:
             kind = type(event)
             if kind is TextMessage or kind is BinaryMessage:
                 if session is not None:
                     session.on_message(event.data)
             elif kind is Ping:
-                continue
+                if transport is not None:
+                    transport.write(conn.pong(event))
             elif kind is Pong:
                 if self._pong_timer is not None:
                     self._pong_timer.cancel()
                     self._pong_timer = None
             elif kind is CloseReceived:
+                if transport is not None:
+                    transport.write(conn.close_reply())
                 # Section 7.1.1: once the closing handshake is done, the server closes TCP.
                 self._end(flush=True)
             elif kind is ConnectionFailed:
                 log.debug("failing connection: %s %s", event.code, event.reason)
+                if transport is not None:
+                    transport.write(conn.fail_frame(event))
                 self._linger()
             elif kind is ConnectionLost:
                 self._end(flush=False)
@@ -283,7 +289,7 @@ class WebSocket(asyncio.Protocol):
     def send(self, data: str | bytes) -> None:
         """Send one message (text for str, binary for bytes) if the connection is open."""
         conn = self.conn
-        if conn is None or conn.state is not State.OPEN or self.transport is None:
+        if conn is None or not conn.can_send or self.transport is None:
             return
         if isinstance(data, str):
             frame = conn.send_text(data)
@@ -294,7 +300,7 @@ class WebSocket(asyncio.Protocol):
     def write_frame(self, frame: bytes) -> None:
         """Write an already-encoded server frame (a broadcast encoded once for many)."""
         conn = self.conn
-        if conn is not None and conn.state is State.OPEN and self.transport is not None:
+        if conn is not None and conn.can_send and self.transport is not None:
             self.transport.write(frame)
 
     def close(self, code: int = errors.CLOSE_NORMAL, reason: str = "") -> None:

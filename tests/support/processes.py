@@ -105,3 +105,32 @@ class ServerProcess:
 def redwire(*args: str) -> list[str]:
     """argv running the `redwire` CLI from this checkout's interpreter."""
     return [sys.executable, "-m", "broker", *args]
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process (Linux /proc)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        children.extend(int(c) for c in text)
+    return children
+
+
+def worker_pids(supervisor_pid: int) -> dict[str, int]:
+    """worker id → pid of a `redwire serve` supervisor's live workers."""
+    workers: dict[str, int] = {}
+    for pid in child_pids(supervisor_pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if b"--worker-id" in argv:
+            workers[argv[argv.index(b"--worker-id") + 1].decode()] = pid
+    return workers
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")

@@ -294,12 +294,16 @@ def test_protocol_error_as_soon_as_header_arrives(
 
 @pytest.mark.parametrize(("role", "kwargs", "prefix_hex"), PROTOCOL_ERRORS)
 def test_protocol_error_when_fed_whole(role: str, kwargs: dict[str, bool], prefix_hex: str) -> None:
-    # The bad header after a good frame, with payload bytes behind it.
+    # The bad header after a good frame, with payload bytes behind it: the good frame is
+    # returned first (it arrived first), the error is kept and raised by the next feed.
     good = wire(0x81, b"ok", KEY if role == "server" else None)
     parser = parser_for(role, **kwargs)
+    assert parser.feed(good + bytes.fromhex(prefix_hex) + bytes(200)) == [Frame(TEXT, b"ok")]
+    assert parser.error is not None
+    assert parser.error.close_code == CLOSE_PROTOCOL_ERROR
     with pytest.raises(ProtocolError) as exc_info:
-        parser.feed(good + bytes.fromhex(prefix_hex) + bytes(200))
-    assert exc_info.value.close_code == CLOSE_PROTOCOL_ERROR
+        parser.feed(b"")
+    assert exc_info.value is parser.error
 
 
 @pytest.mark.parametrize("role", ["client", "server"])

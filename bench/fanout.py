@@ -1,0 +1,324 @@
+"""Fan-out benchmark: S subscribers over W workers on one topic, a publisher at R msg/s.
+
+    python bench/fanout.py --subscribers 100 --workers 2 --rate 2000 --duration 10
+    python bench/fanout.py --subscribers 1000 --rate 1000 --json
+    python bench/fanout.py --idle 2000          # memory per idle connection
+
+It starts a private redis-server and `redwire serve`, opens the subscribers from separate
+load processes (uvloop, raw sockets; a few connections per process decode every frame for
+latency, the rest count messages), and publishes straight into Redis with the same
+envelope the workers use (pipelined). It prints delivered msg/s, loss, p50/p99/max
+latency (publish → subscriber read, one monotonic clock), and the server's CPU-seconds
+(supervisor + workers; Redis shown apart) per million deliveries. `--json` prints the
+same as JSON; results also go to bench/results/fanout.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import Broker, RedisServer, cpu_seconds, percentile, rss_bytes  # noqa: E402
+
+TOPIC = "bench"
+MARK = b'"op":"message"'
+T_RE = re.compile(rb'"t":(\d+)')
+
+
+# --- subscriber load process ----------------------------------------------------------------
+
+
+def _handshake(host: str, port: int) -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Protocol: redwire.json\r\n\r\n"
+    ).encode()
+
+
+def _masked_text(text: str) -> bytes:
+    from broker.frames import Opcode, serialize_frame
+
+    return serialize_frame(Opcode.TEXT, text.encode(), mask=True)
+
+
+class Subscriber(asyncio.Protocol):
+    def __init__(self, sampled: bool, ready: asyncio.Event, counter: list[int]) -> None:
+        from broker.frames import FrameParser
+
+        self.sampled = sampled
+        self.ready = ready
+        self.counter = counter
+        self.head = b""
+        self.upgraded = False
+        self.tail = b""
+        self.acked = False
+        self.latencies: list[float] = []
+        self.parser = FrameParser(mask_required=False, max_payload_bytes=1 << 24)
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if not self.upgraded:
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self.upgraded = True
+            data = self.head[end + 4 :]
+            self.transport.write(  # type: ignore[union-attr]
+                _masked_text(json.dumps({"op": "subscribe", "topic": TOPIC, "id": 1}))
+            )
+        if not self.acked:
+            if b'"op":"ack"' in data or b'"op":"ack"' in (self.tail + data):
+                self.acked = True
+                self.ready.set()
+        if self.sampled:
+            now = time.monotonic_ns()
+            for frame in self.parser.feed(data):
+                match = T_RE.search(frame.payload)
+                if match and frame.payload.startswith(b'{"op":"message"'):
+                    self.counter[0] += 1
+                    self.latencies.append((now - int(match.group(1))) / 1e6)
+            return
+        joined = self.tail + data
+        self.counter[0] += joined.count(MARK)
+        # Keep a partial marker for the next read, never a whole one (it was counted).
+        keep = len(MARK) - 1
+        self.tail = joined[-keep:] if not joined.endswith(MARK) else b""
+
+
+def subscriber_process(host: str, port: int, count: int, sampled: int, conn) -> None:  # noqa: ANN001
+    import uvloop
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        counter = [0]
+        subs: list[Subscriber] = []
+        for i in range(count):
+            ready = asyncio.Event()
+            transport, proto = await loop.create_connection(
+                lambda r=ready, s=i < sampled: Subscriber(s, r, counter), host, port
+            )
+            transport.write(_handshake(host, port))
+            subs.append(proto)
+            await asyncio.wait_for(ready.wait(), 30)
+        conn.send(("ready", count))
+        while True:
+            cmd = await loop.run_in_executor(None, conn.recv)
+            if cmd == "mark":
+                conn.send(("count", counter[0]))
+            elif cmd == "stop":
+                latencies = [x for s in subs for x in s.latencies]
+                conn.send(("done", counter[0], latencies))
+                return
+
+    uvloop.run(main())
+
+
+# --- publisher process ----------------------------------------------------------------------
+
+
+def publisher_process(redis_url: str, channel: str, rate: int, duration: float, size: int, conn):  # noqa: ANN001
+    import redis.asyncio as redis
+    import uvloop
+
+    from broker.envelope import ENCODING_JSON, BusMessage, pack
+
+    async def main() -> None:
+        client = redis.from_url(redis_url)
+        pad = "x" * max(0, size - 40)
+        conn.send(("ready",))
+        conn.recv()  # go
+        start = time.monotonic()
+        sent = 0
+        total = int(rate * duration)
+        while sent < total:
+            due = min(total, int((time.monotonic() - start) * rate) + 1)
+            if due > sent:
+                pipe = client.pipeline(transaction=False)
+                for seq in range(sent, due):
+                    data = f'{{"t":{time.monotonic_ns()},"s":{seq},"p":"{pad}"}}'.encode()
+                    pipe.publish(channel, pack(BusMessage(TOPIC, data, ENCODING_JSON, "bench")))
+                await pipe.execute()
+                sent = due
+            next_due = start + (sent + 1) / rate
+            await asyncio.sleep(max(0.0, next_due - time.monotonic()))
+        elapsed = time.monotonic() - start
+        await client.aclose()
+        conn.send(("done", sent, elapsed))
+
+    uvloop.run(main())
+
+
+# --- driver ---------------------------------------------------------------------------------
+
+
+def run_fanout(args: argparse.Namespace) -> dict[str, object]:
+    redis = RedisServer() if args.redis is None else None
+    redis_url = args.redis or redis.url  # type: ignore[union-attr]
+    broker = Broker(args.workers, redis_url, env={"REDWIRE_CHANNEL_PREFIX": args.prefix})
+    ctx = mp.get_context("spawn")
+    loaders = []
+    try:
+        per = [args.subscribers // args.load_procs] * args.load_procs
+        for i in range(args.subscribers % args.load_procs):
+            per[i] += 1
+        for count in per:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=subscriber_process,
+                args=(broker.host, broker.port, count, min(args.sampled, count), child),
+            )
+            proc.start()
+            loaders.append((proc, parent))
+        for _, pipe in loaders:
+            msg = pipe.recv()
+            assert msg[0] == "ready", msg
+        pub_parent, pub_child = ctx.Pipe()
+        publisher = ctx.Process(
+            target=publisher_process,
+            args=(redis_url, f"{args.prefix}t:{TOPIC}", args.rate, args.duration, args.size,
+                  pub_child),
+        )  # fmt: skip
+        publisher.start()
+        pub_parent.recv()
+        server_pids = broker.pids()
+        redis_pid = [redis.proc.pid] if redis else []
+        cpu0, rcpu0, t0 = cpu_seconds(server_pids), cpu_seconds(redis_pid), time.monotonic()
+        pub_parent.send("go")
+        _, sent, pub_elapsed = pub_parent.recv()
+        # Let the tail drain: wait until counts stop growing (bounded).
+        expected = sent * args.subscribers
+        deadline = time.monotonic() + 10
+        delivered = 0
+        while time.monotonic() < deadline:
+            for _, pipe in loaders:
+                pipe.send("mark")
+            delivered = sum(pipe.recv()[1] for _, pipe in loaders)
+            if delivered >= expected:
+                break
+            time.sleep(0.2)
+        elapsed = time.monotonic() - t0
+        cpu = cpu_seconds(server_pids) - cpu0
+        rcpu = cpu_seconds(redis_pid) - rcpu0
+        latencies: list[float] = []
+        delivered = 0
+        for _, pipe in loaders:
+            pipe.send("stop")
+            _, count, lat = pipe.recv()
+            delivered += count
+            latencies.extend(lat)
+        latencies.sort()
+        publisher.join(5)
+        for proc, _ in loaders:
+            proc.join(5)
+        return {
+            "bench": "fanout",
+            "workers": args.workers,
+            "subscribers": args.subscribers,
+            "rate_msg_s": args.rate,
+            "duration_s": args.duration,
+            "size_bytes": args.size,
+            "published": sent,
+            "publish_elapsed_s": round(pub_elapsed, 3),
+            "expected_deliveries": expected,
+            "delivered": delivered,
+            "loss": round(1 - delivered / expected, 6) if expected else 0.0,
+            "delivered_per_s": round(delivered / pub_elapsed),
+            "latency_p50_ms": round(percentile(latencies, 0.50), 3),
+            "latency_p99_ms": round(percentile(latencies, 0.99), 3),
+            "latency_max_ms": round(latencies[-1], 3) if latencies else None,
+            "latency_samples": len(latencies),
+            "server_cpu_s": round(cpu, 3),
+            "redis_cpu_s": round(rcpu, 3),
+            "window_s": round(elapsed, 3),
+            "server_cpu_s_per_million": round(cpu / delivered * 1e6, 3) if delivered else None,
+            "deliveries_per_server_cpu_s": round(delivered / cpu) if cpu else None,
+        }
+    finally:
+        for proc, _ in loaders:
+            if proc.is_alive():
+                proc.kill()
+        broker.stop()
+        if redis:
+            redis.stop()
+
+
+def run_idle(args: argparse.Namespace) -> dict[str, object]:
+    """RSS growth of the workers per idle (subscribed) connection."""
+    redis = RedisServer() if args.redis is None else None
+    redis_url = args.redis or redis.url  # type: ignore[union-attr]
+    broker = Broker(args.workers, redis_url, env={"REDWIRE_CHANNEL_PREFIX": args.prefix})
+    ctx = mp.get_context("spawn")
+    try:
+        time.sleep(1.0)  # let workers finish importing and settle before the baseline
+        workers = broker.pids()[1:]
+        before = rss_bytes(workers)
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(
+            target=subscriber_process, args=(broker.host, broker.port, args.idle, 0, child)
+        )
+        proc.start()
+        assert parent.recv()[0] == "ready"
+        time.sleep(1.0)
+        after = rss_bytes(workers)
+        parent.send("stop")
+        parent.recv()
+        proc.join(5)
+        return {
+            "bench": "idle",
+            "workers": args.workers,
+            "connections": args.idle,
+            "rss_before_bytes": before,
+            "rss_after_bytes": after,
+            "bytes_per_connection": round((after - before) / args.idle),
+        }
+    finally:
+        broker.stop()
+        if redis:
+            redis.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--subscribers", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rate", type=int, default=2000)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--size", type=int, default=100, help="approximate data bytes")
+    parser.add_argument("--load-procs", type=int, default=2)
+    parser.add_argument("--sampled", type=int, default=5, help="latency-decoding conns/proc")
+    parser.add_argument("--redis", help="use this Redis instead of a private one")
+    parser.add_argument("--prefix", default="bench:")
+    parser.add_argument("--idle", type=int, help="measure memory with N idle connections")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    result = run_idle(args) if args.idle else run_fanout(args)
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"{result['bench']}.json").write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result))
+        return
+    width = max(len(k) for k in result)
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

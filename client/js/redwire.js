@@ -1,0 +1,898 @@
+/**
+ * Redwire browser client: publish and subscribe over one WebSocket (docs/protocol.md).
+ *
+ * A plain ES module: no dependencies, no build step; every worker serves it at `/redwire.js`.
+ * It speaks the JSON encoding (`redwire.json`, text frames) only.
+ *
+ *     import { connect } from "/redwire.js";
+ *     const client = connect();                     // same host as the page, ws: or wss:
+ *     const sub = client.subscribe("chat.lobby", (data, meta) => show(meta.topic, data));
+ *     await sub.ready;                              // the server acknowledged it
+ *     await client.publish("chat.lobby", { text: "hi" });   // resolves on the server's ack
+ *     const off = client.on("disconnected", ({ code, willReconnect }) => ...);
+ *     sub.unsubscribe(); client.close();
+ *
+ * Theory of operation
+ *
+ *   state        "connecting" ──welcome──▶ "open" ──socket lost──▶ "connecting" (backoff)
+ *                      │                      │
+ *                      └──── close() or a close code that forbids reconnecting ──▶ "closed"
+ *
+ * - The topic table (`topic → TopicState`) is the source of truth for subscriptions: every
+ *   topic in it is subscribed after each `welcome`, so a reconnect resubscribes everything.
+ *   Several local subscriptions to one topic share one subscription on the wire.
+ * - Every request carries an integer `id`; `pending` maps it to what waits for the reply
+ *   (`ack` or `error`). When the socket goes, publishes in flight are rejected with
+ *   `connection_lost` (the server may or may not have published them: resending could
+ *   duplicate), subscriptions stay in the table.
+ * - Publishes made while not open are queued (up to `maxQueuedPublishes`, then rejected with
+ *   `queue_full`) and sent after the resubscriptions, once `welcome` arrives.
+ * - Reconnect delay: "full jitter", random(0, min(maxDelayMs, minDelayMs * 2^attempt)); the
+ *   attempt count resets once a connection has stayed open for `healthyAfterMs`. Close 1001
+ *   (the worker is draining) reconnects at once; 1000, 1002, 1007, 1008 and 1009 never
+ *   reconnect (a retry cannot help); anything else backs off.
+ * - Heartbeat: browsers cannot send protocol pings, so after `welcome` the client sends
+ *   `{"op":"ping"}` every `heartbeat.interval` s; if no frame at all arrives within
+ *   `heartbeat.timeout` s after a ping, the socket is abandoned and a reconnect follows. A
+ *   socket that does not deliver `welcome` within `connectTimeoutMs` is abandoned the same way.
+ * - In a page, `pagehide` closes the socket; `pageshow` from the back/forward cache reopens it.
+ *
+ * Events (`client.on(name, fn)` returns a function that removes the listener):
+ *   "state"        (state)                                  every state change
+ *   "welcome"      (frame)                                  the server's welcome frame
+ *   "connected"    ({worker, clientId, reconnected})        after each welcome
+ *   "disconnected" ({code, reason, willReconnect, delayMs}) a socket closed or failed to
+ *                  open (1006 when the client gave up on a silent one); delayMs: until the
+ *                  next attempt
+ *   "error"        (RedwireError)  server errors no promise receives (an error frame without a
+ *                  known id, a failed (re)subscription: `.topic` is set), unreadable frames, and
+ *                  a close that stops reconnecting (`.code` "closed", `.closeCode` set)
+ * A listener that throws is reported (`reportError`) and does not disturb the others.
+ */
+
+/** Options that `connect` fills in when they are not given. */
+export const DEFAULTS = Object.freeze({
+  path: "/ws",
+  protocols: Object.freeze(["redwire.json"]),
+  minDelayMs: 500,
+  maxDelayMs: 30_000,
+  healthyAfterMs: 5_000,
+  connectTimeoutMs: 10_000,
+  maxQueuedPublishes: 1000,
+});
+
+/** Close codes after which reconnecting cannot help (docs/protocol.md, "Close codes"). */
+export const NO_RECONNECT_CLOSE_CODES = Object.freeze([1000, 1002, 1007, 1008, 1009]);
+/** The worker is shutting down or restarting: another one takes the connection at once. */
+export const CLOSE_GOING_AWAY = 1001;
+/** What the client reports when it abandons a socket that went silent (like the browser). */
+export const CLOSE_ABNORMAL = 1006;
+/** The close code the client sends on a socket it abandons (RFC 6455 7.4.2: private use). */
+const CLOSE_CLIENT_TIMEOUT = 4000;
+
+const EVENTS = new Set(["state", "welcome", "connected", "disconnected", "error"]);
+
+/**
+ * @typedef {"connecting" | "open" | "closed"} ClientState
+ * @typedef {{topic: string}} MessageMeta
+ * @typedef {(data: unknown, meta: MessageMeta) => void} MessageHandler
+ * @typedef {{interval: number, timeout: number}} Heartbeat
+ * @typedef {{
+ *   op: "welcome", version: number, client: string, worker: string, heartbeat?: Heartbeat
+ * }} WelcomeFrame
+ * @typedef {{code: number, reason: string, willReconnect: boolean, delayMs: number | null}}
+ *   DisconnectInfo
+ * @typedef {{worker: string, clientId: string, reconnected: boolean}} ConnectInfo
+ *
+ * @typedef {object} ReconnectOptions
+ * @property {number} [minDelayMs]      base of the exponential backoff (default 500)
+ * @property {number} [maxDelayMs]      cap of the backoff (default 30000)
+ * @property {number} [healthyAfterMs]  open this long: the next failure starts from attempt 0
+ *
+ * @typedef {object} ConnectOptions
+ * @property {string} [token]              sent as the `token` query parameter
+ * @property {string[]} [protocols]        WebSocket subprotocols (default ["redwire.json"])
+ * @property {ReconnectOptions} [reconnect]
+ * @property {number} [maxQueuedPublishes] publishes held while disconnected (default 1000)
+ * @property {number} [connectTimeoutMs]   no welcome this long after opening: retry (10000)
+ * @property {typeof WebSocket} [WebSocketImpl] a WebSocket class (default: the global one)
+ *
+ * @typedef {{topic: string, subs: Set<Subscription>, waiting: Set<Subscription>,
+ *   acked: boolean, retries: number, retryTimer: ReturnType<typeof setTimeout> | null}}
+ *   TopicState
+ * @typedef {{kind: "publish", resolve: () => void, reject: (err: RedwireError) => void}
+ *   | {kind: "subscribe", state: TopicState}
+ *   | {kind: "unsubscribe", resolve: () => void, reject: (err: RedwireError) => void}}
+ *   Pending
+ * @typedef {{topic: string, json: string, resolve: () => void,
+ *   reject: (err: RedwireError) => void}} QueuedPublish
+ */
+
+/**
+ * An error from the server (`code` and `reason` of its error frame) or from the client
+ * itself: `queue_full`, `connection_lost`, `closed`, `bad_request` (data that is not JSON),
+ * `bad_frame` (the server sent something unreadable).
+ */
+export class RedwireError extends Error {
+  /**
+   * @param {string} code
+   * @param {string} reason
+   * @param {{topic?: string, closeCode?: number}} [extra]
+   */
+  constructor(code, reason, extra = {}) {
+    super(`${code}: ${reason}`);
+    this.name = "RedwireError";
+    /** @type {string} */
+    this.code = code;
+    /** @type {string} */
+    this.reason = reason;
+    /** @type {string | undefined} the topic of a failed subscription */
+    this.topic = extra.topic;
+    /** @type {number | undefined} the WebSocket close code that ended the client */
+    this.closeCode = extra.closeCode;
+  }
+}
+
+/**
+ * Reconnect delay with full jitter: random(0, min(maxDelayMs, minDelayMs * 2^attempt)).
+ * @param {number} attempt 0 for the first retry
+ * @param {number} minDelayMs
+ * @param {number} maxDelayMs
+ * @param {() => number} [random] uniform in [0, 1)
+ * @returns {number} milliseconds
+ */
+export function backoffDelay(attempt, minDelayMs, maxDelayMs, random = Math.random) {
+  const ceiling = Math.min(maxDelayMs, minDelayMs * 2 ** Math.min(attempt, 52));
+  return Math.floor(random() * ceiling);
+}
+
+/**
+ * What to do after the socket closed with `code` (docs/protocol.md, "Close codes").
+ * @param {number} code
+ * @returns {"never" | "now" | "backoff"}
+ */
+export function reconnectPolicy(code) {
+  if (NO_RECONNECT_CLOSE_CODES.includes(code)) return "never";
+  if (code === CLOSE_GOING_AWAY) return "now";
+  return "backoff";
+}
+
+/**
+ * The WebSocket URL: `url` resolved against the page (`base`), http(s) turned into ws(s),
+ * the token added as a query parameter.
+ * @param {string | URL | undefined} url
+ * @param {string | undefined} token
+ * @param {{href: string} | undefined} [base] the page's location, if any
+ * @returns {string}
+ */
+export function resolveUrl(url, token, base = globalThis.location) {
+  let target;
+  if (base && typeof base.href === "string") {
+    target = new URL(url ?? DEFAULTS.path, base.href);
+  } else if (url !== undefined) {
+    target = new URL(url);
+  } else {
+    throw new TypeError("redwire: connect() needs a url outside a web page");
+  }
+  if (target.protocol === "http:") target.protocol = "ws:";
+  else if (target.protocol === "https:") target.protocol = "wss:";
+  else if (target.protocol !== "ws:" && target.protocol !== "wss:") {
+    throw new TypeError(`redwire: unsupported URL scheme ${target.protocol}`);
+  }
+  if (token !== undefined && token !== null) target.searchParams.set("token", String(token));
+  target.hash = "";
+  return target.href;
+}
+
+/**
+ * Open a client; it connects (and reconnects) by itself until `close()`.
+ * @param {string | URL} [url] default: `/ws` on the page's host
+ * @param {ConnectOptions} [options]
+ * @returns {Client}
+ */
+export function connect(url, options = {}) {
+  return new Client(url, options);
+}
+
+/** One local subscription; several may share a topic. */
+export class Subscription {
+  /**
+   * @param {Client} client
+   * @param {string} topic
+   * @param {MessageHandler} onMessage
+   */
+  constructor(client, topic, onMessage) {
+    /** @readonly */
+    this.topic = topic;
+    /** @type {MessageHandler} */
+    this._onMessage = onMessage;
+    this._client = client;
+    this._active = true;
+    /** @type {(() => void) | null} */
+    this._resolve = null;
+    /** @type {((err: RedwireError) => void) | null} */
+    this._reject = null;
+    /**
+     * Resolves when the server acknowledged the subscription; rejects with the server's
+     * error (or `closed`). Already marked as handled: failures also reach the "error" event.
+     * @type {Promise<void>}
+     */
+    this.ready = new Promise((resolve, reject) => {
+      this._resolve = resolve;
+      this._reject = reject;
+    });
+    this.ready.catch(ignore);
+  }
+
+  /** False once unsubscribed, refused by the server, or the client closed. */
+  get active() {
+    return this._active;
+  }
+
+  /**
+   * Stop receiving this topic's messages here. Resolves when the server acknowledged (at
+   * once when other local subscriptions keep the topic, or when not connected).
+   * @returns {Promise<void>}
+   */
+  unsubscribe() {
+    return this._client._unsubscribe(this);
+  }
+
+  _settle() {
+    this._resolve?.();
+    this._resolve = this._reject = null;
+  }
+
+  /** @param {RedwireError} err */
+  _fail(err) {
+    this._active = false;
+    this._reject?.(err);
+    this._resolve = this._reject = null;
+  }
+}
+
+/** A connection to a Redwire broker that survives reconnects; made by `connect`. */
+export class Client {
+  /**
+   * @param {string | URL | undefined} url
+   * @param {ConnectOptions} options
+   */
+  constructor(url, options) {
+    const rc = options.reconnect ?? {};
+    this.url = resolveUrl(url, options.token);
+    this._protocols = options.protocols ?? [...DEFAULTS.protocols];
+    this._minDelayMs = nonNegative("reconnect.minDelayMs", rc.minDelayMs, DEFAULTS.minDelayMs);
+    this._maxDelayMs = nonNegative("reconnect.maxDelayMs", rc.maxDelayMs, DEFAULTS.maxDelayMs);
+    this._healthyAfterMs = nonNegative(
+      "reconnect.healthyAfterMs",
+      rc.healthyAfterMs,
+      DEFAULTS.healthyAfterMs,
+    );
+    this._connectTimeoutMs = nonNegative(
+      "connectTimeoutMs",
+      options.connectTimeoutMs,
+      DEFAULTS.connectTimeoutMs,
+    );
+    this._maxQueued = nonNegative(
+      "maxQueuedPublishes",
+      options.maxQueuedPublishes,
+      DEFAULTS.maxQueuedPublishes,
+    );
+    const impl = options.WebSocketImpl ?? globalThis.WebSocket;
+    if (typeof impl !== "function") throw new TypeError("redwire: no WebSocket implementation");
+    this._WebSocket = impl;
+
+    /** @type {ClientState} */
+    this._state = "connecting";
+    /** @type {WebSocket | null} */
+    this._ws = null;
+    /** @type {Map<string, Set<Function>>} */
+    this._listeners = new Map();
+    /** @type {Map<string, TopicState>} */
+    this._topics = new Map();
+    /** @type {Map<number, Pending>} */
+    this._pending = new Map();
+    /** @type {QueuedPublish[]} */
+    this._queue = [];
+    this._nextId = 1;
+    this._attempt = 0;
+    this._welcomeAt = 0;
+    this._everConnected = false;
+    this._closed = false; // close() or a close code that forbids reconnecting: final
+    this._suspended = false; // the page is hidden (pagehide) and may come back
+    /** @type {Record<"reconnect" | "connect" | "heartbeat" | "dead", any>} */
+    this._timers = { reconnect: null, connect: null, heartbeat: null, dead: null };
+
+    /** @type {string | null} the worker this connection is on (from welcome) */
+    this.worker = null;
+    /** @type {string | null} this connection's id (from welcome) */
+    this.clientId = null;
+    /** @type {Heartbeat | null} */
+    this.heartbeat = null;
+
+    this._onPageHide = () => this._suspend();
+    /** @param {PageTransitionEvent} event */
+    this._onPageShow = (event) => {
+      if (event.persisted) this._resume();
+    };
+    this._inPage =
+      typeof globalThis.addEventListener === "function" && "onpagehide" in globalThis;
+    if (this._inPage) {
+      globalThis.addEventListener("pagehide", this._onPageHide);
+      globalThis.addEventListener("pageshow", this._onPageShow);
+    }
+    this._open();
+  }
+
+  /** @returns {ClientState} */
+  get state() {
+    return this._state;
+  }
+
+  /** Publishes waiting for a connection. */
+  get queuedPublishes() {
+    return this._queue.length;
+  }
+
+  // --- events ------------------------------------------------------------------------------
+
+  /**
+   * @param {"state" | "welcome" | "connected" | "disconnected" | "error"} event
+   * @param {Function} fn
+   * @returns {() => void} removes the listener
+   */
+  on(event, fn) {
+    if (!EVENTS.has(event)) throw new TypeError(`redwire: unknown event ${event}`);
+    let set = this._listeners.get(event);
+    if (!set) this._listeners.set(event, (set = new Set()));
+    set.add(fn);
+    return () => this.off(event, fn);
+  }
+
+  /**
+   * @param {string} event
+   * @param {Function} fn
+   */
+  off(event, fn) {
+    this._listeners.get(event)?.delete(fn);
+  }
+
+  /**
+   * @param {string} event
+   * @param {unknown} arg
+   */
+  _emit(event, arg) {
+    const set = this._listeners.get(event);
+    if (!set) return;
+    for (const fn of [...set]) safeCall(fn, arg);
+  }
+
+  /** @param {ClientState} state */
+  _setState(state) {
+    if (state === this._state) return;
+    this._state = state;
+    this._emit("state", state);
+  }
+
+  // --- public API --------------------------------------------------------------------------
+
+  /**
+   * Receive the messages published to `topic` from now on.
+   * @param {string} topic
+   * @param {MessageHandler} onMessage called as onMessage(data, {topic})
+   * @returns {Subscription}
+   */
+  subscribe(topic, onMessage) {
+    if (typeof onMessage !== "function") {
+      throw new TypeError("redwire: subscribe(topic, onMessage) needs a function");
+    }
+    const sub = new Subscription(this, topic, onMessage);
+    if (this._closed) {
+      sub._fail(closedError());
+      return sub;
+    }
+    let state = this._topics.get(topic);
+    if (!state) {
+      state = {
+        topic,
+        subs: new Set(),
+        waiting: new Set(),
+        acked: false,
+        retries: 0,
+        retryTimer: null,
+      };
+      this._topics.set(topic, state);
+      if (this._state === "open") this._sendSubscribe(state);
+    }
+    state.subs.add(sub);
+    if (state.acked) sub._settle();
+    else state.waiting.add(sub);
+    return sub;
+  }
+
+  /**
+   * Publish `data` (any JSON value) to `topic`. Resolves when the server accepted it;
+   * rejects with a RedwireError (`.code`, `.reason`): the server's error, `queue_full`,
+   * `connection_lost` (outcome unknown), `closed` or `bad_request` (not JSON).
+   * @param {string} topic
+   * @param {unknown} data
+   * @returns {Promise<void>}
+   */
+  publish(topic, data) {
+    if (this._closed) return Promise.reject(closedError());
+    let json;
+    try {
+      json = JSON.stringify(data);
+    } catch (err) {
+      return Promise.reject(new RedwireError("bad_request", `data is not JSON: ${errorText(err)}`));
+    }
+    if (json === undefined) {
+      return Promise.reject(new RedwireError("bad_request", "data must be a JSON value"));
+    }
+    return new Promise((resolve, reject) => {
+      const item = { topic, json, resolve, reject };
+      if (this._state === "open") {
+        this._sendPublish(item);
+      } else if (this._queue.length >= this._maxQueued) {
+        reject(
+          new RedwireError(
+            "queue_full",
+            `not connected and ${this._queue.length} publishes already wait (maxQueuedPublishes)`,
+          ),
+        );
+      } else {
+        this._queue.push(item);
+      }
+    });
+  }
+
+  /** Close for good: no reconnect; waiting publishes and subscriptions fail with `closed`. */
+  close() {
+    if (this._closed) return;
+    this._closed = true;
+    const hadSocket = this._ws !== null;
+    this._dropSocket(1000, "client closed");
+    clearTimeout(this._timers.reconnect);
+    this._timers.reconnect = null;
+    this._failEverything(closedError());
+    this._setState("closed");
+    if (hadSocket) {
+      this._emit("disconnected", {
+        code: 1000,
+        reason: "client closed",
+        willReconnect: false,
+        delayMs: null,
+      });
+    }
+  }
+
+  // --- the socket --------------------------------------------------------------------------
+
+  _open() {
+    this._timers.reconnect = null;
+    this._setState("connecting");
+    let ws;
+    try {
+      ws = new this._WebSocket(this.url, this._protocols);
+    } catch (err) {
+      // e.g. a SecurityError: report it once listeners can see it, then back off.
+      queueMicrotask(() =>
+        this._emit("error", new RedwireError("connect_failed", errorText(err))),
+      );
+      this._afterSocket(CLOSE_ABNORMAL, errorText(err));
+      return;
+    }
+    this._ws = ws;
+    ws.onmessage = (event) => {
+      if (ws === this._ws) this._onRaw(event.data);
+    };
+    ws.onclose = (event) => {
+      if (ws === this._ws) this._onSocketGone(event.code, event.reason);
+    };
+    ws.onerror = ignore; // a close event follows and says more
+    if (this._connectTimeoutMs > 0) {
+      this._timers.connect = setTimeout(
+        () => this._abandon("no welcome within connectTimeoutMs"),
+        this._connectTimeoutMs,
+      );
+    }
+  }
+
+  /**
+   * Give up on a silent socket: close it without waiting for its closing handshake.
+   * @param {string} why
+   */
+  _abandon(why) {
+    if (this._ws === null) return;
+    this._dropSocket(CLOSE_CLIENT_TIMEOUT, why);
+    this._onSocketGone(CLOSE_ABNORMAL, why);
+  }
+
+  /**
+   * Detach and close the current socket and stop its timers.
+   * @param {number} code
+   * @param {string} reason
+   */
+  _dropSocket(code, reason) {
+    const ws = this._ws;
+    this._ws = null;
+    for (const name of /** @type {const} */ (["connect", "heartbeat", "dead"])) {
+      clearTimeout(this._timers[name]);
+      clearInterval(this._timers[name]);
+      this._timers[name] = null;
+    }
+    for (const state of this._topics.values()) {
+      clearTimeout(state.retryTimer);
+      state.retryTimer = null;
+    }
+    if (ws === null) return;
+    ws.onmessage = ws.onclose = null;
+    ws.onerror = ignore; // some implementations (node's ws) throw on an unheard error
+    try {
+      ws.close(code, reason);
+    } catch {
+      // already closing
+    }
+  }
+
+  /**
+   * The socket is gone (closed by the server, the network, or abandoned by us).
+   * @param {number} code
+   * @param {string} reason
+   */
+  _onSocketGone(code, reason) {
+    this._dropSocket(code, reason);
+    this.worker = this.clientId = null;
+    this.heartbeat = null;
+    const lost = new RedwireError(
+      "connection_lost",
+      "the connection closed before the server answered; the publish may or may not have happened",
+    );
+    const pending = [...this._pending.values()];
+    this._pending.clear();
+    for (const p of pending) {
+      if (p.kind === "publish") p.reject(lost);
+      else if (p.kind === "unsubscribe") p.resolve(); // the subscription went with the socket
+    }
+    this._afterSocket(code, reason);
+  }
+
+  /**
+   * Decide what follows a lost socket: reconnect (now or later), or stop for good.
+   * @param {number} code
+   * @param {string} reason
+   */
+  _afterSocket(code, reason) {
+    if (this._welcomeAt && Date.now() - this._welcomeAt >= this._healthyAfterMs) {
+      this._attempt = 0;
+    }
+    this._welcomeAt = 0;
+    if (this._suspended) {
+      this._setState("closed");
+      this._emit("disconnected", { code, reason, willReconnect: false, delayMs: null });
+      return;
+    }
+    const policy = reconnectPolicy(code);
+    if (policy === "never") {
+      this._closed = true;
+      const err = new RedwireError("closed", reason || `closed by the server (${code})`, {
+        closeCode: code,
+      });
+      this._failEverything(err);
+      this._setState("closed");
+      this._emit("error", err);
+      this._emit("disconnected", { code, reason, willReconnect: false, delayMs: null });
+      return;
+    }
+    const delayMs =
+      policy === "now"
+        ? 0
+        : backoffDelay(this._attempt++, this._minDelayMs, this._maxDelayMs);
+    this._setState("connecting");
+    this._timers.reconnect = setTimeout(() => this._open(), delayMs);
+    this._emit("disconnected", { code, reason, willReconnect: true, delayMs });
+  }
+
+  /** @param {RedwireError} err */
+  _failEverything(err) {
+    for (const item of this._queue.splice(0)) item.reject(err);
+    const pending = [...this._pending.values()];
+    this._pending.clear();
+    for (const p of pending) {
+      if (p.kind !== "subscribe") p.reject(err);
+    }
+    for (const state of this._topics.values()) {
+      clearTimeout(state.retryTimer);
+      for (const sub of state.subs) sub._fail(err);
+      for (const sub of state.waiting) sub._fail(err);
+    }
+    this._topics.clear();
+    if (this._inPage) {
+      globalThis.removeEventListener("pagehide", this._onPageHide);
+      globalThis.removeEventListener("pageshow", this._onPageShow);
+      this._inPage = false;
+    }
+  }
+
+  _suspend() {
+    if (this._closed || this._suspended) return;
+    this._suspended = true;
+    clearTimeout(this._timers.reconnect);
+    this._timers.reconnect = null;
+    if (this._ws !== null) {
+      this._dropSocket(1000, "page hidden");
+      this._onSocketGone(1000, "page hidden");
+    } else {
+      this._setState("closed");
+    }
+  }
+
+  _resume() {
+    if (this._closed || !this._suspended) return;
+    this._suspended = false;
+    this._open();
+  }
+
+  // --- frames in ---------------------------------------------------------------------------
+
+  /** @param {unknown} raw */
+  _onRaw(raw) {
+    clearTimeout(this._timers.dead); // any frame at all proves the connection alive
+    this._timers.dead = null;
+    if (typeof raw !== "string") {
+      this._emit("error", new RedwireError("bad_frame", "binary frame on a JSON connection"));
+      return;
+    }
+    let frame;
+    try {
+      frame = JSON.parse(raw);
+    } catch (err) {
+      this._emit("error", new RedwireError("bad_frame", `invalid JSON: ${errorText(err)}`));
+      return;
+    }
+    if (frame === null || typeof frame !== "object" || Array.isArray(frame)) {
+      this._emit("error", new RedwireError("bad_frame", "a frame must be a JSON object"));
+      return;
+    }
+    this._onFrame(frame);
+  }
+
+  /**
+   * One server frame, by op (docs/protocol.md, "Server → client"). Unknown ops are ignored
+   * so that a newer server can add some.
+   * @param {Record<string, any>} frame
+   */
+  _onFrame(frame) {
+    switch (frame.op) {
+      case "message":
+        this._onMessage(frame);
+        break;
+      case "ack":
+        this._onAck(frame);
+        break;
+      case "error":
+        this._onError(frame);
+        break;
+      case "welcome":
+        this._onWelcome(/** @type {WelcomeFrame} */ (frame));
+        break;
+      case "pong":
+        break; // its arrival already reset the heartbeat deadline
+      default:
+        break;
+    }
+  }
+
+  /** @param {WelcomeFrame} frame */
+  _onWelcome(frame) {
+    clearTimeout(this._timers.connect);
+    this._timers.connect = null;
+    this.worker = String(frame.worker);
+    this.clientId = String(frame.client);
+    this.heartbeat = frame.heartbeat ?? null;
+    this._welcomeAt = Date.now();
+    const reconnected = this._everConnected;
+    this._everConnected = true;
+    this._startHeartbeat(frame.heartbeat);
+    // Subscriptions first, then queued publishes, then anything listeners send: requests
+    // are handled in order, so a client publishing to a topic it subscribes to receives
+    // its own message.
+    for (const state of this._topics.values()) this._sendSubscribe(state);
+    for (const item of this._queue.splice(0)) this._sendPublish(item);
+    this._setState("open");
+    this._emit("welcome", frame);
+    this._emit("connected", { worker: this.worker, clientId: this.clientId, reconnected });
+  }
+
+  /**
+   * A published message. `meta` is built in one place so that later fields (offsets,
+   * gaps) have somewhere to go.
+   * @param {Record<string, any>} frame
+   */
+  _onMessage(frame) {
+    const state = this._topics.get(frame.topic);
+    if (!state) return;
+    const meta = messageMeta(frame);
+    for (const sub of [...state.subs]) safeCall(sub._onMessage, frame.data, meta);
+  }
+
+  /** @param {Record<string, any>} frame */
+  _onAck(frame) {
+    const p = this._takePending(frame.id);
+    if (!p) return;
+    if (p.kind === "subscribe") {
+      const state = p.state;
+      state.retries = 0;
+      if (this._topics.get(state.topic) === state) state.acked = true;
+      for (const sub of state.waiting) sub._settle();
+      state.waiting.clear();
+    } else {
+      p.resolve();
+    }
+  }
+
+  /** @param {Record<string, any>} frame */
+  _onError(frame) {
+    const err = new RedwireError(String(frame.code), String(frame.reason ?? ""));
+    const p = frame.id === undefined || frame.id === null ? undefined : this._takePending(frame.id);
+    if (!p) {
+      this._emit("error", err);
+    } else if (p.kind === "subscribe") {
+      this._subscribeFailed(p.state, err);
+    } else {
+      p.reject(err);
+    }
+  }
+
+  /**
+   * The server refused a (re)subscription. A resubscription that fails for a passing reason
+   * (`unavailable`: the bus is down) is retried with backoff; anything else drops the topic.
+   * @param {TopicState} state
+   * @param {RedwireError} err
+   */
+  _subscribeFailed(state, err) {
+    err.topic = state.topic;
+    const current = this._topics.get(state.topic) === state;
+    if (current && err.code === "unavailable" && state.waiting.size === 0) {
+      const delay = backoffDelay(state.retries++, this._minDelayMs, this._maxDelayMs);
+      state.retryTimer = setTimeout(() => {
+        state.retryTimer = null;
+        if (this._state === "open" && this._topics.get(state.topic) === state) {
+          this._sendSubscribe(state);
+        }
+      }, delay);
+      this._emit("error", err);
+      return;
+    }
+    if (current) this._topics.delete(state.topic);
+    for (const sub of state.subs) sub._fail(err);
+    for (const sub of state.waiting) sub._fail(err);
+    state.waiting.clear();
+    this._emit("error", err);
+  }
+
+  /** @param {unknown} id */
+  _takePending(id) {
+    if (typeof id !== "number") return undefined;
+    const p = this._pending.get(id);
+    this._pending.delete(id);
+    return p;
+  }
+
+  // --- frames out --------------------------------------------------------------------------
+
+  /** @param {string} text */
+  _send(text) {
+    this._ws?.send(text);
+  }
+
+  _id() {
+    return this._nextId++;
+  }
+
+  /** @param {TopicState} state */
+  _sendSubscribe(state) {
+    const id = this._id();
+    this._pending.set(id, { kind: "subscribe", state });
+    this._send(JSON.stringify(subscribeRequest(state, id)));
+  }
+
+  /** @param {QueuedPublish} item */
+  _sendPublish(item) {
+    const id = this._id();
+    this._pending.set(id, { kind: "publish", resolve: item.resolve, reject: item.reject });
+    // `data` was serialised once, at publish() time.
+    this._send(`{"op":"publish","id":${id},"topic":${JSON.stringify(item.topic)},"data":${item.json}}`);
+  }
+
+  /**
+   * @param {Subscription} sub
+   * @returns {Promise<void>}
+   */
+  _unsubscribe(sub) {
+    if (!sub._active) return Promise.resolve();
+    sub._active = false;
+    const state = this._topics.get(sub.topic);
+    if (!state || !state.subs.delete(sub) || state.subs.size > 0) return Promise.resolve();
+    this._topics.delete(sub.topic);
+    clearTimeout(state.retryTimer);
+    if (this._state !== "open") return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const id = this._id();
+      this._pending.set(id, { kind: "unsubscribe", resolve, reject });
+      this._send(JSON.stringify({ op: "unsubscribe", topic: sub.topic, id }));
+    });
+  }
+
+  /** @param {Heartbeat | undefined} heartbeat */
+  _startHeartbeat(heartbeat) {
+    const intervalMs = Number(heartbeat?.interval) * 1000;
+    const timeoutMs = Number(heartbeat?.timeout) * 1000;
+    if (!(intervalMs > 0 && timeoutMs > 0)) return;
+    this._timers.heartbeat = setInterval(() => {
+      this._send(JSON.stringify({ op: "ping", id: this._id() }));
+      if (this._timers.dead === null) {
+        this._timers.dead = setTimeout(
+          () => this._abandon("no frame within heartbeat.timeout after a ping"),
+          timeoutMs,
+        );
+      }
+    }, intervalMs);
+  }
+}
+
+/**
+ * The subscribe request for a topic; the one place a resume position would be added.
+ * @param {TopicState} state
+ * @param {number} id
+ */
+function subscribeRequest(state, id) {
+  return { op: "subscribe", topic: state.topic, id };
+}
+
+/**
+ * What a message handler learns besides the data.
+ * @param {Record<string, any>} frame
+ * @returns {MessageMeta}
+ */
+function messageMeta(frame) {
+  return { topic: frame.topic };
+}
+
+function ignore() {}
+
+function closedError() {
+  return new RedwireError("closed", "the client is closed");
+}
+
+/**
+ * @param {string} name
+ * @param {unknown} value
+ * @param {number} fallback
+ */
+function nonNegative(name, value, fallback) {
+  if (value === undefined || value === null) return fallback;
+  if (typeof value !== "number" || !(value >= 0)) {
+    throw new TypeError(`redwire: ${name} must be a number >= 0, got ${value}`);
+  }
+  return value;
+}
+
+/** @param {unknown} err */
+function errorText(err) {
+  return err instanceof Error ? err.message : String(err);
+}
+
+/**
+ * Call a listener or handler; what it throws is reported, not propagated.
+ * @param {Function} fn
+ * @param {...unknown} args
+ */
+function safeCall(fn, ...args) {
+  try {
+    fn(...args);
+  } catch (err) {
+    if (typeof globalThis.reportError === "function") globalThis.reportError(err);
+    else console.error(err);
+  }
+}

@@ -1,0 +1,445 @@
+"""client/js/redwire.js in node against a scripted fake WebSocket: the client's own logic.
+
+Each test runs one ES module in `node --input-type=module`; the module drives the client
+through a `FakeSocket` (the `WebSocketImpl` option) playing the server, and prints one JSON
+result for the assertions here. Waiting is on the client's events, with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+CLIENT = Path(__file__).resolve().parents[2] / "client" / "js" / "redwire.js"
+
+HARNESS = """
+import * as rw from %(client)s;
+
+class FakeSocket {
+  static all = [];
+  static onCreate = null;
+  constructor(url, protocols) {
+    Object.assign(this, { url, protocols, sent: [], closedWith: null, onSend: null });
+    FakeSocket.all.push(this);
+    const hook = FakeSocket.onCreate;
+    FakeSocket.onCreate = null;
+    hook?.(this);
+  }
+  send(text) {
+    const frame = JSON.parse(text);
+    this.sent.push(frame);
+    this.onSend?.(frame);
+  }
+  close(code, reason) { this.closedWith = [code, reason]; }
+  deliver(frame) { this.onmessage?.({ data: JSON.stringify(frame) }); }
+  welcome(heartbeat = { interval: 3600, timeout: 3600 }, worker = "0") {
+    this.deliver({ op: "welcome", version: 1, client: `${worker}-1`, worker, heartbeat });
+  }
+  ackAll(op) {
+    for (const f of this.sent.filter((f) => f.op === op)) this.deliver({ op: "ack", id: f.id });
+  }
+  serverClose(code, reason = "") { this.onclose?.({ code, reason }); }
+  ops() { return this.sent.map((f) => f.op === "publish" || f.op === "subscribe"
+    ? `${f.op}:${f.topic}` : f.op); }
+}
+
+function deadline(promise, what, ms = 3000) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+const nextSocket = () => deadline(new Promise((r) => { FakeSocket.onCreate = r; }), "socket");
+const nextEvent = (client, name) =>
+  deadline(new Promise((r) => { const off = client.on(name, (x) => { off(); r(x); }); }), name);
+const settle = (p) => p.then(() => "resolved", (e) => ({ code: e.code, reason: e.reason,
+  topic: e.topic, closeCode: e.closeCode, name: e.name }));
+const open = (opts = {}) => rw.connect("ws://test.invalid/ws", {
+  WebSocketImpl: FakeSocket, reconnect: { minDelayMs: 1, maxDelayMs: 5 }, ...opts });
+
+const result = await (async () => {
+%(body)s
+})();
+console.log(JSON.stringify(result));
+process.exit(0);
+"""
+
+
+def run_js(body: str) -> Any:
+    node = shutil.which("node")
+    assert node, "node is needed for the JS client tests (apt-get install -y nodejs)"
+    source = HARNESS % {"client": json.dumps(CLIENT.as_uri()), "body": body}
+    proc = subprocess.run(
+        [node, "--input-type=module", "-e", source],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_backoff_is_full_jitter_under_a_capped_exponential() -> None:
+    result = run_js(
+        """
+        const d = (attempt, r) => rw.backoffDelay(attempt, 100, 5000, () => r);
+        return {
+          low: [0, 1, 5, 10].map((a) => d(a, 0)),
+          high: [0, 1, 2, 3, 5, 6, 10, 1000].map((a) => d(a, 0.999999)),
+          mid: d(2, 0.5),
+        };
+        """
+    )
+    assert result["low"] == [0, 0, 0, 0]
+    assert result["high"] == [99, 199, 399, 799, 3199, 4999, 4999, 4999]
+    assert result["mid"] == 200
+
+
+def test_close_code_policy_and_url_resolution() -> None:
+    result = run_js(
+        """
+        const codes = [1000, 1001, 1002, 1006, 1007, 1008, 1009, 1011, 1013, 4000];
+        const page = { href: "https://example.test/app/page.html?x=1#frag" };
+        return {
+          policy: codes.map((c) => [c, rw.reconnectPolicy(c)]),
+          pageDefault: rw.resolveUrl(undefined, undefined, page),
+          relative: rw.resolveUrl("stream", "t&k=1", page),
+          plain: rw.resolveUrl("http://h.test:8765/ws?a=b", "tok", undefined),
+          outside: (() => { try { rw.resolveUrl(undefined, undefined, undefined); }
+                            catch (e) { return e.name; } })(),
+          badScheme: (() => { try { rw.resolveUrl("ftp://h/", undefined, undefined); }
+                              catch (e) { return e.name; } })(),
+        };
+        """
+    )
+    assert dict(result["policy"]) == {
+        1000: "never",
+        1001: "now",
+        1002: "never",
+        1006: "backoff",
+        1007: "never",
+        1008: "never",
+        1009: "never",
+        1011: "backoff",
+        1013: "backoff",
+        4000: "backoff",
+    }
+    assert result["pageDefault"] == "wss://example.test/ws"
+    assert result["relative"] == "wss://example.test/app/stream?token=t%26k%3D1"
+    assert result["plain"] == "ws://h.test:8765/ws?a=b&token=tok"
+    assert result["outside"] == "TypeError"
+    assert result["badScheme"] == "TypeError"
+
+
+def test_requests_wait_for_welcome_then_subscriptions_go_before_queued_publishes() -> None:
+    result = run_js(
+        """
+        const client = open();
+        const ws = FakeSocket.all[0];
+        const states = [client.state];
+        const got = [];
+        const sub = client.subscribe("news", (data, meta) => got.push([data, meta]));
+        const p1 = client.publish("news", { n: 1 });
+        const p2 = client.publish("news", "two");
+        const sentBeforeWelcome = ws.sent.length;
+        const connected = nextEvent(client, "connected");
+        ws.welcome(undefined, "3");
+        const info = await connected;
+        states.push(client.state);
+        const order = ws.ops();
+        ws.ackAll("subscribe");
+        ws.ackAll("publish");
+        ws.deliver({ op: "message", topic: "news", data: { n: 1 } });
+        ws.deliver({ op: "message", topic: "other", data: "not for us" });
+        return { sentBeforeWelcome, states, order, info, worker: client.worker,
+                 clientId: client.clientId, protocols: ws.protocols,
+                 ready: await settle(sub.ready), p1: await settle(p1), p2: await settle(p2),
+                 got, data: ws.sent.filter((f) => f.op === "publish").map((f) => f.data) };
+        """
+    )
+    assert result["sentBeforeWelcome"] == 0
+    assert result["states"] == ["connecting", "open"]
+    assert result["order"] == ["subscribe:news", "publish:news", "publish:news"]
+    assert result["info"] == {"worker": "3", "clientId": "3-1", "reconnected": False}
+    assert (result["worker"], result["clientId"]) == ("3", "3-1")
+    assert result["protocols"] == ["redwire.json"]
+    assert result["ready"] == result["p1"] == result["p2"] == "resolved"
+    assert result["got"] == [[{"n": 1}, {"topic": "news"}]]
+    assert result["data"] == [{"n": 1}, "two"]
+
+
+def test_queue_is_bounded_and_rejects_with_queue_full_at_once() -> None:
+    result = run_js(
+        """
+        const client = open({ maxQueuedPublishes: 2 });
+        const a = client.publish("t", 1), b = client.publish("t", 2);
+        const c = await settle(client.publish("t", 3));
+        const queued = client.queuedPublishes;
+        const notJson = await settle(client.publish("t", { big: 1n }));
+        const undef = await settle(client.publish("t", undefined));
+        client.close();
+        return { c, queued, notJson: notJson.code, undef: undef.code,
+                 a: await settle(a), b: await settle(b), state: client.state };
+        """
+    )
+    assert result["c"]["code"] == "queue_full"
+    assert "maxQueuedPublishes" in result["c"]["reason"]
+    assert result["queued"] == 2
+    assert result["notJson"] == result["undef"] == "bad_request"
+    assert result["a"]["code"] == result["b"]["code"] == "closed"
+    assert result["state"] == "closed"
+
+
+def test_server_errors_reject_with_code_and_reason() -> None:
+    result = run_js(
+        """
+        const client = open();
+        const ws = FakeSocket.all[0];
+        ws.welcome();
+        const errors = [];
+        client.on("error", (e) => errors.push({ code: e.code, topic: e.topic }));
+        const pub = client.publish("bad topic", 1);
+        const sub = client.subscribe("secret", () => {});
+        const [p, s] = ws.sent;
+        ws.deliver({ op: "error", id: p.id, code: "bad_topic", reason: "no spaces" });
+        ws.deliver({ op: "error", id: s.id, code: "forbidden", reason: "denied" });
+        ws.deliver({ op: "error", code: "bad_request", reason: "unattributed" });
+        return { pub: await settle(pub), sub: await settle(sub.ready), active: sub.active,
+                 errors, state: client.state };
+        """
+    )
+    assert result["pub"]["code"] == "bad_topic"
+    assert result["pub"]["reason"] == "no spaces"
+    assert result["pub"]["name"] == "RedwireError"
+    assert result["sub"]["code"] == "forbidden"
+    assert result["sub"]["topic"] == "secret"
+    assert result["active"] is False
+    assert result["errors"] == [
+        {"code": "forbidden", "topic": "secret"},
+        {"code": "bad_request"},  # no topic: JSON drops undefined
+    ]
+    assert result["state"] == "open"
+
+
+def test_reconnect_resubscribes_and_rejects_publishes_in_flight() -> None:
+    result = run_js(
+        """
+        const client = open();
+        const ws1 = FakeSocket.all[0];
+        ws1.welcome(undefined, "0");
+        const got = [];
+        const a = client.subscribe("a", (d) => got.push(["a", d]));
+        client.subscribe("b", (d) => got.push(["b", d]));
+        ws1.ackAll("subscribe");
+        await a.ready;
+        const inFlight = settle(client.publish("a", "lost?"));
+        const disconnected = nextEvent(client, "disconnected");
+        const next = nextSocket();
+        ws1.serverClose(1011, "keepalive ping timeout");
+        const info = await disconnected;
+        const stateDuring = client.state;
+        const queued = client.publish("a", "queued");
+        const ws2 = await next;
+        const connected = nextEvent(client, "connected");
+        ws2.welcome(undefined, "1");
+        const again = await connected;
+        const order = ws2.ops();
+        ws2.ackAll("subscribe");
+        ws2.ackAll("publish");
+        ws2.deliver({ op: "message", topic: "b", data: "after" });
+        return { info, stateDuring, again, order, got, inFlight: await inFlight,
+                 queued: await settle(queued), url: ws2.url };
+        """
+    )
+    assert result["info"]["code"] == 1011
+    assert result["info"]["willReconnect"] is True
+    assert 0 <= result["info"]["delayMs"] <= 5
+    assert result["stateDuring"] == "connecting"
+    assert result["again"] == {"worker": "1", "clientId": "1-1", "reconnected": True}
+    assert result["order"] == ["subscribe:a", "subscribe:b", "publish:a"]
+    assert result["got"] == [["b", "after"]]
+    assert result["inFlight"]["code"] == "connection_lost"
+    assert result["queued"] == "resolved"
+    assert result["url"] == "ws://test.invalid/ws"
+
+
+def test_close_codes_that_forbid_reconnecting_end_the_client() -> None:
+    result = run_js(
+        """
+        const out = {};
+        for (const code of [1000, 1002, 1007, 1008, 1009]) {
+          const before = FakeSocket.all.length;
+          const client = open();
+          const ws = FakeSocket.all.at(-1);
+          ws.welcome();
+          const errors = [];
+          client.on("error", (e) => errors.push([e.code, e.closeCode, e.reason]));
+          const disconnected = nextEvent(client, "disconnected");
+          ws.serverClose(code, "because");
+          const info = await disconnected;
+          const queued = await settle(client.publish("t", 1));
+          const sub = await settle(client.subscribe("t", () => {}).ready);
+          out[code] = { info, errors, state: client.state, queued: queued.code, sub: sub.code,
+                        sockets: FakeSocket.all.length - before };
+        }
+        return out;
+        """
+    )
+    for code, r in result.items():
+        assert r["info"] == {
+            "code": int(code),
+            "reason": "because",
+            "willReconnect": False,
+            "delayMs": None,
+        }
+        assert r["errors"] == [["closed", int(code), "because"]]
+        assert r["state"] == "closed"
+        assert r["queued"] == r["sub"] == "closed"
+        assert r["sockets"] == 1
+
+
+def test_going_away_reconnects_at_once_and_attempts_grow_until_healthy() -> None:
+    result = run_js(
+        """
+        const client = open({ reconnect: { minDelayMs: 1000, maxDelayMs: 1000 } });
+        FakeSocket.all[0].welcome();
+        const drained = nextEvent(client, "disconnected");
+        const next = nextSocket();
+        FakeSocket.all[0].serverClose(1001, "draining");
+        const info = await drained;
+        await next;
+        client.close();
+        return { info, sockets: FakeSocket.all.length };
+        """
+    )
+    assert result["info"] == {
+        "code": 1001,
+        "reason": "draining",
+        "willReconnect": True,
+        "delayMs": 0,
+    }
+    assert result["sockets"] == 2
+
+
+def test_heartbeat_pings_and_a_silent_server_is_abandoned() -> None:
+    result = run_js(
+        """
+        const client = open();
+        const ws1 = FakeSocket.all[0];
+        // A server that answers: five pings, each answered, no disconnect.
+        let pongs = 0;
+        const answered = deadline(new Promise((resolve) => {
+          ws1.onSend = (f) => {
+            if (f.op !== "ping") return;
+            ws1.deliver({ op: "pong", id: f.id });
+            if (++pongs === 5) resolve();
+          };
+        }), "five pongs");
+        let drops = 0;
+        client.on("disconnected", () => drops++);
+        ws1.welcome({ interval: 0.01, timeout: 0.05 });
+        await answered;
+        const dropsWhileAnswered = drops;
+        // Then it stops answering: the client gives up on the socket and opens another.
+        ws1.onSend = null;
+        const disconnected = nextEvent(client, "disconnected");
+        const next = nextSocket();
+        const info = await disconnected;
+        await next;
+        client.close();
+        return { dropsWhileAnswered, info, closedWith: ws1.closedWith,
+                 pings: ws1.sent.filter((f) => f.op === "ping").length };
+        """
+    )
+    assert result["dropsWhileAnswered"] == 0
+    assert result["info"]["code"] == 1006
+    assert result["info"]["willReconnect"] is True
+    assert "heartbeat" in result["info"]["reason"]
+    assert result["closedWith"][0] == 4000
+    assert result["pings"] >= 6
+
+
+def test_no_welcome_in_time_is_retried() -> None:
+    result = run_js(
+        """
+        const client = open({ connectTimeoutMs: 20 });
+        const disconnected = nextEvent(client, "disconnected");
+        const next = nextSocket();
+        const info = await disconnected;
+        await next;
+        client.close();
+        return { info, closedWith: FakeSocket.all[0].closedWith };
+        """
+    )
+    assert result["info"]["code"] == 1006
+    assert "welcome" in result["info"]["reason"]
+    assert result["closedWith"][0] == 4000
+
+
+def test_subscriptions_to_one_topic_share_the_wire_and_handlers_are_isolated() -> None:
+    result = run_js(
+        """
+        const client = open();
+        const ws = FakeSocket.all[0];
+        ws.welcome();
+        const got = [];
+        const s1 = client.subscribe("t", () => { throw new Error("handler bug"); });
+        const s2 = client.subscribe("t", (d) => got.push(["s2", d]));
+        ws.ackAll("subscribe");
+        const ready = [await settle(s1.ready), await settle(s2.ready)];
+        const s3 = client.subscribe("t", (d) => got.push(["s3", d]));
+        const lateReady = await settle(s3.ready);
+        const reported = [];
+        console.error = (e) => reported.push(String(e.message ?? e));
+        ws.deliver({ op: "message", topic: "t", data: 1 });
+        await s1.unsubscribe();
+        await s2.unsubscribe();
+        const opsAfterTwo = ws.ops();
+        const last = s3.unsubscribe();
+        ws.ackAll("unsubscribe");
+        await last;
+        ws.deliver({ op: "message", topic: "t", data: 2 });
+        return { ready, lateReady, got, reported, opsAfterTwo, ops: ws.ops(),
+                 active: [s1.active, s2.active, s3.active] };
+        """
+    )
+    assert result["ready"] == ["resolved", "resolved"]
+    assert result["lateReady"] == "resolved"
+    assert result["got"] == [["s2", 1], ["s3", 1]]
+    assert result["reported"] == ["handler bug"]
+    assert result["opsAfterTwo"] == ["subscribe:t"]
+    assert result["ops"] == ["subscribe:t", "unsubscribe"]
+    assert result["active"] == [False, False, False]
+
+
+def test_a_resubscription_refused_as_unavailable_is_retried() -> None:
+    result = run_js(
+        """
+        const client = open();
+        const ws1 = FakeSocket.all[0];
+        ws1.welcome();
+        const sub = client.subscribe("t", () => {});
+        ws1.ackAll("subscribe");
+        await sub.ready;
+        const next = nextSocket();
+        ws1.serverClose(1006, "");
+        const ws2 = await next;
+        const errors = [];
+        client.on("error", (e) => errors.push([e.code, e.topic]));
+        ws2.welcome();
+        const retried = deadline(new Promise((resolve) => {
+          ws2.onSend = (f) => { if (f.op === "subscribe") resolve(f.topic); };
+        }), "resubscribe retry");
+        const first = ws2.sent.find((f) => f.op === "subscribe");
+        ws2.deliver({ op: "error", id: first.id, code: "unavailable", reason: "bus down" });
+        const topic = await retried;
+        return { topic, errors, active: sub.active };
+        """
+    )
+    assert result["topic"] == "t"
+    assert result["errors"] == [["unavailable", "t"]]
+    assert result["active"] is True
