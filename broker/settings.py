@@ -59,6 +59,7 @@ class Settings:
     write_buffer_low_bytes: int = 64 * KIB
     max_send_buffer_bytes: int = 4 * MIB  # a client further behind is a slow consumer
     slow_consumer_policy: str = "close"  # "close" (1013)
+    coalesce_window_s: float = 0.002  # a busy hub writes to a subscriber at most this often
 
     # --- pub/sub protocol ---
     max_topic_bytes: int = 200
@@ -212,6 +213,7 @@ def _validate(s: Settings) -> None:
         "write_buffer_low_bytes must be <= write_buffer_high_bytes",
     )
     need(s.max_send_buffer_bytes > 0, "max_send_buffer_bytes must be > 0")
+    need(0 <= s.coalesce_window_s <= 0.1, "coalesce_window_s must be 0..0.1")
     need(s.slow_consumer_policy in ("close",), "slow_consumer_policy must be 'close'")
     need(1 <= s.max_topic_bytes <= 1024, "max_topic_bytes must be 1..1024")
     need(s.ping_interval_s is None or s.ping_interval_s > 0, "ping_interval_s must be > 0")

@@ -3,8 +3,8 @@
 The first local subscriber of a topic subscribes the worker to it on the bus; the last one
 to leave unsubscribes it. A batch of bus messages is turned into frames once per variant
 (JSON or msgpack, compressed or not) and the same bytes are queued to every subscriber;
-each subscriber's frames of the batch are written with one `transport.write` at the end
-(coalesced writes). A subscriber whose unsent bytes exceed `max_send_buffer_bytes` is a
+each subscriber's pending frames are written with one `transport.write` (coalesced
+writes: at once when the hub was idle, else at most once per `coalesce_window_s`). A subscriber whose unsent bytes exceed `max_send_buffer_bytes` is a
 slow consumer: it is closed with 1013 instead of growing the worker's memory.
 """
 
@@ -41,6 +41,9 @@ class Hub:
         self.topics: dict[str, set[ClientSession]] = {}
         self._subscribing: dict[str, asyncio.Future[None]] = {}
         self._dirty: list[ClientSession] = []
+        self._last_flush = 0.0
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_event_loop()
         self.gap_listeners: list[Callable[[frozenset[str]], None]] = []
         bus.on_messages = self.deliver
         bus.on_gap = self._on_gap
@@ -129,8 +132,15 @@ class Hub:
                 delivered += 1
         self.stats.messages_in += len(batch)
         self.stats.deliveries += delivered
-        if dirty:
-            self.flush()
+        if dirty and self._flush_timer is None:
+            # Coalesce: at most one write per subscriber per `coalesce_window_s`. An idle hub
+            # writes at once; a busy one gathers what arrives within the window.
+            now = self._loop.time()
+            wait = self._last_flush + self.settings.coalesce_window_s - now
+            if wait <= 0:
+                self.flush()
+            else:
+                self._flush_timer = self._loop.call_at(now + wait, self.flush)
 
     def _encode(self, message: BusMessage, variant: Variant) -> bytes:
         binary, window_bits = variant
@@ -145,6 +155,8 @@ class Hub:
         )
 
     def flush(self) -> None:
+        self._flush_timer = None
+        self._last_flush = self._loop.time()
         dirty, self._dirty = self._dirty, []
         out_bytes = 0
         for session in dirty:

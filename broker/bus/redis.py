@@ -91,6 +91,14 @@ def connection_factory(
     return lambda: cls(**kwargs)
 
 
+async def _idle_and_open(conn: AbstractConnection) -> bool:
+    """True if `conn` is connected with nothing unread: no EOF, no stray reply."""
+    try:
+        return conn.is_connected and not await conn.can_read()
+    except _IO_ERRORS:
+        return False
+
+
 def _resolve(future: asyncio.Future[Any], result: Any) -> None:
     if not future.done():
         future.set_result(result)
@@ -162,6 +170,9 @@ class _Publisher:
         try:
             async with asyncio.timeout(self._timeout_s):
                 conn = self._conn
+                if conn is not None and not await _idle_and_open(conn):
+                    await self._drop_connection()  # e.g. Redis restarted since the last batch
+                    conn = None
                 if conn is None:
                     conn = self._conn = self._connect()
                     await conn.connect()
