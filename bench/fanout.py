@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import Broker, RedisServer, cpu_seconds, percentile, rss_bytes  # noqa: E402
+from _harness import Broker, RedisServer, cpu_seconds, percentile, rss_bytes
 
 TOPIC = "bench"
 MARK = b'"op":"message"'
@@ -102,7 +102,7 @@ class Subscriber(asyncio.Protocol):
         self.tail = joined[-keep:] if not joined.endswith(MARK) else b""
 
 
-def subscriber_process(host: str, port: int, count: int, sampled: int, conn) -> None:  # noqa: ANN001
+def subscriber_process(host: str, port: int, count: int, sampled: int, conn) -> None:
     import uvloop
 
     async def main() -> None:
@@ -133,7 +133,7 @@ def subscriber_process(host: str, port: int, count: int, sampled: int, conn) -> 
 # --- publisher process ----------------------------------------------------------------------
 
 
-def publisher_process(redis_url: str, channel: str, rate: int, duration: float, size: int, conn):  # noqa: ANN001
+def publisher_process(redis_url: str, channel: str, rate: int, duration: float, size: int, conn):
     import redis.asyncio as redis
     import uvloop
 

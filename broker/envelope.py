@@ -68,7 +68,7 @@ def unpack(data: bytes) -> BusMessage:
     try:
         fields = msgpack.unpackb(data, use_list=False, raw=False, strict_map_key=True)
     except _MSGPACK_ERRORS as exc:
-        raise EnvelopeError(f"envelope is not valid msgpack ({type(exc).__name__}: {exc})") from None
+        raise EnvelopeError(f"envelope is not valid msgpack: {exc!r}") from None
     if type(fields) is not tuple or not fields:
         raise EnvelopeError("envelope is not a msgpack array")
     if type(fields[0]) is not int or fields[0] != VERSION:
@@ -129,4 +129,4 @@ def msgpack_loads(
             max_ext_len=0,
         )
     except _MSGPACK_ERRORS as exc:
-        raise ValueError(f"invalid msgpack ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"invalid msgpack: {exc!r}") from None

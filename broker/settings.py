@@ -94,6 +94,12 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def max_data_bytes(self) -> int:
+        """Largest encoded `data` a publish may carry: its `message` frame, with the topic
+        and the protocol's fields around it, must still fit in max_message_bytes."""
+        return self.max_message_bytes - self.max_topic_bytes - 256
+
     @classmethod
     def load(
         cls,

@@ -131,7 +131,7 @@ class Supervisor:
         for worker in self.workers:
             if not worker.ready.wait(max(0.0, deadline - time.monotonic())):
                 log.error("worker %s did not start listening", worker.worker_id)
-        print(f"listening {self.host} {self.port}", flush=True)
+        _announce(f"listening {self.host} {self.port}")
         log.info(
             "redwire serving on %s:%d with %d worker(s), redis %s",
             self.host, self.port, self.count, "embedded" if self.redis else self.redis_url,
@@ -157,7 +157,11 @@ class Supervisor:
         if self._stopping.wait(delay if worker.restarts > 1 else 0):
             return
         self._spawn(worker)
-        print(f"worker {worker.worker_id} restarted pid {worker.process.pid}", flush=True)  # type: ignore[union-attr]
+        assert worker.process is not None
+        if worker.ready.wait(30):
+            _announce(f"worker {worker.worker_id} restarted pid {worker.process.pid}")
+        else:
+            log.error("restarted worker %s is not listening", worker.worker_id)
 
     def _mark_dead(self, pid: int) -> None:
         if self.metrics_dir:
@@ -194,3 +198,9 @@ def run_supervisor(settings: Settings) -> int:
         stream=sys.stderr,
     )
     return Supervisor(settings).run()
+
+
+def _announce(line: str) -> None:
+    """One status line on stdout, written in one call so other output cannot split it."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

@@ -107,7 +107,7 @@ async def _publish(app: BrokerApp, request: Request) -> bytes:
     codec = wire.WireCodec(
         None,
         max_topic_bytes=app.settings.max_topic_bytes,
-        max_data_bytes=app.settings.max_message_bytes,
+        max_data_bytes=app.settings.max_data_bytes,
     )
     try:
         topic = wire.check_topic(body.get("topic"), app.settings.max_topic_bytes)

@@ -2,10 +2,11 @@
 
 The first local subscriber of a topic subscribes the worker to it on the bus; the last one
 to leave unsubscribes it. A batch of bus messages is turned into frames once per variant
-(JSON or msgpack, compressed or not) and the same bytes are queued to every subscriber;
-each subscriber's pending frames are written with one `transport.write` (coalesced
-writes: at once when the hub was idle, else at most once per `coalesce_window_s`). A subscriber whose unsent bytes exceed `max_send_buffer_bytes` is a
-slow consumer: it is closed with 1013 instead of growing the worker's memory.
+(JSON or msgpack, compressed or not) and the same bytes are queued to every subscriber.
+Each subscriber's pending frames go out in one `transport.write` (coalesced writes): at
+once when the hub was idle, else at most once per `coalesce_window_s`. A subscriber whose
+unsent bytes exceed `max_send_buffer_bytes` is a slow consumer: it is closed with 1013
+instead of growing the worker's memory.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     server = Server(app, settings)
     sock = socket.socket(fileno=args.fd) if args.fd is not None else None
     host, port = await server.start(sock=sock, reuse_port=args.reuse_port)
-    print(f"listening {host} {port}", flush=True)
+    _announce(f"listening {host} {port}")
     log.info("worker %s (%s) listening on %s:%d", args.worker_id, args.mode, host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -88,3 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     install_uvloop()
     return asyncio.run(run(args, settings))
+
+
+def _announce(line: str) -> None:
+    """One status line on stdout, written in one call so other output cannot split it."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

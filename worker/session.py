@@ -49,7 +49,7 @@ class ClientSession:
         self.id = f"{app.worker_id}-{next(_ids)}"
         s = app.settings
         self.codec = wire.WireCodec(
-            ws.subprotocol, max_topic_bytes=s.max_topic_bytes, max_data_bytes=s.max_message_bytes
+            ws.subprotocol, max_topic_bytes=s.max_topic_bytes, max_data_bytes=s.max_data_bytes
         )
         self.variant = (self.codec.binary, ws.compress_key)
         self.topics: set[str] = set()

@@ -381,7 +381,9 @@ class RedisBus(Bus):
             failures = 0 if went_live else failures + 1
             s = self.settings
             cap = s.bus_reconnect_min_s * 2 ** min(failures, _MAX_BACKOFF_DOUBLINGS)
-            await asyncio.sleep(random.uniform(s.bus_reconnect_min_s, min(cap, s.bus_reconnect_max_s)))
+            await asyncio.sleep(
+                random.uniform(s.bus_reconnect_min_s, min(cap, s.bus_reconnect_max_s))
+            )
 
     async def _session_once(self, failures: int) -> bool:
         """One subscriber connection, from connect to loss. True if it went live."""

@@ -14,6 +14,7 @@ from support.processes import ServerProcess, redwire
 from support.waiting import eventually
 
 WORKERS = 4
+MIB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ BAD_INPUTS = [
     ('{"op": "subscribe", "topic": 5, "id": 1}', "bad_topic"),
     ('{"op": "publish", "topic": "t", "id": 1}', "bad_request"),
     ('{"op": "publish", "topic": "t/x", "data": 1, "id": 1}', "bad_topic"),
-    ('{"op": "publish", "topic": "t", "data": "' + "x" * (1024 * 1024) + '", "id": 1}', "too_large"),
+    ('{"op": "publish", "topic": "t", "id": 1, "data": "' + "x" * (MIB - 100) + '"}', "too_large"),
     ('{"op": "ping", "id": {"nested": true}}', "bad_request"),
     ('{"op": "ping", "id": true}', "bad_request"),
 ]

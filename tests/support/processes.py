@@ -30,17 +30,20 @@ class ServerProcess:
         argv: Sequence[str],
         *,
         env: dict[str, str] | None = None,
-        ready: str = r"listening (\S+) (\d+)",
+        ready: str = r"^listening (\S+) (\d+)$",
         timeout_s: float = 30.0,
+        cwd: str | Path = REPO,
+        inherit_env: bool = True,
     ) -> None:
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        base = dict(os.environ) if inherit_env else {}
+        full_env = {**base, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.argv = list(argv)
         self.proc = subprocess.Popen(
             self.argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=full_env,
-            cwd=REPO,
+            cwd=cwd,
             text=True,
             start_new_session=True,
         )

@@ -1,0 +1,298 @@
+"""RedisBus under faults: Redis stopped, killed and restarted on the same port; the subscriber
+connection killed; a subscription that silently stops delivering; Redis pausing clients.
+
+Each test owns its redis-server (the session one is shared and must not be stopped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+from support.redis_server import RedisServer
+from support.waiting import eventually
+
+from broker.bus.redis import RedisBus
+from broker.envelope import ENCODING_JSON, BusMessage
+from broker.errors import BusUnavailable
+from broker.settings import Settings
+
+WAIT_S = 5.0
+FAST = Settings(
+    bus_reconnect_min_s=0.02,
+    bus_reconnect_max_s=0.2,
+    bus_probe_interval_s=0.2,
+    bus_probe_timeout_s=0.5,
+    bus_publish_timeout_s=0.5,
+    bus_connect_timeout_s=1.0,
+)
+
+
+class Watch:
+    """Records what a bus reports; tests wait on it with a deadline."""
+
+    def __init__(self, bus: RedisBus) -> None:
+        self.health: list[bool] = []
+        self.gaps: list[frozenset[str]] = []
+        self.messages: list[BusMessage] = []
+        self._changed = asyncio.Event()
+        bus.on_health = self._record(self.health.append)
+        bus.on_gap = self._record(self.gaps.append)
+        bus.on_messages = self._record(self.messages.extend)
+
+    def _record(self, add: Callable[[object], None]) -> Callable[[object], None]:
+        def callback(value: object) -> None:
+            add(value)
+            self._changed.set()
+
+        return callback
+
+    async def until(self, predicate: Callable[[], object], timeout_s: float = WAIT_S) -> None:
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def receive(self, bus: RedisBus, *topics: str) -> None:
+        """Publish one message on each topic and wait until all of them came back."""
+        payloads = []
+        for topic in topics:
+            payload = f"{topic}-{len(self.messages)}-{len(payloads)}".encode()
+            await bus.publish(BusMessage(topic, payload, ENCODING_JSON, "test"))
+            payloads.append(payload)
+        await self.until(lambda: set(payloads) <= {m.payload for m in self.messages})
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+async def make_bus() -> AsyncIterator[Callable[..., RedisBus]]:
+    buses: list[RedisBus] = []
+
+    def make(url: str, settings: Settings = FAST, origin: str = "w1") -> RedisBus:
+        bus = RedisBus(url, settings, origin)
+        buses.append(bus)
+        return bus
+
+    yield make
+    for bus in buses:
+        await bus.close()
+
+
+def topic_channels(server: RedisServer) -> set[bytes]:
+    return set(server.command("PUBSUB", "CHANNELS", FAST.channel_prefix + "t:*"))
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+async def test_redis_restart(
+    server: RedisServer, make_bus: Callable[..., RedisBus], how: str
+) -> None:
+    bus = make_bus(server.url)
+    watch = Watch(bus)
+    await bus.start()
+    assert watch.health == [True]
+    await bus.subscribe(["a", "b", "c"])
+    await watch.receive(bus, "a")
+
+    await asyncio.to_thread(getattr(server, how))
+    await watch.until(lambda: watch.health[-1] is False)
+    assert not bus.healthy and not bus.stats()["healthy"]
+    with pytest.raises(BusUnavailable):
+        await bus.publish(BusMessage("a", b"lost?", ENCODING_JSON))
+    with pytest.raises(BusUnavailable):
+        await bus.subscribe(["d"])  # still wanted: subscribed on reconnect
+    assert bus.stats()["publish_errors"] == 1
+
+    await asyncio.to_thread(server.start)
+    await watch.until(lambda: watch.gaps and watch.health[-1] is True)
+    assert watch.gaps == [frozenset("abcd")]
+    assert watch.health == [True, False, True]
+    assert topic_channels(server) == {bus.channel(t) for t in "abcd"}
+    await watch.receive(bus, "a", "b", "c", "d")
+    stats = bus.stats()
+    assert stats["reconnects"] == 1 and stats["gaps"] == 1
+    assert stats["subscribed_channels"] == 4 and stats["healthy"] is True
+
+
+async def test_resubscribe_is_batched(
+    server: RedisServer, make_bus: Callable[..., RedisBus]
+) -> None:
+    bus = make_bus(server.url, FAST.replace(bus_resubscribe_batch=100))
+    watch = Watch(bus)
+    await bus.start()
+    topics = [f"t{i}" for i in range(250)]
+    await bus.subscribe(topics)
+    before = bus.stats()["subscribe_commands"]
+    server.command("CLIENT", "KILL", "TYPE", "pubsub")
+    await watch.until(lambda: watch.gaps and watch.health[-1] is True)
+    # the probe channel and 250 topics: 100 + 100 + 51 channels
+    assert bus.stats()["subscribe_commands"] - before == 3
+    assert watch.gaps == [frozenset(topics)]
+    assert len(topic_channels(server)) == 250
+
+
+async def test_killed_subscriber_connection_recovers(
+    server: RedisServer, make_bus: Callable[..., RedisBus]
+) -> None:
+    bus = make_bus(server.url)
+    watch = Watch(bus)
+    await bus.start()
+    await bus.subscribe(["x", "y"])
+    await watch.receive(bus, "x")
+    assert server.command("CLIENT", "KILL", "TYPE", "pubsub") == 1
+    await watch.until(lambda: watch.gaps and watch.health[-1] is True)
+    assert watch.health == [True, False, True]
+    assert watch.gaps == [frozenset({"x", "y"})]
+    await watch.receive(bus, "x", "y")
+    assert bus.stats()["reconnects"] == 1
+
+
+async def test_start_while_redis_is_down(
+    server: RedisServer, make_bus: Callable[..., RedisBus]
+) -> None:
+    await asyncio.to_thread(server.stop)
+    bus = make_bus(server.url)
+    watch = Watch(bus)
+    await bus.start()  # returns after the first failed attempt, keeps retrying
+    assert not bus.healthy and watch.health == []
+    with pytest.raises(BusUnavailable):
+        await bus.subscribe(["early"])
+    with pytest.raises(BusUnavailable):
+        await bus.publish(BusMessage("early", b"", ENCODING_JSON))
+    await asyncio.to_thread(server.start)
+    await watch.until(lambda: watch.health == [True])
+    assert watch.gaps == [frozenset({"early"})]
+    await watch.receive(bus, "early")
+    assert bus.stats()["connect_failures"] >= 1
+
+
+# --- a subscription that silently stops delivering ---------------------------------------------
+
+
+@dataclass(eq=False)
+class _Link:
+    writer: asyncio.StreamWriter
+    subscriber: bool = False
+    frozen: bool = False
+
+
+class BlackholeProxy:
+    """A TCP proxy to Redis that can silently drop what Redis sends to subscriber connections:
+    the connection stays open, Redis thinks it delivers, nothing arrives (a dead NAT entry)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.links: list[_Link] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for link in self.links:
+            link.writer.close()
+
+    def freeze_subscribers(self) -> int:
+        frozen = [link for link in self.links if link.subscriber and not link.writer.is_closing()]
+        for link in frozen:
+            link.frozen = True
+        return len(frozen)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        link = _Link(writer)
+        self.links.append(link)
+
+        async def client_to_redis() -> None:
+            while data := await reader.read(65536):
+                link.subscriber = link.subscriber or b"SUBSCRIBE" in data
+                up_writer.write(data)
+                await up_writer.drain()
+
+        async def redis_to_client() -> None:
+            while data := await up_reader.read(65536):
+                if not link.frozen:
+                    writer.write(data)
+                    await writer.drain()
+
+        tasks = [asyncio.create_task(client_to_redis()), asyncio.create_task(redis_to_client())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            writer.close()
+            up_writer.close()
+
+
+async def test_wedged_subscription_is_detected_and_replaced(
+    server: RedisServer, make_bus: Callable[..., RedisBus]
+) -> None:
+    proxy = BlackholeProxy(server.port)
+    await proxy.start()
+    try:
+        bus = make_bus(f"redis://127.0.0.1:{proxy.port}/0")
+        watch = Watch(bus)
+        await bus.start()
+        await bus.subscribe(["w"])
+        await watch.receive(bus, "w")
+        assert bus.stats()["probe_timeouts"] == 0
+
+        assert proxy.freeze_subscribers() == 1
+        await bus.publish(BusMessage("w", b"lost", ENCODING_JSON))  # Redis took it; we never see it
+        await watch.until(lambda: watch.gaps and watch.health[-1] is True)
+        assert watch.health == [True, False, True]
+        assert watch.gaps == [frozenset({"w"})]
+        stats = bus.stats()
+        assert stats["probe_timeouts"] == 1 and stats["reconnects"] == 1
+        await watch.receive(bus, "w")
+        assert b"lost" not in {m.payload for m in watch.messages}
+    finally:
+        await proxy.close()
+
+
+async def test_probe_measures_round_trip(
+    server: RedisServer, make_bus: Callable[..., RedisBus]
+) -> None:
+    bus = make_bus(server.url)
+    watch = Watch(bus)
+    await bus.start()
+
+    async def probed_twice() -> bool:
+        return bus.stats()["probes"] >= 2
+
+    await eventually(probed_twice, timeout_s=WAIT_S)
+    rtt = float(bus.stats()["last_probe_rtt_s"])
+    assert 0 < rtt < FAST.bus_probe_timeout_s
+    assert watch.health == [True] and bus.stats()["probe_timeouts"] == 0
+
+
+async def test_paused_redis_fails_publishes_without_dropping_the_subscription(
+    server: RedisServer, make_bus: Callable[..., RedisBus]
+) -> None:
+    bus = make_bus(server.url)
+    watch = Watch(bus)
+    await bus.start()
+    await bus.subscribe(["p"])
+    await watch.receive(bus, "p")
+    pause_ms = 1500
+    server.command("CLIENT", "PAUSE", pause_ms, "ALL")
+    with pytest.raises(BusUnavailable, match="timed out"):
+        await bus.publish(BusMessage("p", b"paused", ENCODING_JSON))
+    await watch.until(lambda: watch.health[-1] is False)
+    await watch.until(lambda: watch.health[-1] is True, timeout_s=pause_ms / 1000 + WAIT_S)
+    await watch.receive(bus, "p")
+    stats = bus.stats()
+    assert stats["reconnects"] == 0 and stats["gaps"] == 0 and stats["probe_timeouts"] == 0
+    assert watch.gaps == []

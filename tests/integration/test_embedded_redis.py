@@ -1,0 +1,67 @@
+"""`redwire serve` with no Redis configured: the supervisor runs a private one.
+
+One test uses this checkout; the other installs the project into a fresh virtualenv with
+`pip install .` first, exactly as the README's first command does on a new machine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import venv
+from pathlib import Path
+
+from support.broker_client import clients_on_workers
+from support.processes import REPO, ServerProcess, redwire
+
+
+async def _exchange(server: ServerProcess) -> None:
+    alice, bob = await clients_on_workers(server.url, 2)
+    assert alice.worker != bob.worker
+    for client in (alice, bob):
+        await client.subscribe("chat")
+    assert (await alice.publish("chat", "hi bob"))["op"] == "ack"
+    assert (await bob.publish("chat", "hi alice"))["op"] == "ack"
+    for client in (alice, bob):
+        got = {(await client.next_message())["data"], (await client.next_message())["data"]}
+        assert got == {"hi bob", "hi alice"}
+        await client.close()
+
+
+async def test_serve_without_redis_runs_an_embedded_one() -> None:
+    server = ServerProcess(redwire("serve", "--host", "127.0.0.1", "--port", "0", "--workers", "2"))
+    try:
+        line = server.wait_for_output(r"embedded redis-server \(pid \d+\) at unix://")
+        socket_path = Path(line.split("unix://", 1)[1].strip())
+        assert socket_path.is_socket()
+        socket_dir = socket_path.parent
+        await _exchange(server)
+    finally:
+        assert server.stop() == 0
+    assert not Path(socket_dir).exists(), "the embedded Redis' directory was not removed"
+
+
+async def test_fresh_venv_pip_install_then_serve(tmp_path: Path) -> None:
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", str(REPO)],
+        capture_output=True, text=True, timeout=600, check=False,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stdout + install.stderr
+    redwire_bin = env_dir / "bin" / "redwire"
+    assert redwire_bin.exists()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "REDWIRE_"))}
+    env["PATH"] = f"{env_dir / 'bin'}:{env.get('PATH', '')}"
+    server = ServerProcess(
+        [str(redwire_bin), "serve", "--host", "127.0.0.1", "--port", "0", "--workers", "2"],
+        env=env,
+        cwd=tmp_path,
+        inherit_env=False,
+    )
+    try:
+        await _exchange(server)
+    finally:
+        assert server.stop() == 0
