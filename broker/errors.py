@@ -88,10 +88,11 @@ class ConnectionClosedError(RedwireError):
 class ClientError(RedwireError):
     """A pub/sub request the server rejects; `code` is a stable machine-readable string."""
 
-    def __init__(self, code: str, reason: str) -> None:
+    def __init__(self, code: str, reason: str, request_id: int | str | None = None) -> None:
         super().__init__(f"{code}: {reason}")
         self.code = code
         self.reason = reason
+        self.request_id = request_id  # the `id` of the request it answers, when known
 
 
 class BusError(RedwireError):

@@ -114,7 +114,7 @@ class ClientSession:
         try:
             request = self.codec.decode(data)
         except ClientError as exc:
-            self._reply_error(None, exc)
+            self._reply_error(exc.request_id, exc)
             return
         op = request.op
         if op == "ping":

@@ -96,6 +96,13 @@ class WireCodec:
             isinstance(req_id, bool) or not isinstance(req_id, int | str) or _too_long(req_id)
         ):
             raise ClientError(BAD_REQUEST, "id must be an integer or a short string")
+        try:
+            return self._decode_request(obj, req_id)
+        except ClientError as exc:
+            exc.request_id = req_id  # the error reply carries the request's id
+            raise
+
+    def _decode_request(self, obj: dict[str, Any], req_id: int | str | None) -> Request:
         op = obj.get("op")
         if op not in _OPS:
             raise ClientError(UNKNOWN_OP, f"unknown op {op!r}"[:120])
