@@ -29,6 +29,10 @@ _COUNTERS = {
     "client_errors": "error replies sent to clients",
     "slow_consumer_closes": "clients closed with 1013 for falling behind",
     "error_flood_closes": "clients closed with 1008 for sending too many bad requests",
+    "gap_repairs": "topic gaps filled from history (or tried)",
+    "gaps_announced": "gap frames sent because history could not fill a gap",
+    "recoveries": "subscribes with since that recovered every missed message",
+    "recoveries_failed": "subscribes with since answered recovered: false",
 }
 _GAUGES = {
     "connections": "open WebSocket connections",

@@ -31,10 +31,11 @@ TOO_LARGE = "too_large"
 FORBIDDEN = "forbidden"
 UNAVAILABLE = "unavailable"
 TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
+NOT_ENABLED = "not_enabled"
 INTERNAL = "internal"
 
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_.:\-]+")
-_OPS = frozenset({"subscribe", "unsubscribe", "publish", "ping"})
+_OPS = frozenset({"subscribe", "unsubscribe", "publish", "ping", "presence"})
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _loads = json.loads
 
@@ -149,21 +150,33 @@ def _too_long(value: int | str) -> bool:
     return abs(value) >= 2**53
 
 
-def message_frame_body(topic: str, payload: bytes, encoding: int, *, binary: bool) -> bytes:
+def message_frame_body(
+    topic: str,
+    payload: bytes,
+    encoding: int,
+    *,
+    binary: bool,
+    offset: int | None = None,
+    epoch: str | None = None,
+) -> bytes:
     """The `message` frame's data for one published payload, built around its bytes.
 
     `encoding` is the payload's; `binary` says which the receiving clients speak. When they
     differ the data is converted (once per message per worker, by the caller's cache).
     """
+    fields: dict[str, Any] = {"op": "message", "topic": topic}
+    if offset is not None:
+        fields["offset"] = offset
+        fields["epoch"] = epoch
     if binary:
         if encoding != ENCODING_MSGPACK:
             payload = msgpack_dumps(_loads(payload))
-        head = msgpack_dumps({"op": "message", "topic": topic})
-        # A map of 3 instead of 2 entries, then "data": payload. fixmap header is 0x80 | n.
+        head = msgpack_dumps(fields)
+        # One more entry in the map, then "data": payload. A fixmap header is 0x80 | n.
         return bytes((head[0] + 1,)) + head[1:] + msgpack_dumps("data") + payload
     if encoding != ENCODING_JSON:
         payload = _dumps(_jsonable(msgpack_loads(payload))).encode("utf-8")
-    return b'{"op":"message","topic":' + _dumps(topic).encode() + b',"data":' + payload + b"}"
+    return _dumps(fields)[:-1].encode() + b',"data":' + payload + b"}"
 
 
 def _jsonable(value: Any) -> Any:

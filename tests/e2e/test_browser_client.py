@@ -22,9 +22,10 @@ WORKERS = 2
 WAIT_MS = 20_000
 MAX_PAGES = 24  # pages opened at most while looking for one on another worker
 
-# The client under test, in a page: window.t = {client, got, events, errors}.
+# The client under test, in a page: window.t = {client, got, events, errors}. Its helpers
+# settle to plain values, within a deadline (page.evaluate has no timeout of its own).
 SETUP = """
-async (options) => {
+async ([options, waitMs]) => {
   const rw = await import("/redwire.js");
   const client = rw.connect(undefined, options);
   const t = (window.t = { rw, client, got: [], events: [], errors: [] });
@@ -33,11 +34,22 @@ async (options) => {
   client.on("disconnected", (i) => t.events.push({ type: "disconnected", ...i }));
   client.on("error", (e) => t.errors.push({ code: e.code, reason: e.reason,
                                            closeCode: e.closeCode ?? null }));
+  t.within = (promise, what) => {
+    let timer;
+    const late = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`no answer to ${what} in ${waitMs} ms`)), waitMs);
+    });
+    return Promise.race([promise, late]).finally(() => clearTimeout(timer));
+  };
   t.subscribe = (topic) => {
     const sub = client.subscribe(topic, (data, meta) => t.got.push({ data, meta }));
-    return sub.ready.then(() => "ready", (e) => ({ code: e.code, reason: e.reason }));
+    return t.within(sub.ready.then(() => "ready", (e) => ({ code: e.code, reason: e.reason })),
+                    `subscribe ${topic}`);
   };
-  await new Promise((resolve) => client.on("connected", resolve));
+  t.publish = (topic, data) => t.within(
+    client.publish(topic, data).then(() => "acked", (e) => ({ code: e.code, reason: e.reason })),
+    `publish to ${topic}`);
+  await t.within(new Promise((resolve) => client.on("connected", resolve)), "connect");
   return client.worker;
 }
 """
@@ -75,7 +87,7 @@ def open_client(
     page = browser.new_page()
     pages.append(page)
     page.goto(f"http://{broker.host}:{broker.port}/healthz")
-    worker = page.evaluate(SETUP, options)
+    worker = page.evaluate(SETUP, [options, WAIT_MS])
     return page, worker
 
 
@@ -107,10 +119,12 @@ def test_publish_resolves_on_ack_and_rejects_with_the_server_error(
         """
         async (topic) => {
           const ready = await t.subscribe(topic);
-          const acked = await t.client.publish(topic, { hello: "wörld", n: [1, 2] });
-          const rejected = await t.client.publish("no spaces allowed", 1).then(
+          const acked = await t.within(t.client.publish(topic, { hello: "wörld", n: [1, 2] }),
+                                       "publish");
+          const rejected = await t.within(t.client.publish("no spaces allowed", 1).then(
             () => "resolved",
-            (e) => ({ code: e.code, reason: e.reason, isError: e instanceof Error }));
+            (e) => ({ code: e.code, reason: e.reason, isError: e instanceof Error })),
+            "bad publish");
           const badSub = await t.subscribe("bad/topic");
           return { ready, acked: acked === undefined, rejected, badSub,
                    state: t.client.state, clientId: t.client.clientId };
@@ -138,10 +152,17 @@ def test_messages_cross_workers(browser: Browser, pages: list[Page], broker: Ser
     assert worker_a != worker_b
     topic = new_topic()
     assert b.evaluate("(topic) => t.subscribe(topic)", topic) == "ready"
-    a.evaluate(
-        "async (topic) => { for (let i = 0; i < 20; i++) await t.client.publish(topic, i); }",
+    acks = a.evaluate(
+        """
+        async (topic) => {
+          const acks = [];
+          for (let i = 0; i < 20; i++) acks.push(await t.publish(topic, i));
+          return acks;
+        }
+        """,
         topic,
     )
+    assert acks == ["acked"] * 20
     b.wait_for_function("() => t.got.length === 20", timeout=WAIT_MS)
     assert [m["data"] for m in b.evaluate("t.got")] == list(range(20))
 
@@ -162,7 +183,7 @@ def test_reconnects_after_its_worker_is_killed_and_sends_what_was_queued(
           const off = t.client.on("disconnected", () => {
             off();
             t.queued = [1, 2, 3].map((i) =>
-              t.client.publish(topic, { queued: i }).then(() => "acked", (e) => e.code));
+              t.publish(topic, { queued: i }));
             t.queuedWhileDown = t.client.queuedPublishes;
           });
         }
@@ -188,7 +209,7 @@ def test_reconnects_after_its_worker_is_killed_and_sends_what_was_queued(
     victim.wait_for_function("() => t.got.length === 3", timeout=WAIT_MS)
 
     # Messages published after the reconnect arrive.
-    witness.evaluate("(topic) => t.client.publish(topic, 'after')", topic)
+    assert witness.evaluate("(topic) => t.publish(topic, 'after')", topic) == "acked"
     victim.wait_for_function("() => t.got.length === 4", timeout=WAIT_MS)
     assert victim.evaluate("t.got.at(-1)") == {"data": "after", "meta": {"topic": topic}}
 
@@ -217,7 +238,7 @@ def test_a_silent_worker_is_detected_by_the_heartbeat(
     finally:
         os.kill(pid, signal.SIGCONT)
     # Resubscribed on the new worker: its own publish comes back.
-    page.evaluate("(topic) => t.client.publish(topic, 'alive')", topic)
+    assert page.evaluate("(topic) => t.publish(topic, 'alive')", topic) == "acked"
     page.wait_for_function("() => t.got.length === 1", timeout=WAIT_MS)
 
 
@@ -229,10 +250,8 @@ def test_too_many_errors_close_1008_and_the_client_stays_closed(
         """
         async () => {
           const all = [];
-          for (let i = 0; i < 30; i++) {
-            all.push(t.client.publish("bad topic", i).then(() => "acked", (e) => e.code));
-          }
-          return Promise.all(all);
+          for (let i = 0; i < 30; i++) all.push(t.publish("bad topic", i));
+          return (await Promise.all(all)).map((r) => r.code);
         }
         """
     )
@@ -243,8 +262,7 @@ def test_too_many_errors_close_1008_and_the_client_stays_closed(
     assert events[-1]["type"] == "disconnected"
     assert events[-1]["code"] == 1008 and events[-1]["willReconnect"] is False
     assert page.evaluate("t.errors.at(-1)")["closeCode"] == 1008
-    rejected = page.evaluate("t.client.publish('fine', 1).then(() => 'acked', (e) => e.code)")
-    assert rejected == "closed"
+    assert page.evaluate("t.publish('fine', 1)")["code"] == "closed"
 
 
 def test_pagehide_closes_the_socket_and_pageshow_from_the_cache_reopens_it(
@@ -270,5 +288,5 @@ def test_pagehide_closes_the_socket_and_pageshow_from_the_cache_reopens_it(
     page.wait_for_function("() => t.client.state === 'open'", timeout=WAIT_MS)
     assert page.evaluate("t.events.at(-1)")["reconnected"] is True
     # Its subscription came back with it.
-    page.evaluate("(topic) => t.client.publish(topic, 'back')", topic)
+    assert page.evaluate("(topic) => t.publish(topic, 'back')", topic) == "acked"
     page.wait_for_function("() => t.got.length === 1", timeout=WAIT_MS)
