@@ -1,1 +1,14 @@
-"""Redwire's Python SDK: a WebSocket client on the Sans-I/O core, publisher and subscriber."""
+"""Redwire's Python SDK.
+
+- `client.pubsub.connect(url)`: the pub/sub client over WebSocket (reconnects, resubscribes).
+- `client.publisher.Publisher` / `AsyncPublisher`: publish straight into the bus (Redis).
+- `client.subscriber.Subscriber`: consume topics straight from the bus.
+- `client.ws.connect(url)`: a plain WebSocket client on Redwire's Sans-I/O core.
+- `client/js/redwire.js`: the browser client (served by the broker at /redwire.js).
+"""
+
+from client.publisher import AsyncPublisher, Publisher
+from client.pubsub import PubSubClient, connect
+from client.subscriber import Gap, Message, Subscriber
+
+__all__ = ["AsyncPublisher", "Gap", "Message", "PubSubClient", "Publisher", "Subscriber", "connect"]

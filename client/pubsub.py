@@ -29,6 +29,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from broker import errors
 from broker.envelope import msgpack_dumps, msgpack_loads
 from broker.errors import ClientError, ConnectionClosedError, HandshakeError
+from client.subscriber import Message
 from client.ws import WebSocketClient
 from client.ws import connect as ws_connect
 
@@ -36,14 +37,6 @@ log = logging.getLogger("redwire.client")
 
 # Close codes after which reconnecting cannot help (docs/protocol.md).
 _FATAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    topic: str
-    data: Any
-    offset: int | None = None
-    epoch: str | None = None
 
 
 @dataclass(slots=True)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from broker.envelope import ENCODING_JSON, ENCODING_MSGPACK, msgpack_dumps, msgpack_loads
 from broker.errors import ClientError
+from broker.topics import BAD_TOPIC as BAD_TOPIC
+from broker.topics import check_topic as check_topic
 
 SUBPROTOCOL_JSON = "redwire.json"
 SUBPROTOCOL_MSGPACK = "redwire.msgpack"
@@ -26,7 +27,6 @@ PROTOCOL_VERSION = 1
 # Error codes (stable strings; docs/protocol.md lists them).
 BAD_REQUEST = "bad_request"
 UNKNOWN_OP = "unknown_op"
-BAD_TOPIC = "bad_topic"
 TOO_LARGE = "too_large"
 FORBIDDEN = "forbidden"
 UNAVAILABLE = "unavailable"
@@ -34,7 +34,6 @@ TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
 NOT_ENABLED = "not_enabled"
 INTERNAL = "internal"
 
-_TOPIC_RE = re.compile(r"[A-Za-z0-9_.:\-]+")
 _OPS = frozenset({"subscribe", "unsubscribe", "publish", "ping", "presence"})
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _loads = json.loads
@@ -48,17 +47,6 @@ class Request:
     payload: bytes | None = None  # publish: the data, encoded as `encoding` says
     encoding: int = ENCODING_JSON
     options: dict[str, Any] | None = None  # extra fields (e.g. "since"), for later features
-
-
-def check_topic(topic: Any, max_topic_bytes: int) -> str:
-    """Topic grammar: 1..max_topic_bytes characters of [A-Za-z0-9_.:-]."""
-    if not isinstance(topic, str) or not topic:
-        raise ClientError(BAD_TOPIC, "topic must be a non-empty string")
-    if len(topic) > max_topic_bytes:
-        raise ClientError(BAD_TOPIC, f"topic longer than {max_topic_bytes} bytes")
-    if not _TOPIC_RE.fullmatch(topic):
-        raise ClientError(BAD_TOPIC, "topic may only contain A-Z a-z 0-9 _ . : -")
-    return topic
 
 
 class WireCodec:

@@ -361,6 +361,8 @@ def _stream(role: Role, msgs, end_with_close: bool, *, deflate: bool) -> tuple[b
 def test_bytewise_and_chunked_equal_whole(role: Role, deflate: bool, stream, chunk: int) -> None:
     msgs, end_with_close = stream
     data, expected = _stream(role, msgs, end_with_close, deflate=deflate)
+    data += frame_from_peer(role, PONG, b"last")  # never empty: b"" would mean EOF
+    expected = [*expected, Pong(b"last")] if not end_with_close else expected
     whole = conn(role, deflate=deflate).receive_data(data)
     assert whole == expected
     assert feed_bytewise(conn(role, deflate=deflate), data) == expected

@@ -1,0 +1,175 @@
+"""Publish from any Python service straight into the bus: no WebSocket hop.
+
+    async with AsyncPublisher("redis://127.0.0.1:6379/0") as pub:
+        ack = await pub.publish("prices", {"eur": 1.08})
+        acks = await pub.publish_many(("prices", {"eur": p}) for p in prices)
+
+    with Publisher("redis://127.0.0.1:6379/0") as pub:      # blocking, from any thread
+        pub.publish("prices", {"eur": 1.08})
+        futures = [pub.publish_nowait("ticks", t) for t in ticks]   # batched
+        pub.flush()
+
+Messages are the workers' own envelopes on the workers' own channels (the same
+`broker.bus` code publishes them), so WebSocket subscribers and `client.subscriber`
+consumers get them like any other. Concurrent publishes go out pipelined in batches.
+A publish the bus cannot take (Redis down) is retried with backoff for `retry_timeout_s`,
+then raises BusUnavailable: never dropped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import random
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from broker.bus import Bus, Published, make_bus
+from broker.envelope import ENCODING_JSON, ENCODING_MSGPACK, BusMessage, msgpack_dumps
+from broker.errors import BusUnavailable, ClientError
+from broker.settings import Settings
+from broker.topics import check_topic
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+class AsyncPublisher:
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        settings: Settings | None = None,
+        origin: str | None = None,
+        encoding: str = "json",
+        retry_timeout_s: float = 5.0,
+    ) -> None:
+        if encoding not in ("json", "msgpack"):
+            raise ValueError("encoding must be 'json' or 'msgpack'")
+        self.settings = (settings or Settings()).replace(redis_url=redis_url)
+        self.origin = origin or f"sdk-{os.getpid()}-{random.getrandbits(32):08x}"
+        self.encoding = ENCODING_MSGPACK if encoding == "msgpack" else ENCODING_JSON
+        self.retry_timeout_s = retry_timeout_s
+        self._bus: Bus | None = None
+
+    async def start(self) -> None:
+        if self._bus is None:
+            self._bus = make_bus(self.settings, origin=self.origin)
+            await self._bus.start()
+
+    async def close(self) -> None:
+        bus, self._bus = self._bus, None
+        if bus is not None:
+            await bus.close()
+
+    async def __aenter__(self) -> AsyncPublisher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def encode(self, data: Any) -> bytes:
+        try:
+            if self.encoding == ENCODING_MSGPACK:
+                payload = msgpack_dumps(data)
+            else:
+                payload = _dumps(data).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise ClientError("bad_request", f"data cannot be encoded: {exc}") from None
+        if len(payload) > self.settings.max_data_bytes:
+            raise ClientError("too_large", f"data over {self.settings.max_data_bytes} bytes")
+        return payload
+
+    async def publish(self, topic: str, data: Any, *, key: str | None = None) -> Published:
+        """Publish one message; returns its offset/epoch on topics with history."""
+        if self._bus is None:
+            await self.start()
+        assert self._bus is not None
+        check_topic(topic, self.settings.max_topic_bytes)
+        message = BusMessage(topic, self.encode(data), self.encoding, self.origin)
+        deadline = asyncio.get_running_loop().time() + self.retry_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                if key is None:
+                    return await self._bus.publish(message)
+                return await self._bus.publish(message, key=key)  # type: ignore[call-arg]
+            except BusUnavailable:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    raise
+                await asyncio.sleep(min(remaining, random.uniform(0, delay)))
+                delay = min(delay * 2, 1.0)
+
+    async def publish_many(self, items: Iterable[tuple[str, Any]]) -> list[Published]:
+        """Publish many at once: they share pipelined round trips, in the given order."""
+        return list(await asyncio.gather(*(self.publish(t, d) for t, d in items)))
+
+
+class Publisher:
+    """The blocking publisher: its own event loop on a background thread."""
+
+    def __init__(self, redis_url: str, **kwargs: Any) -> None:
+        self._async = AsyncPublisher(redis_url, **kwargs)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="redwire-publisher")  # fmt: skip
+        self._thread.start()
+        self._outstanding: set[concurrent.futures.Future[Published]] = set()
+        self._lock = threading.Lock()
+        self._call(self._async.start(), timeout_s=self._async.settings.bus_connect_timeout_s + 5)
+
+    def _call(self, coro: Any, timeout_s: float | None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    def publish(
+        self, topic: str, data: Any, *, key: str | None = None, timeout_s: float | None = 30.0
+    ) -> Published:
+        """Publish and wait for Redis to take it."""
+        return self._call(self._async.publish(topic, data, key=key), timeout_s)
+
+    def publish_nowait(
+        self, topic: str, data: Any, *, key: str | None = None
+    ) -> concurrent.futures.Future[Published]:
+        """Queue a publish and return at once; batched with the others queued meanwhile."""
+        future = asyncio.run_coroutine_threadsafe(
+            self._async.publish(topic, data, key=key), self._loop
+        )
+        with self._lock:
+            self._outstanding.add(future)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, future: concurrent.futures.Future[Published]) -> None:
+        with self._lock:
+            self._outstanding.discard(future)
+
+    def flush(self, timeout_s: float | None = 30.0) -> None:
+        """Wait for every publish_nowait so far; raises the first failure."""
+        with self._lock:
+            pending = list(self._outstanding)
+        done, not_done = concurrent.futures.wait(pending, timeout_s)
+        if not_done:
+            raise TimeoutError(f"{len(not_done)} publishes still pending after {timeout_s}s")
+        for future in done:
+            future.result()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            self.flush()
+        finally:
+            self._call(self._async.close(), timeout_s=10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
