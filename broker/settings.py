@@ -3,11 +3,19 @@
 Precedence, lowest first: defaults here, an optional TOML file, `REDWIRE_*` environment
 variables, command-line flags. Units are in the names (`_bytes`, `_s`); `None` means "off"
 where a field's comment says so.
+
+Per-topic features (history, presence) come from `topics`, a tuple of `TopicRule`s: in TOML
+an array of tables `[[redwire.topics]]`, in the environment `REDWIRE_TOPICS` as a JSON list
+of objects with the same keys. `Settings.rule_for(topic)` returns the first rule whose
+pattern matches (`*` matches any characters), or None.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import functools
+import json
 import os
 import tomllib
 import types
@@ -22,6 +30,20 @@ ENV_PREFIX = "REDWIRE_"
 _BUS_SCHEMES = ("redis", "rediss", "unix", "memory")  # memory:// is the one-process bus
 KIB = 1024
 MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TopicRule:
+    """What topics matching `pattern` get beyond plain pub/sub (docs/protocol.md)."""
+
+    pattern: str  # fnmatch-style, case-sensitive: `*` any characters, `?` one
+    history_size: int = 0  # messages kept per topic; 0: no history, no offsets
+    history_ttl_s: float = 0.0  # history entries older than this are dropped; 0: no age bound
+    presence: bool = False  # the bus keeps who is subscribed (`Bus.presence`)
+    join_leave: bool = False  # presence changes are announced to subscribers; needs presence
+
+
+_RULE_KEYS = frozenset(f.name for f in fields(TopicRule))
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +103,16 @@ class Settings:
     bus_read_batch: int = 1000  # most messages handed to the hub before yielding to the loop
     channel_prefix: str = "redwire:"  # Redis channel of topic T: channel_prefix + "t:" + T
 
+    # --- history, idempotency, presence (per-topic rules; see TopicRule) ---
+    topics: tuple[TopicRule, ...] = ()  # first matching rule wins; none: plain pub/sub
+    idempotency_ttl_s: float = 300.0  # a publish key is remembered this long
+    presence_ttl_s: float = 10.0  # a dead worker's clients leave presence within this
+    history_read_limit: int = 10000  # most messages one history read (recovery) returns
+
     # --- supervisor ---
     drain_timeout_s: float = 10.0  # SIGTERM: clients get close 1001, workers exit within this
     worker_restart_delay_s: float = 0.5
+    worker_start_timeout_s: float = 30.0  # a worker not listening by then fails the start
     metrics_dir: str | None = None  # prometheus multiprocess dir; None: supervisor makes one
 
     extra: Mapping[str, Any] = field(default_factory=dict)  # free-form, for application hooks
@@ -93,6 +122,12 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    def rule_for(self, topic: str) -> TopicRule | None:
+        """The first rule whose pattern matches `topic`, or None (plain pub/sub)."""
+        if not self.topics:
+            return None
+        return _rule_for(self.topics, topic)
 
     @property
     def max_data_bytes(self) -> int:
@@ -135,10 +170,60 @@ class Settings:
                 continue
             if value is None:
                 value = "none"
-            if isinstance(value, tuple):
+            elif f.name == "topics":
+                value = json.dumps([dataclasses.asdict(rule) for rule in value])
+            elif isinstance(value, tuple):
                 value = ",".join(value)
             env[ENV_PREFIX + f.name.upper()] = str(value)
         return env
+
+
+@functools.lru_cache(maxsize=65536)
+def _rule_for(rules: tuple[TopicRule, ...], topic: str) -> TopicRule | None:
+    for rule in rules:
+        if fnmatch.fnmatchcase(topic, rule.pattern):
+            return rule
+    return None
+
+
+def _topic_rules(value: Any) -> tuple[TopicRule, ...]:
+    """TopicRules from a JSON text (environment), a list of tables (TOML) or TopicRules."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else []
+        except ValueError as exc:
+            raise ConfigError(f"setting topics: not a JSON list of objects ({exc})") from None
+    if not isinstance(value, list | tuple):
+        raise ConfigError("setting topics: must be a list of tables/objects")
+    rules = []
+    for i, item in enumerate(value):
+        if isinstance(item, TopicRule):
+            rules.append(item)
+            continue
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"setting topics[{i}]: must be a table/object")
+        unknown = set(item) - _RULE_KEYS
+        if unknown:
+            raise ConfigError(f"setting topics[{i}]: unknown key(s) {', '.join(sorted(unknown))}")
+        if not isinstance(item.get("pattern"), str):
+            raise ConfigError(f"setting topics[{i}]: `pattern` (a string) is required")
+        kinds = {
+            "history_size": int,
+            "history_ttl_s": float,
+            "presence": bool,
+            "join_leave": bool,
+        }
+        values: dict[str, Any] = {"pattern": item["pattern"]}
+        for key, kind in kinds.items():
+            if key not in item:
+                continue
+            v = item[key]
+            ok = type(v) is kind or (kind is float and type(v) is int)
+            if not ok:
+                raise ConfigError(f"setting topics[{i}].{key}: expected {kind.__name__}, got {v!r}")
+            values[key] = float(v) if kind is float else v
+        rules.append(TopicRule(**values))
+    return tuple(rules)
 
 
 _HINTS: dict[str, Any] = {}
@@ -162,6 +247,8 @@ def _coerce(name: str, value: Any) -> Any:
         if optional:
             return None
         raise ConfigError(f"setting {name} cannot be empty")
+    if name == "topics":
+        return _topic_rules(value)
     origin = typing.get_origin(base)
     try:
         if origin is tuple:
@@ -245,4 +332,14 @@ def _validate(s: Settings) -> None:
         s.redis_url is None or s.redis_url.split("://", 1)[0] in _BUS_SCHEMES,
         f"redis_url must start with one of {', '.join(x + '://' for x in _BUS_SCHEMES)}",
     )
+    for name in ("idempotency_ttl_s", "presence_ttl_s"):
+        need(getattr(s, name) > 0, f"{name} must be > 0")
+    need(s.history_read_limit >= 1, "history_read_limit must be >= 1")
+    need(isinstance(s.topics, tuple), "topics must be a tuple of TopicRule")
+    for i, rule in enumerate(s.topics):
+        need(isinstance(rule, TopicRule), f"topics[{i}] must be a TopicRule")
+        need(bool(rule.pattern), f"topics[{i}]: pattern must not be empty")
+        need(rule.history_size >= 0, f"topics[{i}]: history_size must be >= 0")
+        need(rule.history_ttl_s >= 0, f"topics[{i}]: history_ttl_s must be >= 0")
+        need(rule.presence or not rule.join_leave, f"topics[{i}]: join_leave needs presence")
     need(s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "bad log_level")

@@ -12,6 +12,7 @@ killed after `drain_timeout_s`, then the embedded Redis stops and temporary file
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import shutil
@@ -25,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from broker.embedded_redis import EmbeddedRedis, find_redis_server
+from broker.errors import ConfigError
 from broker.settings import Settings
 
 log = logging.getLogger("redwire.supervisor")
@@ -124,13 +126,22 @@ class Supervisor:
         if self.metrics_dir is None:
             self.metrics_dir = tempfile.mkdtemp(prefix="redwire-metrics-")
             self._own_metrics_dir = True
+        if self.settings.app:
+            check_app_importable(self.settings.app)
         self._open_socket()
         for worker in self.workers:
             self._spawn(worker)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.settings.worker_start_timeout_s
         for worker in self.workers:
-            if not worker.ready.wait(max(0.0, deadline - time.monotonic())):
-                log.error("worker %s did not start listening", worker.worker_id)
+            while not worker.ready.wait(0.05):
+                proc = worker.process
+                if proc is not None and proc.poll() is not None:
+                    raise ConfigError(
+                        f"worker {worker.worker_id} exited with {proc.returncode} while "
+                        "starting; its error is above"
+                    )
+                if time.monotonic() > deadline or self._stopping.is_set():
+                    raise ConfigError(f"worker {worker.worker_id} did not start listening")
         _announce(f"listening {self.host} {self.port}")
         log.info(
             "redwire serving on %s:%d with %d worker(s), redis %s",
@@ -189,6 +200,21 @@ class Supervisor:
         if self._own_metrics_dir and self.metrics_dir:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
         log.info("redwire stopped")
+
+
+def check_app_importable(spec: str) -> None:
+    """Fail early, in the supervisor, on an --app whose module cannot be imported."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"--app must look like module:object, got {spec!r}")
+    if os.getcwd() not in sys.path:  # workers run `python -m worker`: the cwd is importable
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import app module {module_name!r}: {exc}") from None
+    if not hasattr(module, attr):
+        raise ConfigError(f"app module {module_name!r} has no attribute {attr!r}")
 
 
 def run_supervisor(settings: Settings) -> int:
