@@ -29,7 +29,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 from broker import errors
 from broker.envelope import msgpack_dumps, msgpack_loads
 from broker.errors import ClientError, ConnectionClosedError, HandshakeError
-from client.subscriber import Message
+from client.subscriber import Gap, Message
 from client.ws import WebSocketClient
 from client.ws import connect as ws_connect
 
@@ -41,23 +41,27 @@ _FATAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
 
 @dataclass(slots=True)
 class Subscription:
-    """Messages of one topic, in order, as an async iterator."""
+    """Messages of one topic, in order, as an async iterator.
+
+    A `Gap` among them says messages may be missing (the server could not recover them
+    after a reconnect, or announced a gap): the application should resync that topic.
+    """
 
     topic: str
-    _queue: asyncio.Queue[Message | None] = field(default_factory=asyncio.Queue)
+    _queue: asyncio.Queue[Message | Gap | None] = field(default_factory=asyncio.Queue)
     _client: PubSubClient | None = None
 
     def __aiter__(self) -> AsyncIterator[Message]:
         return self._iterate()
 
-    async def _iterate(self) -> AsyncIterator[Message]:
+    async def _iterate(self) -> AsyncIterator[Message | Gap]:
         while True:
             item = await self._queue.get()
             if item is None:
                 return
             yield item
 
-    async def get(self, timeout_s: float | None = None) -> Message:
+    async def get(self, timeout_s: float | None = None) -> Message | Gap:
         """The next message (TimeoutError after `timeout_s`)."""
         async with asyncio.timeout(timeout_s):
             item = await self._queue.get()
@@ -97,6 +101,9 @@ class PubSubClient:
         self.client_id: str | None = None
         self.disconnects = 0
         self.subscriptions: dict[str, Subscription] = {}
+        # Per topic with history: the last (offset, epoch) seen, to recover from after a reconnect.
+        self.positions: dict[str, tuple[int, str]] = {}
+        self.duplicates_dropped = 0
         self._ws: WebSocketClient | None = None
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -121,7 +128,7 @@ class PubSubClient:
         reader = asyncio.get_running_loop().create_task(self._read(ws))
         try:
             for topic in list(self.subscriptions):
-                await self._request({"op": "subscribe", "topic": topic}, wait_open=False)
+                await self._subscribe_request(topic, wait_open=False)
         except BaseException:
             reader.cancel()
             raise
@@ -174,16 +181,52 @@ class PubSubClient:
                 continue
             op = frame.get("op")
             if op == "message":
+                topic = frame.get("topic", "")
+                sub = self.subscriptions.get(topic)
+                if sub is not None and self._advance(topic, frame):
+                    sub._queue.put_nowait(
+                        Message(topic, frame.get("data"), frame.get("offset"), frame.get("epoch"))
+                    )
+            elif op == "gap":
                 sub = self.subscriptions.get(frame.get("topic", ""))
                 if sub is not None:
-                    sub._queue.put_nowait(
-                        Message(frame["topic"], frame.get("data"), frame.get("offset"),
-                                frame.get("epoch"))
-                    )  # fmt: skip
+                    sub._queue.put_nowait(Gap(frozenset((sub.topic,)), "announced by the server"))
             elif op in ("ack", "error", "pong"):
                 waiter = self._pending.pop(frame.get("id"), None)  # type: ignore[arg-type]
                 if waiter is not None and not waiter.done():
                     waiter.set_result(frame)
+
+    def _advance(self, topic: str, frame: dict[str, Any]) -> bool:
+        """Track the topic's position; False for a message already seen (dropped)."""
+        offset, epoch = frame.get("offset"), frame.get("epoch")
+        if not isinstance(offset, int) or not isinstance(epoch, str):
+            return True
+        last = self.positions.get(topic)
+        if last is not None and last[1] == epoch and offset <= last[0]:
+            self.duplicates_dropped += 1
+            return False
+        self.positions[topic] = (offset, epoch)
+        return True
+
+    async def _subscribe_request(self, topic: str, *, wait_open: bool = True) -> dict[str, Any]:
+        """Subscribe, recovering from the last position when one is known."""
+        request: dict[str, Any] = {"op": "subscribe", "topic": topic}
+        position = self.positions.get(topic)
+        if position is not None:
+            request["since"] = {"offset": position[0], "epoch": position[1]}
+        reply = await self._request(request, wait_open=wait_open)
+        offset, epoch = reply.get("offset"), reply.get("epoch")
+        if reply.get("recovered") is False:
+            sub = self.subscriptions.get(topic)
+            if sub is not None:
+                sub._queue.put_nowait(Gap(frozenset((topic,)), "not recovered after reconnect"))
+        if (
+            isinstance(offset, int)
+            and isinstance(epoch, str)
+            and reply.get("recovered") is not True
+        ):
+            self.positions[topic] = (offset, epoch)  # recovered: the replayed messages advance it
+        return reply
 
     def _decode(self, raw: str | bytes) -> dict[str, Any]:
         obj = msgpack_loads(raw) if isinstance(raw, bytes) else json.loads(raw)
@@ -228,7 +271,7 @@ class PubSubClient:
         if sub is None:
             sub = self.subscriptions[topic] = Subscription(topic, _client=self)
         try:
-            await self._request({"op": "subscribe", "topic": topic})
+            await self._subscribe_request(topic)
         except BaseException:
             self.subscriptions.pop(topic, None)
             raise
@@ -236,14 +279,23 @@ class PubSubClient:
 
     async def unsubscribe(self, topic: str) -> None:
         sub = self.subscriptions.pop(topic, None)
+        self.positions.pop(topic, None)
         if sub is not None:
             sub._queue.put_nowait(None)
         if self._ws is not None:
             await self._request({"op": "unsubscribe", "topic": topic})
 
-    async def publish(self, topic: str, data: Any) -> dict[str, Any]:
-        """Publish; returns the server's ack, raises ClientError with the server's code."""
-        return await self._request({"op": "publish", "topic": topic, "data": data})
+    async def publish(self, topic: str, data: Any, *, key: str | None = None) -> dict[str, Any]:
+        """Publish; returns the server's ack (with `offset`/`epoch` on topics with history),
+        raises ClientError with the server's code. `key` makes a retried publish land once."""
+        request: dict[str, Any] = {"op": "publish", "topic": topic, "data": data}
+        if key is not None:
+            request["key"] = key
+        return await self._request(request)
+
+    async def presence(self, topic: str) -> dict[str, Any]:
+        """Who is subscribed to `topic` (topics with presence enabled): client id → info."""
+        return (await self._request({"op": "presence", "topic": topic}))["clients"]
 
     async def ping(self) -> None:
         await self._request({"op": "ping"})
