@@ -243,13 +243,15 @@ def _coerce(name: str, value: Any) -> Any:
     args = typing.get_args(hint)
     optional = isinstance(hint, types.UnionType) and type(None) in args
     base = next((a for a in args if a is not type(None)), hint) if optional else hint
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("", "none")):
+    origin = typing.get_origin(base)
+    # "none" means None; "" does too, except for lists, where it is the empty list.
+    empty = ("none",) if origin is tuple else ("", "none")
+    if value is None or (optional and isinstance(value, str) and value.lower() in empty):
         if optional:
             return None
         raise ConfigError(f"setting {name} cannot be empty")
     if name == "topics":
         return _topic_rules(value)
-    origin = typing.get_origin(base)
     try:
         if origin is tuple:
             if isinstance(value, str):
@@ -265,10 +267,12 @@ def _coerce(name: str, value: Any) -> Any:
                 return False
             raise ValueError(value)
         if base is int:
-            if isinstance(value, bool):
-                raise ValueError(value)
+            if isinstance(value, bool | float):
+                raise ValueError("not an integer")
             return int(value)
         if base is float:
+            if isinstance(value, bool):
+                raise ValueError("not a number")
             return float(value)
         if base is str:
             return str(value)
@@ -306,6 +310,7 @@ def _validate(s: Settings) -> None:
         "write_buffer_low_bytes must be <= write_buffer_high_bytes",
     )
     need(s.max_send_buffer_bytes > 0, "max_send_buffer_bytes must be > 0")
+    need(s.max_data_bytes >= 1, "max_message_bytes must exceed max_topic_bytes + 256")
     need(0 <= s.coalesce_window_s <= 0.1, "coalesce_window_s must be 0..0.1")
     need(s.slow_consumer_policy in ("close",), "slow_consumer_policy must be 'close'")
     need(1 <= s.max_topic_bytes <= 1024, "max_topic_bytes must be 1..1024")

@@ -125,7 +125,9 @@ class Hub:
                 variant = session.variant
                 frame = frames.get(variant)
                 if frame is None:
-                    frame = frames[variant] = self._encode(message, variant)
+                    frame = frames[variant] = self._encode_or_skip(message, variant)
+                if not frame:
+                    continue
                 pending = session.pending
                 if not pending:
                     dirty.append(session)
@@ -142,6 +144,17 @@ class Hub:
                 self.flush()
             else:
                 self._flush_timer = self._loop.call_at(now + wait, self.flush)
+
+    def _encode_or_skip(self, message: BusMessage, variant: Variant) -> bytes:
+        """The frame, or b"" when these subscribers' encoding cannot carry the data (e.g.
+        NaN from an SDK publisher to JSON clients): skipped for them, logged, not fatal."""
+        try:
+            return self._encode(message, variant)
+        except ValueError as exc:
+            self.stats.undeliverable += 1
+            log.warning("message on %s cannot be sent as %s: %s", message.topic,
+                        "msgpack" if variant[0] else "JSON", exc)  # fmt: skip
+            return b""
 
     def _encode(self, message: BusMessage, variant: Variant) -> bytes:
         binary, window_bits = variant

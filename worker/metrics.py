@@ -29,6 +29,7 @@ _COUNTERS = {
     "client_errors": "error replies sent to clients",
     "slow_consumer_closes": "clients closed with 1013 for falling behind",
     "error_flood_closes": "clients closed with 1008 for sending too many bad requests",
+    "undeliverable": "messages skipped for subscribers whose encoding cannot carry them",
     "gap_repairs": "topic gaps filled from history (or tried)",
     "gaps_announced": "gap frames sent because history could not fill a gap",
     "recoveries": "subscribes with since that recovered every missed message",

@@ -19,6 +19,7 @@ class WorkerStats:
     client_errors: int = 0  # error replies sent to clients
     slow_consumer_closes: int = 0
     error_flood_closes: int = 0
+    undeliverable: int = 0  # messages a subscriber encoding could not carry (skipped)
     gap_repairs: int = 0  # topic gaps filled (or tried) from history
     gaps_announced: int = 0  # gap frames sent because history could not fill a gap
     recoveries: int = 0  # subscribes with `since` answered recovered: true

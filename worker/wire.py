@@ -36,7 +36,37 @@ INTERNAL = "internal"
 
 _OPS = frozenset({"subscribe", "unsubscribe", "publish", "ping", "presence"})
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-_loads = json.loads
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack can carry
+
+
+def _json_int(text: str) -> int:
+    value = int(text)
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise ValueError("integer out of the 64-bit range msgpack subscribers can receive")
+    return value
+
+
+def _json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(text: str | bytes) -> Any:
+    """JSON that every subscriber can receive: no NaN/Infinity, integers within 64 bits."""
+    return json.loads(text, parse_int=_json_int, parse_constant=_json_constant)
+
+
+def _check_finite(data: Any) -> None:
+    """msgpack data that JSON subscribers can receive: no NaN or infinite floats."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if item != item or item in (float("inf"), float("-inf")):
+                raise ValueError("NaN and infinite numbers cannot reach JSON subscribers")
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +123,7 @@ class WireCodec:
 
     def _decode_request(self, obj: dict[str, Any], req_id: int | str | None) -> Request:
         op = obj.get("op")
-        if op not in _OPS:
+        if not isinstance(op, str) or op not in _OPS:
             raise ClientError(UNKNOWN_OP, f"unknown op {op!r}"[:120])
         if op == "ping":
             return Request("ping", None, req_id)
@@ -103,6 +133,11 @@ class WireCodec:
             return Request(op, topic, req_id, options=extra)
         if "data" not in obj:
             raise ClientError(BAD_REQUEST, "publish needs data")
+        if self.binary:
+            try:
+                _check_finite(obj["data"])
+            except ValueError as exc:
+                raise ClientError(BAD_REQUEST, str(exc)) from None
         payload = self.encode_data(obj["data"])
         return Request("publish", topic, req_id, payload, self.encoding, extra)
 

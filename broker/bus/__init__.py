@@ -10,6 +10,24 @@ silently dead subscription was detected and replaced), the bus calls `on_gap` wi
 topics concerned; `on_health` reports each flip of `healthy`. Publishing while the bus
 cannot deliver raises `BusUnavailable`: a publish is never dropped silently.
 
+History, offsets and presence (topics whose `Settings.rule_for` rule asks for them; see the
+"History, recovery and presence" section of docs/protocol.md):
+- A topic with `history_size > 0` numbers its messages: `publish` assigns the next offset
+  atomically with the history append and the broadcast, so a subscriber never holds a
+  message that history lacks, and the message delivered to subscribers carries its
+  `offset` and `epoch`. The epoch names one unbroken sequence of offsets; it changes (and
+  offsets restart at 1) when history may have holes: Redis lost its data, a replica was
+  promoted, or the topic's history expired.
+- `history` reads the position and, given the reader's last offset and epoch, what came
+  after it, in one atomic step. Recovery without gaps or duplicates: subscribe first, then
+  read history after the last offset seen, and merge both by offset.
+- A publish `key` makes a retry land once (per topic, within `idempotency_ttl_s`). Keys are
+  supported on history topics only: on a topic without history the key is ignored.
+- Presence: `presence_add` / `presence_remove` / `presence` keep who is on a topic, with a
+  JSON-able `info`; entries of a dead bus vanish within `presence_ttl_s`. On a topic whose
+  rule has `join_leave`, each change is also delivered to the topic's subscribers, in order
+  with its messages, through `on_presence`.
+
 Implementations: `MemoryBus` (one process, `redis_url = "memory://"`) and `RedisBus`
 (`redis://`, `rediss://` or `unix://` URLs). Both pass one contract suite
 (tests/integration/test_bus_contract.py).
@@ -17,28 +35,90 @@ Implementations: `MemoryBus` (one process, `redis_url = "memory://"`) and `Redis
 
 from __future__ import annotations
 
+import json
+import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from broker.envelope import BusMessage
 from broker.errors import ConfigError
 
 if TYPE_CHECKING:
-    from broker.settings import Settings
+    from broker.settings import Settings, TopicRule
 
 MEMORY_URL = "memory://"
 
 StatsValue = int | float | bool
 
 
+MAX_KEY_CHARS = 64  # longest idempotency key (docs/protocol.md)
+# A topic's epoch outlives its history's age bound: an idle topic keeps its epoch (offsets
+# go on, readers learn history did not reach back) this many times history_ttl_s, and at
+# least META_TTL_MIN_S; after that its next publish or read starts a new epoch.
+META_TTL_FACTOR = 10
+META_TTL_MIN_S = 3600.0
+JOIN = "join"
+LEAVE = "leave"
+
+
 @dataclass(frozen=True, slots=True)
 class Published:
-    """What the bus tells a publisher; both fields are reserved for per-topic history."""
+    """What the bus tells a publisher. `offset`/`epoch` are set on topics with history."""
 
     offset: int | None = None
     epoch: str | None = None
+    duplicate: bool = False  # the key matched an earlier publish: nothing was published now
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRead:
+    """One atomic read of a topic's position and, optionally, of its history."""
+
+    messages: list[BusMessage]  # offset and epoch set, in offset order, all offsets > after
+    offset: int  # the topic's top offset (0: nothing published in this epoch yet)
+    epoch: str  # the topic's epoch ("" for a topic without history)
+    complete: bool  # `messages` holds every message in (after, offset] of this epoch
+
+
+NO_HISTORY = HistoryRead([], 0, "", False)
+
+
+def new_epoch() -> str:
+    """A fresh epoch: 16 lowercase hex characters."""
+    return secrets.token_hex(8)
+
+
+def meta_ttl_s(rule: TopicRule) -> float:
+    """How long an idle topic keeps its epoch; 0 (forever) when history has no age bound."""
+    if rule.history_ttl_s <= 0:
+        return 0.0
+    return max(META_TTL_FACTOR * rule.history_ttl_s, META_TTL_MIN_S)
+
+
+def info_json(info: dict[str, Any]) -> str:
+    """Compact JSON for presence `info`; ValueError when it is not a JSON-able dict."""
+    if not isinstance(info, dict):
+        raise ValueError("presence info must be a dict")
+    try:
+        return json.dumps(info, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"presence info is not JSON-able: {exc}") from None
+
+
+def check_key(key: str | None) -> None:
+    """ValueError unless `key` is None or a 1..MAX_KEY_CHARS character idempotency key."""
+    if key is not None and (type(key) is not str or not 0 < len(key) <= MAX_KEY_CHARS):
+        raise ValueError(f"an idempotency key is 1 to {MAX_KEY_CHARS} characters")
+
+
+def check_history_args(after: int | None, limit: int | None) -> None:
+    """ValueError for a negative `after` or a `limit` below 1."""
+    if after is not None and (type(after) is not int or after < 0):
+        raise ValueError("`after` is an offset: an int >= 0")
+    if limit is not None and (type(limit) is not int or limit < 1):
+        raise ValueError("`limit` must be an int >= 1")
 
 
 def _ignore_messages(batch: list[BusMessage]) -> None:
@@ -53,21 +133,29 @@ def _ignore_health(healthy: bool) -> None:
     pass
 
 
+def _ignore_presence(topic: str, kind: str, client_id: str, info: dict[str, Any]) -> None:
+    pass
+
+
 class Bus(ABC):
     """Topics in, batches of messages out. The hub owns refcounts; the bus owns the channel set.
 
-    The three callbacks are set by the hub before `start()` and are called from the event
-    loop; an exception they raise is logged and does not stop the bus.
+    The callbacks are set by the hub before `start()` and are called from the event loop;
+    an exception they raise is logged and does not stop the bus.
     """
 
     on_messages: Callable[[list[BusMessage]], None]  # a batch, in arrival order
     on_gap: Callable[[frozenset[str]], None]  # topics whose delivery may have skipped messages
     on_health: Callable[[bool], None]  # `healthy` flipped to this value
+    # (topic, JOIN or LEAVE, client_id, info): a presence change on a subscribed join_leave
+    # topic, delivered in order with the topic's messages
+    on_presence: Callable[[str, str, str, dict[str, Any]], None]
 
     def __init__(self) -> None:
         self.on_messages = _ignore_messages
         self.on_gap = _ignore_gap
         self.on_health = _ignore_health
+        self.on_presence = _ignore_presence
 
     @abstractmethod
     async def start(self) -> None:
@@ -90,8 +178,50 @@ class Bus(ABC):
         """Drop `topics`; no message on them is delivered once this is called."""
 
     @abstractmethod
-    async def publish(self, message: BusMessage) -> Published:
-        """Send `message` to every subscriber of its topic; BusUnavailable during an outage."""
+    async def publish(self, message: BusMessage, *, key: str | None = None) -> Published:
+        """Send `message` to every subscriber of its topic; BusUnavailable during an outage.
+
+        On a topic with history the result has the message's offset and epoch (its own
+        `offset`/`epoch` fields are ignored). `key` (1..64 characters, else ValueError): a
+        publish with a key already used on this topic within `idempotency_ttl_s` publishes
+        nothing and returns the first one's offset and epoch with `duplicate=True`. Keys
+        are ignored on topics without history. A publish that failed with BusUnavailable
+        may still have happened: retry it with the same key.
+        """
+
+    @abstractmethod
+    async def history(
+        self, topic: str, *, after: int | None, epoch: str | None, limit: int | None = None
+    ) -> HistoryRead:
+        """The topic's position and, when `after` is given, the messages after it.
+
+        One atomic step. `after=None`: the position only (`messages` empty, `complete`
+        True); a topic that has no epoch yet gets one, which its first publish keeps.
+        Otherwise, when `epoch` is the topic's epoch, the messages with offsets after
+        `after` that history still holds (at most `limit`, default `history_read_limit`;
+        entries older than `history_ttl_s` are gone); `complete` is False when the epoch
+        differs (then `messages` is empty), history no longer reaches `after + 1`, or the
+        limit cut the read. A topic without history: `NO_HISTORY` (offset 0, epoch "",
+        complete False). BusUnavailable during an outage.
+        """
+
+    @abstractmethod
+    async def presence_add(self, topic: str, client_id: str, info: dict[str, Any]) -> None:
+        """Put `client_id` in the topic's presence with `info` (JSON-able, else ValueError).
+
+        Announces `join` on a join_leave topic when the client was not present. While
+        disconnected this raises BusUnavailable, but the entry stays wanted and is written
+        once Redis is back.
+        """
+
+    @abstractmethod
+    async def presence_remove(self, topic: str, client_id: str) -> None:
+        """Take `client_id` out of the topic's presence (announcing `leave` on a join_leave
+        topic when it was present). BusUnavailable while disconnected; it is retried."""
+
+    @abstractmethod
+    async def presence(self, topic: str) -> dict[str, dict[str, Any]]:
+        """client_id -> info of the topic's live entries (those of dead buses are dropped)."""
 
     @property
     @abstractmethod
@@ -126,7 +256,7 @@ def make_bus(settings: Settings, origin: str) -> Bus:
     if url == MEMORY_URL:
         from broker.bus.memory import MemoryBus
 
-        return MemoryBus(origin)
+        return MemoryBus(origin, settings=settings)
     from broker.bus.redis import RedisBus
 
     return RedisBus(url, settings, origin)

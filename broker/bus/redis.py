@@ -37,24 +37,48 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import random
 import re
+import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio.connection import AbstractConnection, Connection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from broker.bus import Bus, Published, StatsValue
+from broker.bus import (
+    JOIN,
+    LEAVE,
+    NO_HISTORY,
+    Bus,
+    HistoryRead,
+    Published,
+    StatsValue,
+    check_history_args,
+    check_key,
+    info_json,
+    meta_ttl_s,
+    new_epoch,
+)
+from broker.bus.lua import (
+    HISTORY,
+    PRESENCE_ADD,
+    PRESENCE_LIST,
+    PRESENCE_REMOVE,
+    PUBLISH,
+    SCRIPTS,
+    Script,
+)
 from broker.envelope import BusMessage, pack, unpack
 from broker.errors import BusError, BusUnavailable, ConfigError, EnvelopeError
-from broker.settings import Settings
+from broker.settings import Settings, TopicRule
 
 log = logging.getLogger("redwire.bus")
 
@@ -62,6 +86,9 @@ _IO_ERRORS = (RedisError, OSError)  # asyncio's TimeoutError is the builtin, an 
 _PUBLISHED = Published()
 _MALFORMED_LOG_EVERY_S = 10.0  # log a malformed envelope at most this often (all are counted)
 _MAX_BACKOFF_DOUBLINGS = 30
+_TAG_HISTORY = ord("H")  # first byte of a history topic's channel payload
+_TAG_PRESENCE = ord("P")  # first byte of a join/leave event (an envelope starts with 0x97)
+_PRESENCE_BEATS_PER_TTL = 3  # the worker key is refreshed this often per presence_ttl_s
 
 
 class _SubscriptionWedged(BusError):
@@ -99,6 +126,57 @@ async def _idle_and_open(conn: AbstractConnection) -> bool:
         return False
 
 
+def _ms(seconds: float) -> int:
+    """Whole milliseconds, at least 1 for a positive duration (0 stays 0: "none")."""
+    return math.ceil(seconds * 1000) if seconds > 0 else 0
+
+
+def parse_tagged(topic: str, data: bytes) -> BusMessage:
+    """The message in a history topic's payload `H<offset>:<epoch>:<envelope>`."""
+    first = data.find(b":", 1)
+    second = data.find(b":", first + 1) if first > 1 else -1
+    if second < 0:
+        raise EnvelopeError("history payload without an offset:epoch header")
+    try:
+        offset = int(data[1:first])
+        epoch = data[first + 1 : second].decode("ascii")
+    except ValueError:
+        raise EnvelopeError("history payload with a malformed header") from None
+    m = unpack(data[second + 1 :])
+    if m.topic != topic:
+        raise EnvelopeError("envelope of another topic")
+    return BusMessage(m.topic, m.payload, m.encoding, m.origin, offset, epoch)
+
+
+def parse_presence(data: bytes) -> tuple[str, str, dict[str, Any]]:
+    """(kind, client_id, info) of a join/leave payload `P{"k":..,"c":..,"i":..}`."""
+    try:
+        event = json.loads(data[1:])
+    except ValueError:
+        raise EnvelopeError("presence event is not JSON") from None
+    if not isinstance(event, dict):
+        raise EnvelopeError("presence event is not an object")
+    kind, client_id, info = event.get("k"), event.get("c"), event.get("i")
+    if kind not in (JOIN, LEAVE) or type(client_id) is not str:
+        raise EnvelopeError("presence event with a bad kind or client")
+    if info is None:
+        info = {}
+    elif not isinstance(info, dict):
+        raise EnvelopeError("presence event info is not an object")
+    return kind, client_id, info
+
+
+def _presence_value(instance: str, info_text: str) -> bytes:
+    # The scripts read the worker from the head and cut the info out of this exact shape.
+    return ('{"w":"' + instance + '","i":' + info_text + "}").encode()
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Done callback of a future nobody awaits: its exception counts as seen."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _resolve(future: asyncio.Future[Any], result: Any) -> None:
     if not future.done():
         future.set_result(result)
@@ -112,8 +190,32 @@ def _reject(future: asyncio.Future[Any], error: BaseException) -> None:
 # --- publisher -------------------------------------------------------------------------------
 
 
+@dataclass(slots=True, eq=False)
+class _Command:
+    """One queued command. For a script, `args` are its KEYS (the first `keys`) then its
+    ARGV after the replication id, which is filled in when the command is sent."""
+
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any]
+    script: Script | None = None
+    keys: int = 0
+
+
+async def _replication_id(conn: AbstractConnection) -> bytes:
+    """The server's `master_replid` (INFO replication); b"" when Redis will not say."""
+    await conn.send_command("INFO", "replication", check_health=False)
+    try:
+        info = await conn.read_response(disable_decoding=True, timeout=math.inf)
+    except ResponseError as exc:
+        log.warning("bus: INFO replication refused (%s): epochs cannot follow failovers", exc)
+        return b""
+    found = re.search(rb"^master_replid:(\w+)", info, re.MULTILINE)
+    return found.group(1) if found else b""
+
+
 class _Publisher:
-    """A queue of PUBLISH commands flushed as pipelines over one connection, in order."""
+    """A queue of commands (PUBLISH, scripts, ...) flushed as pipelines over one connection,
+    in order; scripts go as EVALSHA, re-sent after SCRIPT LOAD when Redis answers NOSCRIPT."""
 
     def __init__(
         self,
@@ -126,12 +228,18 @@ class _Publisher:
         self._timeout_s = settings.bus_publish_timeout_s
         self._on_change = on_change
         self._conn: AbstractConnection | None = None
-        self._queue: deque[tuple[bytes, bytes, asyncio.Future[int]]] = deque()
-        self._sending: list[tuple[bytes, bytes, asyncio.Future[int]]] = []
+        self._queue: deque[_Command] = deque()
+        self._sending: list[_Command] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.ok = True  # the last batch worked (or none was sent yet)
+        self.replid = b""  # master_replid of the server, fetched on each (re)connection
         self.batches = 0
+        self.script_loads = 0
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="bus-publisher")
@@ -145,14 +253,23 @@ class _Publisher:
         self._fail_all(BusUnavailable("the bus is closed"))
         await self._drop_connection()
 
-    def send(self, channel: bytes, data: bytes) -> asyncio.Future[int]:
-        """Queue one PUBLISH; the future gets Redis' receiver count, or a BusError."""
+    def send(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue one command; the future gets Redis' reply, or a BusError."""
+        return self._enqueue(_Command(args, self._new_future()))
+
+    def run(self, script: Script, keys: Sequence[Any], argv: Sequence[Any]) -> asyncio.Future[Any]:
+        """Queue one script call (see `_Command`); the future gets its reply, or a BusError."""
+        return self._enqueue(_Command((*keys, *argv), self._new_future(), script, len(keys)))
+
+    def _new_future(self) -> asyncio.Future[Any]:
         if self._task is None:
             raise BusUnavailable("the bus is not running")
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append((channel, data, future))
+        return asyncio.get_running_loop().create_future()
+
+    def _enqueue(self, command: _Command) -> asyncio.Future[Any]:
+        self._queue.append(command)
         self._wake.set()
-        return future
+        return command.future
 
     async def _run(self) -> None:
         queue = self._queue
@@ -164,44 +281,88 @@ class _Publisher:
                 await self._flush(self._sending)
                 self._sending = []
 
-    async def _flush(self, batch: list[tuple[bytes, bytes, asyncio.Future[int]]]) -> None:
+    async def _flush(self, batch: list[_Command]) -> None:
         self.batches += 1
-        answered = 0
         try:
             async with asyncio.timeout(self._timeout_s):
-                conn = self._conn
-                if conn is not None and not await _idle_and_open(conn):
-                    await self._drop_connection()  # e.g. Redis restarted since the last batch
-                    conn = None
-                if conn is None:
-                    conn = self._conn = self._connect()
-                    await conn.connect()
-                commands = [(b"PUBLISH", channel, data) for channel, data, _ in batch]
-                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-                for _, _, future in batch:
-                    try:
-                        result = await conn.read_response(disable_decoding=True, timeout=math.inf)
-                    except ResponseError as exc:  # this command failed; the pipeline goes on
-                        _reject(future, BusError(f"Redis refused PUBLISH: {exc}"))
-                    else:
-                        _resolve(future, result)
-                    answered += 1
+                conn = await self._connection()
+                retry = await self._pipeline(conn, (), batch, retry_noscript=True)
+                if retry:
+                    # SCRIPT FLUSH, a restart or a failover emptied the script cache. Load
+                    # every script at once (so later batches never find one script known and
+                    # another not, which could reorder a topic's messages and presence
+                    # events), then send the refused commands again, in order.
+                    self.script_loads += 1
+                    loads = [(b"SCRIPT", b"LOAD", script.source) for script in SCRIPTS]
+                    await self._pipeline(conn, loads, retry, retry_noscript=False)
         except _IO_ERRORS as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
             error = BusUnavailable(f"Redis publish failed: {reason or type(exc).__name__}")
-            for _, _, future in batch[answered:]:
-                _reject(future, error)
+            for command in batch:
+                _reject(command.future, error)
             self._fail_all(error)  # queued during the outage: refuse rather than pile up
             await self._drop_connection()
             self._set_ok(False)
         else:
             self._set_ok(True)
 
+    async def _connection(self) -> AbstractConnection:
+        conn = self._conn
+        if conn is not None and not await _idle_and_open(conn):
+            await self._drop_connection()  # e.g. Redis restarted since the last batch
+            conn = None
+        if conn is None:
+            conn = self._conn = self._connect()
+            await conn.connect()
+            self.replid = await _replication_id(conn)
+        return conn
+
+    def _encode(self, command: _Command) -> tuple[Any, ...]:
+        script, args = command.script, command.args
+        if script is None:
+            return args
+        n = command.keys
+        return (b"EVALSHA", script.sha, n, *args[:n], self.replid, *args[n:])
+
+    async def _pipeline(
+        self,
+        conn: AbstractConnection,
+        prefix: Sequence[tuple[Any, ...]],
+        commands: list[_Command],
+        *,
+        retry_noscript: bool,
+    ) -> list[_Command]:
+        """Send `prefix` then `commands` as one write and resolve each command's future with
+        its reply; returns the scripts Redis did not know (when `retry_noscript`)."""
+        packed = conn.pack_commands([*prefix, *(self._encode(c) for c in commands)])
+        await conn.send_packed_command(packed, check_health=False)
+        read = conn.read_response
+        for _ in prefix:
+            try:
+                await read(disable_decoding=True, timeout=math.inf)
+            except ResponseError as exc:  # the commands that need it fail below
+                log.warning("bus: Redis refused SCRIPT LOAD: %s", exc)
+        retry: list[_Command] = []
+        for command in commands:
+            try:
+                result = await read(disable_decoding=True, timeout=math.inf)
+            except NoScriptError as exc:  # not run: safe to send again
+                if retry_noscript:
+                    retry.append(command)
+                else:
+                    _reject(command.future, BusError(f"Redis lost the script again: {exc}"))
+            except ResponseError as exc:  # this command failed; the pipeline goes on
+                name = command.script.name if command.script else command.args[0].decode()
+                _reject(command.future, BusError(f"Redis refused {name}: {exc}"))
+            else:
+                _resolve(command.future, result)
+        return retry
+
     def _fail_all(self, error: BusError) -> None:
-        for _, _, future in self._sending:
-            _reject(future, error)
+        for command in self._sending:
+            _reject(command.future, error)
         while self._queue:
-            _reject(self._queue.popleft()[2], error)
+            _reject(self._queue.popleft().future, error)
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -319,8 +480,17 @@ class RedisBus(Bus):
             self._update_health,
         )
         prefix = settings.channel_prefix.encode()
+        self._prefix = prefix
         self._topic_prefix = prefix + b"t:"
         self.probe_channel = prefix + b"probe:" + origin.encode()
+        # presence: this bus' entries are live while its worker key exists
+        self.instance = secrets.token_hex(8)
+        self._worker_prefix = prefix + b"w:"
+        self.worker_key = self._worker_prefix + self.instance.encode()
+        self._present: dict[str, dict[str, str]] = {}  # wanted: topic -> client -> info JSON
+        self._presence_dirty: set[tuple[str, str]] = set()  # not (yet) written as wanted
+        self._presence_used = False
+        self._presence_task: asyncio.Task[None] | None = None
         self._topics: dict[bytes, str] = {}  # the wanted set: channel -> topic
         self._session: _Session | None = None
         self._task: asyncio.Task[None] | None = None
@@ -345,10 +515,18 @@ class RedisBus(Bus):
         self.probes = 0
         self.probe_timeouts = 0
         self.last_probe_rtt_s = 0.0
+        self.duplicates = 0
+        self.history_reads = 0
+        self.presence_events = 0
+        self.presence_swept = 0
 
     def channel(self, topic: str) -> bytes:
         """The Redis channel carrying `topic`."""
         return self._topic_prefix + topic.encode()
+
+    def key(self, topic: str, suffix: str) -> bytes:
+        """The Redis key `prefix{topic}:suffix` (hash-tagged: one Cluster slot per topic)."""
+        return self._prefix + b"{" + topic.encode() + b"}:" + suffix.encode()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -357,6 +535,7 @@ class RedisBus(Bus):
             return
         loop = asyncio.get_running_loop()
         self._publisher.start()
+        self._presence_task = loop.create_task(self._presence_loop(), name="bus-presence")
         self._started = started = loop.create_future()
         self._task = task = loop.create_task(self._run(), name=f"bus-subscriber-{self.origin}")
         await asyncio.wait((started, task), return_when=asyncio.FIRST_COMPLETED)
@@ -364,6 +543,15 @@ class RedisBus(Bus):
             task.result()  # a bug ended the subscriber task: say so now
 
     async def close(self) -> None:
+        presence_task, self._presence_task = self._presence_task, None
+        if presence_task is not None:
+            presence_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await presence_task
+        if self._presence_used and self._publisher.running and self._publisher.ok:
+            # Our entries die with the worker key: other buses sweep them (announcing leave).
+            with contextlib.suppress(BusError):
+                await self._publisher.send(b"DEL", self.worker_key)
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -489,15 +677,23 @@ class RedisBus(Bus):
                     channel = reply[1]
                     topic = topics.get(channel)
                     if topic is not None:
+                        data = reply[2]
+                        tag = data[0] if data else 0
                         try:
-                            message = unpack(reply[2])
+                            if tag == _TAG_HISTORY:
+                                batch.append(parse_tagged(topic, data))
+                            elif tag == _TAG_PRESENCE:
+                                kind, client_id, info = parse_presence(data)
+                                batch = self._hand_over(batch)  # keep the topic's order
+                                self.presence_events += 1
+                                self._call_presence(topic, kind, client_id, info)
+                            else:
+                                message = unpack(data)
+                                if message.topic != topic:
+                                    raise EnvelopeError("envelope of another topic")
+                                batch.append(message)
                         except EnvelopeError as exc:
                             self._skip_malformed(channel, exc)
-                        else:
-                            if message.topic == topic:
-                                batch.append(message)
-                            else:
-                                self._skip_malformed(channel, "envelope of another topic")
                     elif channel == probe_channel:
                         self._probe_arrived(reply[2])
                 else:
@@ -505,11 +701,17 @@ class RedisBus(Bus):
                 if count >= limit or not await can_read():
                     break
                 reply = await read(disable_decoding=True, timeout=forever)
-            if batch:
-                self.messages_in += len(batch)
-                self._call(self.on_messages, batch)
+            self._hand_over(batch)
             if count >= limit:
                 await asyncio.sleep(0)  # a backlog: let the hub's writes run
+
+    def _hand_over(self, batch: list[BusMessage]) -> list[BusMessage]:
+        """Give `batch` (if any) to `on_messages`; returns a new empty batch."""
+        if not batch:
+            return batch
+        self.messages_in += len(batch)
+        self._call(self.on_messages, batch)
+        return []
 
     def _control(self, s: _Session, reply: Any) -> None:
         if type(reply) is list and len(reply) == 3 and reply[0] in (b"subscribe", b"unsubscribe"):
@@ -554,7 +756,8 @@ class RedisBus(Bus):
         self._probe_sent_at = sent_at = self._last_probe_at = time.monotonic()
         try:
             try:
-                receivers = await self._publisher.send(self.probe_channel, self._probe_nonce)
+                nonce = self._probe_nonce
+                receivers = await self._publisher.send(b"PUBLISH", self.probe_channel, nonce)
             except BusError as exc:  # the publisher's trouble; `healthy` reflects it
                 log.debug("bus: probe not sent: %s", exc)
                 return
@@ -601,15 +804,185 @@ class RedisBus(Bus):
         s.touch([ch for ch in channels if ch in s.server])
         await s.wait(channels, subscribing=False)
 
-    async def publish(self, message: BusMessage) -> Published:
+    async def publish(self, message: BusMessage, *, key: str | None = None) -> Published:
+        check_key(key)
+        topic = message.topic
+        rule = self.settings.rule_for(topic)
         data = pack(message)
         try:
-            await self._publisher.send(self.channel(message.topic), data)
+            if rule is None or rule.history_size == 0:
+                await self._publisher.send(b"PUBLISH", self.channel(topic), data)
+                result = _PUBLISHED
+            else:
+                result = await self._publish_history(topic, rule, data, key)
         except BusError:
             self.publish_errors += 1
             raise
-        self.published += 1
-        return _PUBLISHED
+        if result.duplicate:
+            self.duplicates += 1
+        else:
+            self.published += 1
+        return result
+
+    async def _publish_history(
+        self, topic: str, rule: TopicRule, data: bytes, key: str | None
+    ) -> Published:
+        keys = [self.key(topic, "m"), self.key(topic, "h")]
+        if key is not None:
+            keys.append(self.key(topic, "k:" + key))
+        argv = (
+            self.channel(topic),
+            data,
+            new_epoch(),
+            rule.history_size,
+            _ms(rule.history_ttl_s),
+            _ms(meta_ttl_s(rule)),
+            _ms(self.settings.idempotency_ttl_s),
+        )
+        offset, epoch, duplicate = await self._publisher.run(PUBLISH, keys, argv)
+        return Published(offset, epoch.decode(), bool(duplicate))
+
+    async def history(
+        self, topic: str, *, after: int | None, epoch: str | None, limit: int | None = None
+    ) -> HistoryRead:
+        check_history_args(after, limit)
+        rule = self.settings.rule_for(topic)
+        if rule is None or rule.history_size == 0:
+            return NO_HISTORY
+        argv = (
+            new_epoch(),
+            b"" if after is None else after,
+            epoch or "",
+            self.settings.history_read_limit if limit is None else limit,
+            _ms(rule.history_ttl_s),
+            _ms(meta_ttl_s(rule)),
+        )
+        keys = (self.key(topic, "m"), self.key(topic, "h"))
+        self.history_reads += 1
+        offset, top_epoch, complete, entries = await self._publisher.run(HISTORY, keys, argv)
+        messages = []
+        for data in entries:
+            try:
+                messages.append(parse_tagged(topic, data))
+            except EnvelopeError as exc:  # e.g. a newer worker's envelope: a hole for us
+                self._skip_malformed(self.key(topic, "h"), exc)
+                complete = 0
+        return HistoryRead(messages, offset, top_epoch.decode(), bool(complete))
+
+    # --- presence --------------------------------------------------------------------------
+
+    async def presence_add(self, topic: str, client_id: str, info: dict[str, Any]) -> None:
+        text = info_json(info)
+        if self._task is None:
+            raise BusUnavailable("the bus is not running")
+        if not self._presence_used:
+            # The first entry: make the worker key now, ahead of it in the same queue.
+            self._presence_used = True
+            self._beat().add_done_callback(_retrieve)
+        self._present.setdefault(topic, {})[client_id] = text
+        await self._write_presence(topic, client_id)
+
+    async def presence_remove(self, topic: str, client_id: str) -> None:
+        if self._task is None:
+            raise BusUnavailable("the bus is not running")
+        entries = self._present.get(topic)
+        if entries is not None:
+            entries.pop(client_id, None)
+            if not entries:
+                del self._present[topic]
+        await self._write_presence(topic, client_id)
+
+    async def presence(self, topic: str) -> dict[str, dict[str, Any]]:
+        _, flat = await self._run_presence_list(topic, listing=True)
+        clients: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(flat) - 1, 2):
+            try:
+                value = json.loads(flat[i + 1])
+                clients[flat[i].decode()] = value["i"]
+            except (ValueError, KeyError, TypeError):
+                log.warning("bus: skipped a malformed presence entry on %r", topic)
+        return clients
+
+    def _announces(self, topic: str) -> bool:
+        rule = self.settings.rule_for(topic)
+        return rule is not None and rule.join_leave
+
+    async def _write_presence(self, topic: str, client_id: str) -> None:
+        """Make Redis hold what `_present` wants for this client; on failure it stays dirty
+        and the presence loop retries it."""
+        entry = (topic, client_id)
+        self._presence_dirty.add(entry)
+        text = self._present.get(topic, {}).get(client_id)
+        hash_key, channel = self.key(topic, "p"), self.channel(topic)
+        announce = self._announces(topic)
+        if text is not None:
+            event = b""
+            if announce:
+                client = json.dumps(client_id)
+                event = ('P{"k":"join","c":' + client + ',"i":' + text + "}").encode()
+            value = _presence_value(self.instance, text)
+            argv: tuple[Any, ...] = (client_id, value, channel, event)
+            await self._publisher.run(PRESENCE_ADD, (hash_key,), argv)
+        else:
+            argv = (client_id, channel, b"1" if announce else b"")
+            await self._publisher.run(PRESENCE_REMOVE, (hash_key,), argv)
+        if self._present.get(topic, {}).get(client_id) == text:  # no newer change since
+            self._presence_dirty.discard(entry)
+
+    def _run_presence_list(self, topic: str, *, listing: bool) -> asyncio.Future[Any]:
+        argv = (
+            self._worker_prefix,
+            self.channel(topic),
+            b"1" if self._announces(topic) else b"",
+            b"1" if listing else b"",
+        )
+        return self._publisher.run(PRESENCE_LIST, (self.key(topic, "p"),), argv)
+
+    def _beat(self) -> asyncio.Future[Any]:
+        """Refresh the worker key; the future gets its previous value (None: it was gone)."""
+        ttl_ms = _ms(self.settings.presence_ttl_s)
+        return self._publisher.send(b"SET", self.worker_key, self.origin, b"PX", ttl_ms, b"GET")
+
+    async def _presence_loop(self) -> None:
+        """Keep the worker key alive, rewrite entries Redis lost or never got, and sweep the
+        entries of dead buses out of the presence topics this bus serves."""
+        ttl = self.settings.presence_ttl_s
+        next_sweep = time.monotonic() + ttl
+        while True:
+            await asyncio.sleep(ttl / _PRESENCE_BEATS_PER_TTL)
+            try:
+                if self._presence_used:
+                    if await self._beat() is None:  # expired (we were away) or Redis lost it
+                        self._presence_dirty.update(
+                            (topic, client_id)
+                            for topic, clients in self._present.items()
+                            for client_id in clients
+                        )
+                    dirty = list(self._presence_dirty)
+                    await asyncio.gather(
+                        *(self._write_presence(t, c) for t, c in dirty), return_exceptions=True
+                    )
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + ttl
+                    await self._sweep()
+            except BusError as exc:
+                log.debug("bus: presence upkeep failed: %s", exc)
+
+    async def _sweep(self) -> None:
+        rule_for = self.settings.rule_for
+        topics = {t for t in self._topics.values() if (r := rule_for(t)) and r.presence}
+        topics.update(self._present)
+        futures = [self._run_presence_list(t, listing=False) for t in topics]
+        for future in futures:
+            future.add_done_callback(self._count_swept)
+        for result in await asyncio.gather(*futures, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
+
+    def _count_swept(self, future: asyncio.Future[Any]) -> None:
+        # A done callback: counted before any later command's caller resumes.
+        if not future.cancelled() and future.exception() is None:
+            self.presence_swept += future.result()[0]
 
     @property
     def healthy(self) -> bool:
@@ -640,6 +1013,11 @@ class RedisBus(Bus):
             "probes": self.probes,
             "probe_timeouts": self.probe_timeouts,
             "last_probe_rtt_s": self.last_probe_rtt_s,
+            "duplicates": self.duplicates,
+            "history_reads": self.history_reads,
+            "script_loads": self._publisher.script_loads,
+            "presence_events": self.presence_events,
+            "presence_swept": self.presence_swept,
         }
 
     # --- helpers ---------------------------------------------------------------------------
@@ -668,3 +1046,9 @@ class RedisBus(Bus):
             callback(arg)
         except Exception:
             log.exception("bus: callback %r failed", callback)
+
+    def _call_presence(self, topic: str, kind: str, client_id: str, info: dict[str, Any]) -> None:
+        try:
+            self.on_presence(topic, kind, client_id, info)
+        except Exception:
+            log.exception("bus: callback %r failed", self.on_presence)

@@ -3,6 +3,10 @@
 The Redis variants run against a real server (the `redis_server` fixture). A publication is
 known to be delivered at most once by a *fence*: a last message on the same topic, after
 which, order being kept, nothing older can still arrive.
+
+History, offsets, idempotency and presence use the topic rules in SETTINGS: `hist.*` keeps
+100 messages, `short.*` keeps 3, `room.*` has presence with join/leave events, `quiet.*`
+presence without them; every other topic is plain pub/sub.
 """
 
 from __future__ import annotations
@@ -17,15 +21,35 @@ import pytest
 import redis.asyncio as aredis
 from support.redis_server import RedisServer
 
-from broker.bus import STATS_KEYS, Bus, make_bus
+from broker.bus import (
+    JOIN,
+    LEAVE,
+    NO_HISTORY,
+    STATS_KEYS,
+    Bus,
+    HistoryRead,
+    Published,
+    make_bus,
+)
 from broker.bus.memory import MemoryBus, MemoryNetwork
 from broker.bus.redis import RedisBus
 from broker.envelope import ENCODING_JSON, ENCODING_MSGPACK, BusMessage, msgpack_dumps, pack
-from broker.settings import Settings
+from broker.settings import Settings, TopicRule
 
 WAIT_S = 5.0
 # No idle probes during a contract test: they would add publish batches of their own.
-SETTINGS = Settings(bus_probe_interval_s=60.0, bus_connect_timeout_s=3.0)
+SETTINGS = Settings(
+    bus_probe_interval_s=60.0,
+    bus_connect_timeout_s=3.0,
+    topics=(
+        TopicRule("hist.*", history_size=100),
+        TopicRule("short.*", history_size=3),
+        TopicRule("room.*", presence=True, join_leave=True),
+        TopicRule("quiet.*", presence=True),
+    ),
+)
+
+PresenceEvent = tuple[str, str, str, dict[str, Any]]  # topic, JOIN/LEAVE, client, info
 
 
 class Inbox:
@@ -34,12 +58,21 @@ class Inbox:
     def __init__(self, bus: Bus) -> None:
         self.messages: list[BusMessage] = []
         self.batches: list[int] = []
+        self.presence: list[PresenceEvent] = []
+        self.events: list[BusMessage | PresenceEvent] = []  # both kinds, in delivery order
         self._changed = asyncio.Event()
         bus.on_messages = self._on_messages
+        bus.on_presence = self._on_presence
 
     def _on_messages(self, batch: list[BusMessage]) -> None:
         self.batches.append(len(batch))
         self.messages.extend(batch)
+        self.events.extend(batch)
+        self._changed.set()
+
+    def _on_presence(self, topic: str, kind: str, client_id: str, info: dict[str, Any]) -> None:
+        self.presence.append((topic, kind, client_id, info))
+        self.events.append((topic, kind, client_id, info))
         self._changed.set()
 
     async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
@@ -80,7 +113,7 @@ class Harness:
     async def bus(self, origin: str = "w1", **overrides: Any) -> Bus:
         settings = SETTINGS.replace(**overrides)
         if self.url is None:
-            bus: Bus = MemoryBus(origin, self.network)
+            bus: Bus = MemoryBus(origin, self.network, settings=settings)
         else:
             bus = make_bus(settings.replace(redis_url=self.url), origin)
             assert isinstance(bus, RedisBus)
@@ -233,6 +266,205 @@ async def test_publish_with_no_subscriber_is_fine(harness: Harness) -> None:
     bus = await harness.bus()
     assert await bus.publish(BusMessage("nobody", b"x", ENCODING_JSON)) is not None
     assert bus.stats()["published"] == 1
+
+
+# --- history, offsets, idempotency (topics with history) -------------------------------------
+
+
+def _msg(topic: str, i: int, origin: str = "w1") -> BusMessage:
+    return BusMessage(topic, b'{"n":%d}' % i, ENCODING_JSON, origin)
+
+
+async def test_history_topic_numbers_messages_in_one_epoch(harness: Harness) -> None:
+    bus = await harness.bus()
+    inbox = Inbox(bus)
+    await bus.subscribe(["hist.a"])
+    sequential = [await bus.publish(_msg("hist.a", i)) for i in range(10)]
+    concurrent = await asyncio.gather(*(bus.publish(_msg("hist.a", i)) for i in range(10, 60)))
+    results = [*sequential, *concurrent]
+    epoch = results[0].epoch
+    assert epoch is not None and len(epoch) == 16 and int(epoch, 16) >= 0
+    assert results == [Published(n, epoch) for n in range(1, 61)]  # in publish order
+    received = await inbox.fence(bus, "hist.a")
+    assert [(m.offset, m.epoch) for m in received] == [(n, epoch) for n in range(1, 61)]
+    assert [m.payload for m in received] == [_msg("hist.a", i).payload for i in range(60)]
+
+
+async def test_history_after_an_offset_is_exactly_what_followed(harness: Harness) -> None:
+    publisher, reader = await harness.bus("w1"), await harness.bus("w2")
+    inbox = Inbox(reader)
+    await reader.subscribe(["hist.b"])
+    for i in range(20):
+        await publisher.publish(_msg("hist.b", i))
+    await inbox.wait_for(lambda: len(inbox.messages) == 20)
+    epoch = inbox.messages[0].epoch
+    read = await reader.history("hist.b", after=7, epoch=epoch)
+    assert read.complete and read.offset == 20 and read.epoch == epoch
+    assert read.messages == inbox.messages[7:]  # same payloads, origins, offsets and epoch
+    assert [m.offset for m in read.messages] == list(range(8, 21))
+    empty = await reader.history("hist.b", after=20, epoch=epoch)
+    assert empty.messages == [] and empty.complete and empty.offset == 20
+    everything = await reader.history("hist.b", after=0, epoch=epoch)
+    assert everything.messages == inbox.messages and everything.complete
+
+
+async def test_history_that_no_longer_reaches_back_is_incomplete(harness: Harness) -> None:
+    bus = await harness.bus()
+    results = [await bus.publish(_msg("short.a", i)) for i in range(10)]
+    epoch = results[-1].epoch
+    read = await bus.history("short.a", after=2, epoch=epoch)
+    assert not read.complete and read.offset == 10
+    assert [m.offset for m in read.messages] == [8, 9, 10]  # what is kept: history_size 3
+    assert [m.payload for m in read.messages] == [_msg("short.a", i).payload for i in (7, 8, 9)]
+    kept = await bus.history("short.a", after=7, epoch=epoch)
+    assert kept.complete and [m.offset for m in kept.messages] == [8, 9, 10]
+
+
+async def test_history_read_limit_makes_it_incomplete(harness: Harness) -> None:
+    bus = await harness.bus(history_read_limit=5)
+    published = [await bus.publish(_msg("hist.lim", i)) for i in range(12)]
+    epoch = published[0].epoch
+    capped = await bus.history("hist.lim", after=0, epoch=epoch)
+    assert not capped.complete and [m.offset for m in capped.messages] == [1, 2, 3, 4, 5]
+    explicit = await bus.history("hist.lim", after=4, epoch=epoch, limit=2)
+    assert not explicit.complete and [m.offset for m in explicit.messages] == [5, 6]
+    rest = await bus.history("hist.lim", after=8, epoch=epoch)
+    assert rest.complete and [m.offset for m in rest.messages] == [9, 10, 11, 12]
+
+
+async def test_history_of_another_epoch_is_incomplete_and_empty(harness: Harness) -> None:
+    bus = await harness.bus()
+    published = [await bus.publish(_msg("hist.c", i)) for i in range(5)]
+    for stale in ("0123456789abcdef", None, ""):
+        read = await bus.history("hist.c", after=2, epoch=stale)
+        assert read == HistoryRead([], 5, published[0].epoch or "?", False)
+    ahead = await bus.history("hist.c", after=9, epoch=published[0].epoch)
+    assert not ahead.complete and ahead.messages == [] and ahead.offset == 5
+
+
+async def test_position_only_and_position_before_the_first_publish(harness: Harness) -> None:
+    a, b = await harness.bus("w1"), await harness.bus("w2")
+    position = await a.history("hist.new", after=None, epoch=None)
+    assert position.messages == [] and position.complete and position.offset == 0
+    assert position == await b.history("hist.new", after=None, epoch="ignored")
+    nothing_yet = await b.history("hist.new", after=0, epoch=position.epoch)
+    assert nothing_yet.complete and nothing_yet.messages == []
+    first = await b.publish(_msg("hist.new", 0))
+    assert first == Published(1, position.epoch)  # the epoch given out before is kept
+    after = await a.history("hist.new", after=None, epoch=None)
+    assert (after.offset, after.epoch, after.messages) == (1, position.epoch, [])
+    since = await a.history("hist.new", after=0, epoch=position.epoch)
+    assert since.complete and [m.payload for m in since.messages] == [b'{"n":0}']
+
+
+async def test_idempotency_key_publishes_once(harness: Harness) -> None:
+    a, b = await harness.bus("w1"), await harness.bus("w2")
+    inbox = Inbox(b)
+    await b.subscribe(["hist.k", "hist.other"])
+    first = await a.publish(_msg("hist.k", 1), key="order-17")
+    await a.publish(_msg("hist.k", 2))
+    again = await b.publish(_msg("hist.k", 3), key="order-17")  # a retry, from any bus
+    assert first.offset == 1 and not first.duplicate
+    assert again == Published(1, first.epoch, duplicate=True)
+    elsewhere = await a.publish(_msg("hist.other", 4), key="order-17")  # keys are per topic
+    assert elsewhere.offset == 1 and not elsewhere.duplicate
+    received = await inbox.fence(a, "hist.k")
+    assert [(m.topic, m.payload) for m in received] == [
+        ("hist.k", _msg("hist.k", 1).payload),
+        ("hist.k", _msg("hist.k", 2).payload),
+        ("hist.other", _msg("hist.other", 4).payload),
+    ]
+    assert a.stats()["published"] == 4  # the duplicate published nothing
+    read = await a.history("hist.k", after=0, epoch=first.epoch)
+    assert [m.offset for m in read.messages] == [1, 2, 3]  # 3: the fence
+    retries = (a.publish(_msg("hist.k", 9), key="burst") for _ in range(5))
+    concurrent = await asyncio.gather(*retries)
+    assert len({p.offset for p in concurrent}) == 1
+    assert [p.duplicate for p in concurrent] == [False, True, True, True, True]
+
+
+async def test_keys_are_ignored_and_offsets_absent_without_history(harness: Harness) -> None:
+    bus = await harness.bus()
+    inbox = Inbox(bus)
+    await bus.subscribe(["plain"])
+    assert await bus.publish(_msg("plain", 1), key="k") == Published()
+    assert await bus.publish(_msg("plain", 2), key="k") == Published()
+    received = await inbox.fence(bus, "plain")
+    assert [(m.payload, m.offset, m.epoch) for m in received] == [
+        (b'{"n":1}', None, None),
+        (b'{"n":2}', None, None),
+    ]
+    assert await bus.history("plain", after=None, epoch=None) == NO_HISTORY
+    assert await bus.history("plain", after=3, epoch="x") == NO_HISTORY
+
+
+async def test_bad_history_arguments_are_refused(harness: Harness) -> None:
+    bus = await harness.bus()
+    for key in ("", "k" * 65):
+        with pytest.raises(ValueError, match="key"):
+            await bus.publish(_msg("hist.z", 0), key=key)
+    longest = await bus.publish(_msg("hist.z", 0), key="k" * 64)
+    assert longest.offset == 1 and not longest.duplicate
+    with pytest.raises(ValueError):
+        await bus.history("hist.z", after=-1, epoch=None)
+    with pytest.raises(ValueError):
+        await bus.history("hist.z", after=0, epoch=None, limit=0)
+    with pytest.raises(ValueError):
+        await bus.presence_add("room.z", "c", {"bad": object()})
+
+
+# --- presence ------------------------------------------------------------------------------------
+
+
+async def test_presence_add_remove_list(harness: Harness) -> None:
+    a, b, c = [await harness.bus(name) for name in ("w1", "w2", "w3")]
+    await a.presence_add("quiet.p", "c1", {"user": "ann", "worker": "w1"})
+    await b.presence_add("quiet.p", "c2", {"user": "bob", "tags": [1, 2.5, None, {}]})
+    await b.presence_add("quiet.q", "c3", {})
+    assert await c.presence("quiet.p") == {
+        "c1": {"user": "ann", "worker": "w1"},
+        "c2": {"user": "bob", "tags": [1, 2.5, None, {}]},
+    }
+    await a.presence_add("quiet.p", "c1", {"user": "ann", "worker": "w1", "again": True})
+    assert (await c.presence("quiet.p"))["c1"]["again"] is True
+    await a.presence_remove("quiet.p", "c1")
+    await a.presence_remove("quiet.p", "never-there")
+    assert await c.presence("quiet.p") == {"c2": {"user": "bob", "tags": [1, 2.5, None, {}]}}
+    assert await c.presence("quiet.q") == {"c3": {}}
+    assert await c.presence("quiet.empty") == {}
+
+
+async def test_join_and_leave_reach_subscribers_in_order_with_messages(harness: Harness) -> None:
+    a, b = await harness.bus("w1"), await harness.bus("w2")
+    inbox = Inbox(b)
+    await b.subscribe(["room.1", "quiet.1"])
+    await a.publish(_msg("room.1", 1))
+    await a.presence_add("room.1", "c1", {"user": "ann"})
+    await a.publish(_msg("room.1", 2))
+    await a.presence_add("room.1", "c1", {"user": "ann"})  # already present: no second join
+    await a.presence_add("quiet.1", "c9", {"user": "zed"})  # presence without join_leave
+    await a.presence_remove("quiet.1", "c9")
+    await a.presence_remove("room.1", "c1")
+    await a.presence_remove("room.1", "c1")  # already gone: no second leave
+    await inbox.fence(a, "room.1")
+    assert inbox.events[:4] == [
+        _msg("room.1", 1),
+        ("room.1", JOIN, "c1", {"user": "ann"}),
+        _msg("room.1", 2),
+        ("room.1", LEAVE, "c1", {"user": "ann"}),
+    ]
+    assert inbox.presence == [
+        ("room.1", JOIN, "c1", {"user": "ann"}),
+        ("room.1", LEAVE, "c1", {"user": "ann"}),
+    ]
+
+
+async def test_a_closed_bus_leaves_presence(harness: Harness) -> None:
+    a, b = await harness.bus("w1"), await harness.bus("w2")
+    await a.presence_add("quiet.gone", "c1", {"n": 1})
+    await b.presence_add("quiet.gone", "c2", {"n": 2})
+    await a.close()
+    assert await b.presence("quiet.gone") == {"c2": {"n": 2}}
 
 
 # --- Redis only ---------------------------------------------------------------------------------

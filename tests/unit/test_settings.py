@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from broker.errors import ConfigError
-from broker.settings import ENV_PREFIX, Settings
+from broker.settings import ENV_PREFIX, Settings, TopicRule
 
 
 def write_toml(tmp_path: Path, text: str) -> str:
@@ -147,9 +147,7 @@ def test_bad_environment_value(env: dict[str, str], field: str) -> None:
         Settings.load(environ=env)
 
 
-@pytest.mark.parametrize(
-    ("line", "field"), [(b[2], b[3]) for b in BAD], ids=[b[0] for b in BAD]
-)
+@pytest.mark.parametrize(("line", "field"), [(b[2], b[3]) for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_toml_value(tmp_path: Path, line: str, field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         Settings.load(toml_path=write_toml(tmp_path, line + "\n"), environ={})
@@ -218,6 +216,10 @@ ROUND_TRIP = [
         coalesce_window_s=0.0,
         channel_prefix="app:",
         metrics_dir="/tmp/metrics",
+        topics=(
+            TopicRule("chat.*", history_size=100, history_ttl_s=60.0),
+            TopicRule("room:?", presence=True, join_leave=True),
+        ),
     ),
     Settings(allowed_origins=("https://only.example",)),
 ]

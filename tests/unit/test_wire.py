@@ -114,8 +114,12 @@ MSGPACK_BAD: list[tuple[str, str | bytes, str, Any]] = [
     ("trailing-bytes", pack({"op": "ping"}) + b"\x00", BAD_REQUEST, None),
     ("array", pack(["ping"]), BAD_REQUEST, None),
     ("int-keys", pack({1: "ping"}), BAD_REQUEST, None),
-    ("ext-type", pack({"op": "publish", "topic": "t", "data": msgpack.ExtType(5, b"x")}),
-     BAD_REQUEST, None),
+    (
+        "ext-type",
+        pack({"op": "publish", "topic": "t", "data": msgpack.ExtType(5, b"x")}),
+        BAD_REQUEST,
+        None,
+    ),
     ("bytes-op", pack({"op": b"ping"}), UNKNOWN_OP, None),
     ("op-list", pack({"op": ["ping"], "id": 1}), UNKNOWN_OP, 1),
     ("op-map", pack({"op": {"a": 1}}), UNKNOWN_OP, None),
@@ -307,7 +311,7 @@ SAMPLES: list[Any] = [
     2**64 - 1,
     1.5,
     "",
-    "héllo \u2028 \"quoted\" \\ 𝄞",
+    'héllo \u2028 "quoted" \\ 𝄞',
     [],
     {},
     [1, "two", None, [3.25]],
@@ -370,9 +374,7 @@ CROSS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("publisher", "data"), [c[1:] for c in CROSS], ids=[c[0] for c in CROSS]
-)
+@pytest.mark.parametrize(("publisher", "data"), [c[1:] for c in CROSS], ids=[c[0] for c in CROSS])
 def test_accepted_publish_reaches_both_encodings(publisher, data: Any) -> None:
     try:
         req = published(publisher(), "t", data)
@@ -409,7 +411,11 @@ def test_any_accepted_publish_can_be_framed_for_every_subscriber(
     codec = msgpack_codec() if from_binary else json_codec()
     obj = {"op": "publish", "topic": "t", "data": data}
     try:
-        req = codec.decode(pack(obj) if from_binary else json.dumps(obj))
+        frame = pack(obj) if from_binary else json.dumps(obj)
+    except OverflowError:
+        return  # an integer msgpack itself cannot express: no client could send it
+    try:
+        req = codec.decode(frame)
     except ClientError as exc:
         assert exc.code in (BAD_REQUEST, TOO_LARGE)
         return

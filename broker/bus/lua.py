@@ -1,0 +1,237 @@
+"""The Lua scripts RedisBus runs in Redis, as text: history, offsets, idempotency, presence.
+
+Only `broker/bus/redis.py` talks to Redis; this module holds the source and its SHA1 so the
+bus can send EVALSHA and fall back to SCRIPT LOAD on NOSCRIPT. The key layout and the
+payload formats are described in `broker/bus/redis.py`.
+
+Calling convention of every script: ARGV[1] is the replication id of the server the caller
+is connected to (`master_replid`), put there by the bus at send time; the script's own
+arguments follow. A script that keeps a topic position makes a new epoch (and drops the
+topic's history) when the meta hash is missing or was made under another replication id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    name: str
+    source: bytes
+    sha: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source).hexdigest().encode())
+
+
+# The topic's position, made anew (offset 0, the caller's epoch candidate) when the meta hash
+# is gone or belongs to another replication id: offsets kept there may be missing or reused.
+_POSITION = """
+local function position(meta, stream, replid, candidate, meta_ttl)
+  local m = redis.call('HMGET', meta, 'o', 'e', 'r')
+  if m[2] and m[3] == replid then
+    return tonumber(m[1]), m[2]
+  end
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'o', 0, 'e', candidate, 'r', replid)
+  if meta_ttl > 0 then
+    redis.call('PEXPIRE', meta, meta_ttl)
+  end
+  return 0, candidate
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# KEYS: meta, stream[, idempotency key]
+# ARGV: replid, channel, envelope, epoch candidate, history_size, history_ttl_ms (0: none),
+#       meta_ttl_ms (0: none), idempotency_ttl_ms
+# Returns {offset, epoch, duplicate (0/1)}.
+PUBLISH = Script(
+    "publish",
+    (
+        _POSITION
+        + """
+local meta, stream, key = KEYS[1], KEYS[2], KEYS[3]
+local replid, channel, envelope, candidate = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local size, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+local meta_ttl, key_ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
+
+if key then
+  local first = redis.call('GET', key)
+  if first then
+    local o, e = string.match(first, '^(%d+):(.*)$')
+    return {tonumber(o), e, 1}
+  end
+end
+
+local _, epoch = position(meta, stream, replid, candidate, meta_ttl)
+local offset = redis.call('HINCRBY', meta, 'o', 1)
+local ms = now_ms()
+local data = 'H' .. string.format('%d', offset) .. ':' .. epoch .. ':' .. envelope
+redis.call('XADD', stream, 'MAXLEN', size, string.format('%d-0', offset), 't', ms, 'd', data)
+
+if ttl > 0 then
+  -- Age bound: drop expired entries from the head (a few per publish keeps up with the
+  -- rate they age out at; reads skip any that are left) and let an idle stream expire.
+  local cutoff = ms - ttl
+  local last_old = nil
+  for _, entry in ipairs(redis.call('XRANGE', stream, '-', '+', 'COUNT', 4)) do
+    if tonumber(entry[2][2]) < cutoff then last_old = entry[1] else break end
+  end
+  if last_old then
+    local o = tonumber(string.match(last_old, '^(%d+)'))
+    redis.call('XTRIM', stream, 'MINID', string.format('%d-0', o + 1))
+  end
+  redis.call('PEXPIRE', stream, ttl)
+  redis.call('PEXPIRE', meta, meta_ttl)
+end
+
+if key then
+  redis.call('SET', key, string.format('%d:', offset) .. epoch, 'PX', key_ttl)
+end
+redis.call('PUBLISH', channel, data)
+return {offset, epoch, 0}
+"""
+    ).encode(),
+)
+
+# KEYS: meta, stream
+# ARGV: replid, epoch candidate, after ('' for the position only), the reader's epoch, limit,
+#       history_ttl_ms (0: none), meta_ttl_ms (0: none)
+# Returns {offset, epoch, complete (0/1), {payload, ...}}: the payloads of the entries after
+# `after`, in offset order; complete when they are exactly after+1 .. offset.
+HISTORY = Script(
+    "history",
+    (
+        _POSITION
+        + """
+local meta, stream = KEYS[1], KEYS[2]
+local replid, candidate, after, reader_epoch = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local limit, ttl, meta_ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+
+local offset, epoch = position(meta, stream, replid, candidate, meta_ttl)
+if after == '' then
+  return {offset, epoch, 1, {}}
+end
+after = tonumber(after)
+if reader_epoch ~= epoch or after > offset then
+  return {offset, epoch, 0, {}}
+end
+if after == offset then
+  return {offset, epoch, 1, {}}
+end
+
+local cutoff = -1
+if ttl > 0 then
+  cutoff = now_ms() - ttl
+end
+local out = {}
+local start = string.format('%d-0', after + 1)
+for _, entry in ipairs(redis.call('XRANGE', stream, start, '+', 'COUNT', limit)) do
+  if tonumber(entry[2][2]) >= cutoff then
+    out[#out + 1] = entry[2][4]
+  end
+end
+local complete = 0
+if #out == offset - after then
+  complete = 1
+end
+return {offset, epoch, complete, out}
+"""
+    ).encode(),
+)
+
+# The `leave` event for a presence entry; the entry's value is '{"w":"<worker>","i":<info>}'.
+_LEAVE = """
+local function leave_event(client, value)
+  local info = string.match(value, '^{"w":"[^"]*","i":(.*)}$') or 'null'
+  return 'P{"k":"leave","c":' .. cjson.encode(client) .. ',"i":' .. info .. '}'
+end
+"""
+
+# KEYS: presence hash.  ARGV: replid, client id, value, channel, join event ('' for none)
+# Returns 1 when the client was not present before.
+PRESENCE_ADD = Script(
+    "presence_add",
+    b"""
+local added = redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+if added == 1 and ARGV[5] ~= '' then
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
+end
+return added
+""",
+)
+
+# KEYS: presence hash.  ARGV: replid, client id, channel, announce ('1' or '')
+# Returns 1 when the client was present.
+PRESENCE_REMOVE = Script(
+    "presence_remove",
+    (
+        _LEAVE
+        + """
+local value = redis.call('HGET', KEYS[1], ARGV[2])
+if not value then
+  return 0
+end
+redis.call('HDEL', KEYS[1], ARGV[2])
+if ARGV[4] == '1' then
+  redis.call('PUBLISH', ARGV[3], leave_event(ARGV[2], value))
+end
+return 1
+"""
+    ).encode(),
+)
+
+# KEYS: presence hash.
+# ARGV: replid, worker key prefix, channel, announce ('1' or ''), list ('1' or '')
+# Entries whose worker key is gone are removed (and, with announce, a `leave` is published
+# for each: HDEL inside the script, so only one caller ever announces one entry).
+# Returns {removed, {client, value, ...}} (the live entries when `list` is '1').
+#
+# The worker keys are not in KEYS: the one script that reaches outside its topic's slot
+# (Redis Cluster would need the worker keys hash-tagged with the topic).
+PRESENCE_LIST = Script(
+    "presence_list",
+    (
+        _LEAVE
+        + """
+local hash, worker_prefix, channel = KEYS[1], ARGV[2], ARGV[3]
+local announce, list = ARGV[4] == '1', ARGV[5] == '1'
+local all = redis.call('HGETALL', hash)
+local alive, out, removed = {}, {}, 0
+for i = 1, #all, 2 do
+  local client, value = all[i], all[i + 1]
+  local worker = string.match(value, '^{"w":"([^"]*)"')
+  local live = false
+  if worker then
+    live = alive[worker]
+    if live == nil then
+      live = redis.call('EXISTS', worker_prefix .. worker) == 1
+      alive[worker] = live
+    end
+  end
+  if live then
+    if list then
+      out[#out + 1] = client
+      out[#out + 1] = value
+    end
+  else
+    redis.call('HDEL', hash, client)
+    removed = removed + 1
+    if announce then
+      redis.call('PUBLISH', channel, leave_event(client, value))
+    end
+  end
+end
+return {removed, out}
+"""
+    ).encode(),
+)
+
+SCRIPTS = (PUBLISH, HISTORY, PRESENCE_ADD, PRESENCE_REMOVE, PRESENCE_LIST)
