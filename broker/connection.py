@@ -181,6 +181,10 @@ class Connection:
         self.close_sent: tuple[int, str] | None = None
         self.close_received: tuple[int, str] | None = None
         self._lost = False
+        # UTF-8 checked ahead in a text frame still arriving (section 8.1: fail fast).
+        self._partial_checked = 0
+        self._partial_decoder: codecs.IncrementalDecoder | None = None
+        self._partial_text: list[str] = []
 
     # --- receiving ---------------------------------------------------------------------------
 
@@ -201,6 +205,8 @@ class Connection:
                     return events
             if parser.error is not None:
                 raise parser.error
+            if parser.buffered_bytes:
+                self._check_partial_text()
         except ProtocolError as exc:
             events.append(self._fail(exc.close_code, exc.reason))
         return events
@@ -218,7 +224,7 @@ class Connection:
         else:
             if self._msg_opcode is not None:
                 raise ProtocolError("new data frame inside a fragmented message")
-            if frame.fin and not frame.rsv1:
+            if frame.fin and not frame.rsv1 and not self._partial_checked:
                 # Fast path: a whole uncompressed message in one frame.
                 self._check_size(len(frame.payload))
                 events.append(self._deliver(opcode, frame.payload))
@@ -226,7 +232,10 @@ class Connection:
             self._msg_opcode = opcode
             self._msg_compressed = frame.rsv1
             if opcode is Opcode.TEXT and not frame.rsv1:
-                self._msg_decoder = _utf8_decoder()
+                # Take over what was decoded while this frame arrived (if anything).
+                self._msg_decoder = self._partial_decoder or _utf8_decoder()
+                self._msg_text, self._partial_text = self._partial_text, []
+                self._partial_decoder = None
         self._append(frame.payload, frame.fin)
         if frame.fin:
             events.append(self._finish_message())
@@ -243,12 +252,45 @@ class Connection:
             raise PayloadTooBig("compressed message exceeds the message size limit")
         decoder = self._msg_decoder
         if decoder is not None:
+            checked = self._partial_checked
+            if checked:  # the start of this frame was decoded while it arrived
+                payload = payload[checked:]
+                self._partial_checked = 0
             try:
                 self._msg_text.append(decoder.decode(payload, final))
             except UnicodeDecodeError:
                 raise InvalidUTF8() from None
         else:
             self._msg_parts.append(payload)
+
+    def _check_partial_text(self) -> None:
+        """Decode the arrived part of a text frame still incomplete, to fail on bad UTF-8
+        now rather than when the whole frame is in (section 8.1; Autobahn 6.4.3/6.4.4)."""
+        parser = self._parser
+        head = parser.pending_opcode()
+        if head is None or head[1]:
+            return
+        opcode = head[0]
+        if opcode is Opcode.TEXT and self._msg_opcode is None:
+            pending = parser.pending_payload(self._partial_checked)
+            if pending is None or not pending[2]:
+                return
+            if self._partial_decoder is None:
+                self._partial_decoder = _utf8_decoder()
+            decoder, out = self._partial_decoder, self._partial_text
+        elif opcode is Opcode.CONTINUATION and self._msg_decoder is not None:
+            pending = parser.pending_payload(self._partial_checked)
+            if pending is None or not pending[2]:
+                return
+            decoder, out = self._msg_decoder, self._msg_text
+        else:
+            return
+        chunk = pending[2]
+        try:
+            out.append(decoder.decode(chunk, False))
+        except UnicodeDecodeError:
+            raise InvalidUTF8() from None
+        self._partial_checked += len(chunk)
 
     def _finish_message(self) -> Event:
         opcode = self._msg_opcode

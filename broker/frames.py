@@ -175,6 +175,52 @@ class FrameParser:
         self._need = need
         return pos
 
+    def pending_opcode(self) -> tuple[Opcode | None, bool] | None:
+        """(opcode, rsv1) of the incomplete frame still buffered, None if nothing is."""
+        buf = self._buf
+        if not buf:
+            return None
+        return _OPCODES.get(buf[0] & 0x0F), bool(buf[0] & _RSV1)
+
+    def pending_payload(self, start: int) -> tuple[Opcode, bool, bytes] | None:
+        """The incomplete frame still buffered: (opcode, rsv1, its payload from byte `start`
+        up to what has arrived, unmasked), or None while its header is incomplete.
+
+        Lets the connection check a text frame's UTF-8 while the frame is still arriving.
+        """
+        buf = self._buf
+        n = len(buf)
+        if n < 2:
+            return None
+        b0, b1 = buf[0], buf[1]
+        length = b1 & 0x7F
+        head = 2
+        if length == 126:
+            if n < 4:
+                return None
+            length = _U16.unpack_from(buf, 2)[0]
+            head = 4
+        elif length == 127:
+            if n < 10:
+                return None
+            length = _U64.unpack_from(buf, 2)[0]
+            head = 10
+        opcode = _OPCODES.get(b0 & 0x0F)
+        if opcode is None:
+            return None
+        mask = b""
+        if b1 & _MASK_BIT:
+            if n < head + 4:
+                return None
+            mask = bytes(buf[head : head + 4])
+            head += 4
+        begin, end = head + start, min(n, head + length)
+        chunk = bytes(buf[begin:end]) if begin < end else b""
+        if mask and chunk:
+            turn = start % 4
+            chunk = apply_mask(chunk, mask[turn:] + mask[:turn])
+        return opcode, bool(b0 & _RSV1), chunk
+
     def _check_header(self, b0: int, b1: int, length: int | None) -> Opcode:
         """Validate what the first bytes of a frame say; `length` is None if not yet known."""
         opcode = _OPCODES.get(b0 & 0x0F)

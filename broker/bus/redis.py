@@ -31,6 +31,46 @@ Theory of operation.
   batch and everything queued behind it with BusUnavailable; the next batch reconnects.
 - `healthy` = the session is live, the last probe (if one is out) is not overdue, and the
   last publish batch worked. Each flip is reported through `on_health`.
+- Scripts. History and presence commands are Lua scripts (`broker/bus/lua.py`) queued on
+  the publisher like PUBLISH, so everything a bus sends leaves in call order, batched. They
+  go as EVALSHA; on NOSCRIPT (SCRIPT FLUSH, a restart, a failover) the publisher loads every
+  script and sends the refused commands again, in order, before the next batch. Each script
+  gets the server's replication id (`master_replid` from INFO replication, fetched on every
+  (re)connection of the publisher) as ARGV[1], filled in when the batch is written.
+
+History, offsets and epochs (topics whose rule has `history_size > 0`). Keys are hash-tagged
+with the topic, so a Redis Cluster would keep one topic's keys in one slot (P is
+`channel_prefix`, T the topic):
+    P{T}:m      hash: `o` last offset, `e` epoch (16 hex chars), `r` the replication id
+                the epoch was made under. No expiry without `history_ttl_s`; with it,
+                expires max(10 x ttl, 3600 s) after the last publish.
+    P{T}:h      stream: one entry per message, ID `<offset>-0`, fields `t` (server time in
+                ms, from TIME) and `d` (the exact channel payload). XADD MAXLEN history_size
+                (exact); with `history_ttl_s`, each publish trims expired entries from the
+                head and PEXPIREs the stream to the ttl; reads skip older entries anyway.
+    P{T}:k:K    string "offset:epoch": idempotency key K, PX idempotency_ttl_s.
+A publish runs one script: read the meta hash (a new epoch and a DELeted stream when it is
+missing or its `r` is not the server's replication id: after a restart, FLUSHALL, expiry or
+failover the offsets kept there cannot be trusted), HINCRBY `o`, XADD, PUBLISH. So offsets,
+history and broadcast agree: nobody can receive a message history lacks. The epoch is made
+by the caller (`secrets.token_hex(8)`) and used only when the script needs a new one. A
+history read is one script too: the position (made the same way when missing, so a position
+given before the first publish stays valid) and the entries after the reader's offset.
+Channel payloads: a plain topic carries `envelope.pack(message)` (it starts with 0x97, a
+msgpack array of 7); a history topic `b"H" + offset + b":" + epoch + b":" + envelope`, the
+reader sets BusMessage.offset/epoch from that header.
+
+Presence. Hash `P{T}:p`: client id -> `{"w": bus instance, "i": info}`. A bus instance is
+live while `P` + `w:` + instance exists: SET ... PX presence_ttl_s, refreshed every third
+of it once the bus has presence entries, DELeted on close(). A refresh that finds the key
+gone (we were away longer than the ttl, or Redis lost it) rewrites all this bus' entries;
+entries whose write failed are retried on each refresh. `presence(T)` is a script that
+returns the entries whose worker key exists and HDELs the others. Every presence_ttl_s each
+bus sweeps its presence topics (subscribed, or holding its entries) the same way; the HDEL
+inside the script makes exactly one sweeper announce each removal. On join_leave topics the
+scripts publish `b"P" + json({"k": "join"|"leave", "c": client, "i": info})` on the topic's
+channel, delivered in order with its messages through `on_presence`. (The sweep script
+reads worker keys outside the topic's slot: a Cluster would need them hash-tagged.)
 """
 
 from __future__ import annotations

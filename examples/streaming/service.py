@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
-from client.pubsub import Message, PubSubClient, connect  # noqa: E402
+from client.pubsub import Message, PubSubClient, connect
 
 MAX_HZ = 50.0
 

@@ -58,8 +58,6 @@ _NO_PARTIAL_UTF8 = (
     " a frame still arriving are only seen once the whole frame is in (broker/frames.py)"
 )
 KNOWN_NON_STRICT: dict[str, str] = {
-    "6.4.3": _NO_PARTIAL_UTF8,
-    "6.4.4": _NO_PARTIAL_UTF8,
 }
 
 
