@@ -13,8 +13,8 @@ cannot deliver raises `BusUnavailable`: a publish is never dropped silently.
 History, offsets and presence (topics whose `Settings.rule_for` rule asks for them; see the
 "History, recovery and presence" section of docs/protocol.md):
 - A topic with `history_size > 0` numbers its messages: `publish` assigns the next offset
-  atomically with the history append and the broadcast, so a subscriber never holds a
-  message that history lacks, and the message delivered to subscribers carries its
+  atomically with the history append and the broadcast, so no subscriber can receive a
+  message before history holds it, and the message delivered to subscribers carries its
   `offset` and `epoch`. The epoch names one unbroken sequence of offsets; it changes (and
   offsets restart at 1) when history may have holes: Redis lost its data, a replica was
   promoted, or the topic's history expired.
@@ -24,9 +24,11 @@ History, offsets and presence (topics whose `Settings.rule_for` rule asks for th
 - A publish `key` makes a retry land once (per topic, within `idempotency_ttl_s`). Keys are
   supported on history topics only: on a topic without history the key is ignored.
 - Presence: `presence_add` / `presence_remove` / `presence` keep who is on a topic, with a
-  JSON-able `info`; entries of a dead bus vanish within `presence_ttl_s`. On a topic whose
-  rule has `join_leave`, each change is also delivered to the topic's subscribers, in order
-  with its messages, through `on_presence`.
+  JSON-able `info`. Entries of a closed or dead bus drop out of `presence` within
+  `presence_ttl_s`; buses subscribed to the topic (rule with `presence`) sweep them out and,
+  on a topic whose rule has `join_leave`, announce the `leave` within about twice that.
+  On join_leave topics each change is delivered to the topic's subscribers, in order with
+  its messages, through `on_presence`.
 
 Implementations: `MemoryBus` (one process, `redis_url = "memory://"`) and `RedisBus`
 (`redis://`, `rediss://` or `unix://` URLs). Both pass one contract suite
@@ -82,7 +84,12 @@ class HistoryRead:
     complete: bool  # `messages` holds every message in (after, offset] of this epoch
 
 
-NO_HISTORY = HistoryRead([], 0, "", False)
+NO_HISTORY = HistoryRead([], 0, "", False)  # compare with ==; buses return a fresh one
+
+
+def no_history() -> HistoryRead:
+    """What `history` returns for a topic without history (equal to NO_HISTORY)."""
+    return HistoryRead([], 0, "", False)
 
 
 def new_epoch() -> str:

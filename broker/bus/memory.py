@@ -28,7 +28,6 @@ from typing import Any
 from broker.bus import (
     JOIN,
     LEAVE,
-    NO_HISTORY,
     Bus,
     HistoryRead,
     Published,
@@ -38,6 +37,7 @@ from broker.bus import (
     info_json,
     meta_ttl_s,
     new_epoch,
+    no_history,
 )
 from broker.envelope import BusMessage
 from broker.errors import BusUnavailable
@@ -232,7 +232,7 @@ class MemoryBus(Bus):
         check_history_args(after, limit)
         rule = self.settings.rule_for(topic)
         if rule is None or rule.history_size == 0:
-            return NO_HISTORY
+            return no_history()
         self.history_reads += 1
         h = self.network.position(topic, rule, time.monotonic())
         if after is None:

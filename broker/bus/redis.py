@@ -71,6 +71,9 @@ inside the script makes exactly one sweeper announce each removal. On join_leave
 scripts publish `b"P" + json({"k": "join"|"leave", "c": client, "i": info})` on the topic's
 channel, delivered in order with its messages through `on_presence`. (The sweep script
 reads worker keys outside the topic's slot: a Cluster would need them hash-tagged.)
+
+Needs Redis >= 6.2 (XTRIM MINID, SET ... GET); scripts use TIME, so effects replication
+(the default since Redis 5, the only kind since 7).
 """
 
 from __future__ import annotations
@@ -96,7 +99,6 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from broker.bus import (
     JOIN,
     LEAVE,
-    NO_HISTORY,
     Bus,
     HistoryRead,
     Published,
@@ -106,6 +108,7 @@ from broker.bus import (
     info_json,
     meta_ttl_s,
     new_epoch,
+    no_history,
 )
 from broker.bus.lua import (
     HISTORY,
@@ -888,7 +891,7 @@ class RedisBus(Bus):
         check_history_args(after, limit)
         rule = self.settings.rule_for(topic)
         if rule is None or rule.history_size == 0:
-            return NO_HISTORY
+            return no_history()
         argv = (
             new_epoch(),
             b"" if after is None else after,

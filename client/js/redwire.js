@@ -12,6 +12,15 @@
  *     const off = client.on("disconnected", ({ code, willReconnect }) => ...);
  *     sub.unsubscribe(); client.close();
  *
+ *     // Topics with history (docs/protocol.md, "History, recovery and presence"):
+ *     const feed = client.subscribe("feed.news", (data, { offset, epoch }) => show(data), {
+ *       since: JSON.parse(localStorage.getItem("feed.news") ?? "null") ?? undefined,
+ *       onGap: ({ reason }) => reloadFromTheSourceOfTruth(),   // messages may be missing
+ *       onPresence: ({ type, client, info }) => ...,           // "join" / "leave"
+ *     });
+ *     localStorage.setItem("feed.news", JSON.stringify(client.position("feed.news")));
+ *     const here = await client.presence("feed.news");         // {clientId: info, ...}
+ *
  * Theory of operation
  *
  *   state        "connecting" ──welcome──▶ "open" ──socket lost──▶ "connecting" (backoff)
@@ -37,6 +46,29 @@
  *   socket that does not deliver `welcome` within `connectTimeoutMs` is abandoned the same way.
  * - In a page, `pagehide` closes the socket; `pageshow` from the back/forward cache reopens it.
  *
+ * Recovery (topics with history; others have no offsets and none of this applies)
+ *
+ * - Each TopicState keeps `position`, the last `{offset, epoch}` seen: from the subscribe ack
+ *   (the topic's position when the subscription took effect) and from every `message`. A
+ *   subscription may start from a stored position (`since` in the subscribe options; it only
+ *   counts when it creates the topic's wire subscription).
+ * - Every (re)subscription of a topic with a known position carries `"since": position`. The
+ *   server replays what was missed and acks `recovered: true` (the position stays: the replayed
+ *   messages advance it), or acks `recovered: false` (another epoch, or history no longer
+ *   reaches back): then the ack's position becomes the topic's and a gap is reported with
+ *   reason "not_recovered", before any message that follows it.
+ * - A `message` whose offset is <= the position's in the same epoch was seen already: it is
+ *   dropped and counted (`client.stats.duplicatesDropped`); the server should never send one.
+ *   A message in another epoch starts the topic over at its offset.
+ * - A `gap` frame (missing messages the server could not fill) is reported with reason
+ *   "server" and its `from`/`to` (null when unknown); a known `to` moves the position past the
+ *   hole, so that the next recovery does not ask for it again.
+ * - Gaps and presence changes (`join` / `leave` frames) go to the `onGap` / `onPresence` of
+ *   every local subscription of the topic, then to the "gap" / "presence" events. Frames for a
+ *   topic not in the table (left over after an unsubscribe) are ignored, like messages.
+ * - `presence(topic)` asks who is subscribed; it waits in the publish queue while not open and
+ *   fails with `connection_lost` if the socket goes before the answer (asking again is safe).
+ *
  * Events (`client.on(name, fn)` returns a function that removes the listener):
  *   "state"        (state)                                  every state change
  *   "welcome"      (frame)                                  the server's welcome frame
@@ -47,6 +79,11 @@
  *   "error"        (RedwireError)  server errors no promise receives (an error frame without a
  *                  known id, a failed (re)subscription: `.topic` is set), unreadable frames, and
  *                  a close that stops reconnecting (`.code` "closed", `.closeCode` set)
+ *   "gap"          ({topic, reason, from?, to?})  messages of `topic` may be missing: reason
+ *                  "not_recovered" (a resubscription could not replay them) or "server" (a
+ *                  `gap` frame; `from`/`to` are the missing offsets, null when unknown)
+ *   "presence"     ({type, topic, client, info})  `type` "join" or "leave", on topics with
+ *                  `join_leave`
  * A listener that throws is reported (`reportError`) and does not disturb the others.
  */
 
@@ -70,12 +107,32 @@ export const CLOSE_ABNORMAL = 1006;
 /** The close code the client sends on a socket it abandons (RFC 6455 7.4.2: private use). */
 const CLOSE_CLIENT_TIMEOUT = 4000;
 
-const EVENTS = new Set(["state", "welcome", "connected", "disconnected", "error"]);
+const EVENTS = new Set([
+  "state",
+  "welcome",
+  "connected",
+  "disconnected",
+  "error",
+  "gap",
+  "presence",
+]);
 
 /**
  * @typedef {"connecting" | "open" | "closed"} ClientState
- * @typedef {{topic: string}} MessageMeta
+ * @typedef {{topic: string, offset?: number, epoch?: string}} MessageMeta
+ *   offset/epoch: on topics with history
  * @typedef {(data: unknown, meta: MessageMeta) => void} MessageHandler
+ * @typedef {{offset: number, epoch: string}} Position  a place in a topic's history
+ * @typedef {{topic: string, reason: "not_recovered" | "server", from?: number | null,
+ *   to?: number | null}} GapInfo  from/to: only for reason "server"
+ * @typedef {{type: "join" | "leave", topic: string, client: string, info: unknown}}
+ *   PresenceEvent
+ *
+ * @typedef {object} SubscribeOptions
+ * @property {(gap: GapInfo) => void} [onGap]  messages may be missing: resync the topic
+ * @property {(event: PresenceEvent) => void} [onPresence]  join/leave of the topic
+ * @property {Position} [since]  start after this position (e.g. one stored by a previous
+ *   page): what was published since is replayed, or a "not_recovered" gap is reported
  * @typedef {{interval: number, timeout: number}} Heartbeat
  * @typedef {{
  *   op: "welcome", version: number, client: string, worker: string, heartbeat?: Heartbeat
@@ -98,14 +155,18 @@ const EVENTS = new Set(["state", "welcome", "connected", "disconnected", "error"
  * @property {typeof WebSocket} [WebSocketImpl] a WebSocket class (default: the global one)
  *
  * @typedef {{topic: string, subs: Set<Subscription>, waiting: Set<Subscription>,
- *   acked: boolean, retries: number, retryTimer: ReturnType<typeof setTimeout> | null}}
- *   TopicState
+ *   acked: boolean, retries: number, retryTimer: ReturnType<typeof setTimeout> | null,
+ *   position: Position | null}} TopicState
  * @typedef {{kind: "publish", resolve: () => void, reject: (err: RedwireError) => void}
- *   | {kind: "subscribe", state: TopicState}
- *   | {kind: "unsubscribe", resolve: () => void, reject: (err: RedwireError) => void}}
+ *   | {kind: "subscribe", state: TopicState, since: Position | null}
+ *   | {kind: "unsubscribe", resolve: () => void, reject: (err: RedwireError) => void}
+ *   | {kind: "presence", resolve: (clients: Record<string, unknown>) => void,
+ *      reject: (err: RedwireError) => void}}
  *   Pending
- * @typedef {{topic: string, json: string, resolve: () => void,
- *   reject: (err: RedwireError) => void}} QueuedPublish
+ * @typedef {{kind: "publish", topic: string, json: string, resolve: () => void,
+ *   reject: (err: RedwireError) => void}
+ *   | {kind: "presence", topic: string, resolve: (clients: Record<string, unknown>) => void,
+ *      reject: (err: RedwireError) => void}} QueuedRequest
  */
 
 /**
@@ -200,12 +261,17 @@ export class Subscription {
    * @param {Client} client
    * @param {string} topic
    * @param {MessageHandler} onMessage
+   * @param {SubscribeOptions} options
    */
-  constructor(client, topic, onMessage) {
+  constructor(client, topic, onMessage, options) {
     /** @readonly */
     this.topic = topic;
     /** @type {MessageHandler} */
     this._onMessage = onMessage;
+    /** @type {((gap: GapInfo) => void) | null} */
+    this._onGap = options.onGap ?? null;
+    /** @type {((event: PresenceEvent) => void) | null} */
+    this._onPresence = options.onPresence ?? null;
     this._client = client;
     this._active = true;
     /** @type {(() => void) | null} */
@@ -292,7 +358,7 @@ export class Client {
     this._topics = new Map();
     /** @type {Map<number, Pending>} */
     this._pending = new Map();
-    /** @type {QueuedPublish[]} */
+    /** @type {QueuedRequest[]} publishes (and presence requests) waiting for `open` */
     this._queue = [];
     this._nextId = 1;
     this._attempt = 0;
@@ -309,6 +375,11 @@ export class Client {
     this.clientId = null;
     /** @type {Heartbeat | null} */
     this.heartbeat = null;
+    /** Counters for the curious (and the tests). */
+    this.stats = {
+      /** messages dropped because their offset was seen already (should stay 0) */
+      duplicatesDropped: 0,
+    };
 
     this._onPageHide = () => this._suspend();
     /** @param {PageTransitionEvent} event */
@@ -331,13 +402,14 @@ export class Client {
 
   /** Publishes waiting for a connection. */
   get queuedPublishes() {
-    return this._queue.length;
+    return this._queue.filter((item) => item.kind === "publish").length;
   }
 
   // --- events ------------------------------------------------------------------------------
 
   /**
-   * @param {"state" | "welcome" | "connected" | "disconnected" | "error"} event
+   * @param {"state" | "welcome" | "connected" | "disconnected" | "error" | "gap" | "presence"}
+   *   event
    * @param {Function} fn
    * @returns {() => void} removes the listener
    */
@@ -377,16 +449,25 @@ export class Client {
   // --- public API --------------------------------------------------------------------------
 
   /**
-   * Receive the messages published to `topic` from now on.
+   * Receive the messages published to `topic` from now on (or after `options.since`).
    * @param {string} topic
-   * @param {MessageHandler} onMessage called as onMessage(data, {topic})
+   * @param {MessageHandler} onMessage called as onMessage(data, {topic, offset?, epoch?})
+   * @param {SubscribeOptions} [options]
    * @returns {Subscription}
    */
-  subscribe(topic, onMessage) {
+  subscribe(topic, onMessage, options = {}) {
     if (typeof onMessage !== "function") {
       throw new TypeError("redwire: subscribe(topic, onMessage) needs a function");
     }
-    const sub = new Subscription(this, topic, onMessage);
+    for (const name of /** @type {const} */ (["onGap", "onPresence"])) {
+      if (options[name] !== undefined && typeof options[name] !== "function") {
+        throw new TypeError(`redwire: subscribe option ${name} must be a function`);
+      }
+    }
+    if (options.since !== undefined && !isPosition(options.since)) {
+      throw new TypeError("redwire: subscribe option since must be {offset, epoch}");
+    }
+    const sub = new Subscription(this, topic, onMessage, options);
     if (this._closed) {
       sub._fail(closedError());
       return sub;
@@ -400,6 +481,9 @@ export class Client {
         acked: false,
         retries: 0,
         retryTimer: null,
+        position: options.since
+          ? { offset: options.since.offset, epoch: options.since.epoch }
+          : null,
       };
       this._topics.set(topic, state);
       if (this._state === "open") this._sendSubscribe(state);
@@ -430,20 +514,52 @@ export class Client {
       return Promise.reject(new RedwireError("bad_request", "data must be a JSON value"));
     }
     return new Promise((resolve, reject) => {
-      const item = { topic, json, resolve, reject };
-      if (this._state === "open") {
-        this._sendPublish(item);
-      } else if (this._queue.length >= this._maxQueued) {
-        reject(
-          new RedwireError(
-            "queue_full",
-            `not connected and ${this._queue.length} publishes already wait (maxQueuedPublishes)`,
-          ),
-        );
-      } else {
-        this._queue.push(item);
-      }
+      this._request({ kind: "publish", topic, json, resolve, reject });
     });
+  }
+
+  /**
+   * Who is subscribed to `topic` (a topic with `presence`): resolves with the server's map
+   * `{clientId: {identity, worker, ...}}`; rejects with a RedwireError (`not_enabled` for a
+   * topic without presence, `connection_lost`, `queue_full`, `closed`).
+   * @param {string} topic
+   * @returns {Promise<Record<string, unknown>>}
+   */
+  presence(topic) {
+    if (this._closed) return Promise.reject(closedError());
+    return new Promise((resolve, reject) => {
+      this._request({ kind: "presence", topic, resolve, reject });
+    });
+  }
+
+  /**
+   * The last position seen on `topic` ({offset, epoch}), to store and pass back as `since`;
+   * null when the topic has no history, nothing was seen yet, or it is not subscribed.
+   * @param {string} topic
+   * @returns {Position | null}
+   */
+  position(topic) {
+    const position = this._topics.get(topic)?.position;
+    return position ? { offset: position.offset, epoch: position.epoch } : null;
+  }
+
+  /**
+   * Send a request now, or queue it until `open` (bounded by `maxQueuedPublishes`).
+   * @param {QueuedRequest} item
+   */
+  _request(item) {
+    if (this._state === "open") {
+      this._sendQueued(item);
+    } else if (this._queue.length >= this._maxQueued) {
+      item.reject(
+        new RedwireError(
+          "queue_full",
+          `not connected and ${this._queue.length} requests already wait (maxQueuedPublishes)`,
+        ),
+      );
+    } else {
+      this._queue.push(item);
+    }
   }
 
   /** Close for good: no reconnect; waiting publishes and subscriptions fail with `closed`. */
@@ -551,7 +667,7 @@ export class Client {
     const pending = [...this._pending.values()];
     this._pending.clear();
     for (const p of pending) {
-      if (p.kind === "publish") p.reject(lost);
+      if (p.kind === "publish" || p.kind === "presence") p.reject(lost);
       else if (p.kind === "unsubscribe") p.resolve(); // the subscription went with the socket
     }
     this._afterSocket(code, reason);
@@ -676,6 +792,13 @@ export class Client {
       case "welcome":
         this._onWelcome(/** @type {WelcomeFrame} */ (frame));
         break;
+      case "gap":
+        this._onGap(frame);
+        break;
+      case "join":
+      case "leave":
+        this._onPresence(frame);
+        break;
       case "pong":
         break; // its arrival already reset the heartbeat deadline
       default:
@@ -698,20 +821,29 @@ export class Client {
     // are handled in order, so a client publishing to a topic it subscribes to receives
     // its own message.
     for (const state of this._topics.values()) this._sendSubscribe(state);
-    for (const item of this._queue.splice(0)) this._sendPublish(item);
+    for (const item of this._queue.splice(0)) this._sendQueued(item);
     this._setState("open");
     this._emit("welcome", frame);
     this._emit("connected", { worker: this.worker, clientId: this.clientId, reconnected });
   }
 
   /**
-   * A published message. `meta` is built in one place so that later fields (offsets,
-   * gaps) have somewhere to go.
+   * A published message: on a topic with history, one already seen is dropped, any other
+   * moves the topic's position.
    * @param {Record<string, any>} frame
    */
   _onMessage(frame) {
     const state = this._topics.get(frame.topic);
     if (!state) return;
+    const seen = framePosition(frame);
+    if (seen) {
+      const last = state.position;
+      if (last && last.epoch === seen.epoch && seen.offset <= last.offset) {
+        this.stats.duplicatesDropped++;
+        return;
+      }
+      state.position = seen;
+    }
     const meta = messageMeta(frame);
     for (const sub of [...state.subs]) safeCall(sub._onMessage, frame.data, meta);
   }
@@ -723,12 +855,79 @@ export class Client {
     if (p.kind === "subscribe") {
       const state = p.state;
       state.retries = 0;
-      if (this._topics.get(state.topic) === state) state.acked = true;
+      const current = this._topics.get(state.topic) === state;
+      if (current) state.acked = true;
       for (const sub of state.waiting) sub._settle();
       state.waiting.clear();
+      if (current) this._subscribed(state, p.since, frame);
+    } else if (p.kind === "presence") {
+      p.resolve(frame.clients ?? {});
     } else {
       p.resolve();
     }
+  }
+
+  /**
+   * A subscribe ack: where the topic stands now (docs/protocol.md, "History, recovery and
+   * presence"). It arrives before any message it covers.
+   * @param {TopicState} state
+   * @param {Position | null} since what the request asked for
+   * @param {Record<string, any>} ack
+   */
+  _subscribed(state, since, ack) {
+    const now = framePosition(ack);
+    if (since === null) {
+      // A fresh subscription: the ack's position is what we have seen (unless messages
+      // that raced ahead of it already went further).
+      const last = state.position;
+      if (now && !(last && last.epoch === now.epoch && last.offset > now.offset)) {
+        state.position = now;
+      }
+    } else if (ack.recovered !== true) {
+      // Missed messages cannot be replayed: start over from here and tell the application.
+      state.position = now;
+      this._gap(state, { topic: state.topic, reason: "not_recovered" });
+    }
+    // recovered: true — the replay that follows advances the position from `since`.
+  }
+
+  /** @param {Record<string, any>} frame */
+  _onGap(frame) {
+    const state = this._topics.get(frame.topic);
+    if (!state) return;
+    const from = Number.isSafeInteger(frame.from) ? frame.from : null;
+    const to = Number.isSafeInteger(frame.to) ? frame.to : null;
+    const last = state.position;
+    if (last && to !== null && to > last.offset && (frame.epoch ?? last.epoch) === last.epoch) {
+      state.position = { offset: to, epoch: last.epoch };
+    }
+    this._gap(state, { topic: state.topic, reason: "server", from, to });
+  }
+
+  /**
+   * @param {TopicState} state
+   * @param {GapInfo} gap
+   */
+  _gap(state, gap) {
+    for (const sub of [...state.subs]) if (sub._onGap) safeCall(sub._onGap, { ...gap });
+    this._emit("gap", gap);
+  }
+
+  /** @param {Record<string, any>} frame */
+  _onPresence(frame) {
+    const state = this._topics.get(frame.topic);
+    if (!state) return;
+    /** @type {PresenceEvent} */
+    const event = {
+      type: frame.op,
+      topic: frame.topic,
+      client: String(frame.client),
+      info: frame.info ?? null,
+    };
+    for (const sub of [...state.subs]) {
+      if (sub._onPresence) safeCall(sub._onPresence, { ...event });
+    }
+    this._emit("presence", event);
   }
 
   /** @param {Record<string, any>} frame */
@@ -793,16 +992,23 @@ export class Client {
   /** @param {TopicState} state */
   _sendSubscribe(state) {
     const id = this._id();
-    this._pending.set(id, { kind: "subscribe", state });
-    this._send(JSON.stringify(subscribeRequest(state, id)));
+    const since = state.position && { ...state.position };
+    this._pending.set(id, { kind: "subscribe", state, since });
+    this._send(JSON.stringify(subscribeRequest(state.topic, id, since)));
   }
 
-  /** @param {QueuedPublish} item */
-  _sendPublish(item) {
+  /** @param {QueuedRequest} item */
+  _sendQueued(item) {
     const id = this._id();
+    const topic = JSON.stringify(item.topic);
+    if (item.kind === "presence") {
+      this._pending.set(id, { kind: "presence", resolve: item.resolve, reject: item.reject });
+      this._send(`{"op":"presence","id":${id},"topic":${topic}}`);
+      return;
+    }
     this._pending.set(id, { kind: "publish", resolve: item.resolve, reject: item.reject });
     // `data` was serialised once, at publish() time.
-    this._send(`{"op":"publish","id":${id},"topic":${JSON.stringify(item.topic)},"data":${item.json}}`);
+    this._send(`{"op":"publish","id":${id},"topic":${topic},"data":${item.json}}`);
   }
 
   /**
@@ -842,12 +1048,13 @@ export class Client {
 }
 
 /**
- * The subscribe request for a topic; the one place a resume position would be added.
- * @param {TopicState} state
+ * The subscribe request for a topic, resuming after `since` when a position is known.
+ * @param {string} topic
  * @param {number} id
+ * @param {Position | null} since
  */
-function subscribeRequest(state, id) {
-  return { op: "subscribe", topic: state.topic, id };
+function subscribeRequest(topic, id, since) {
+  return since ? { op: "subscribe", topic, id, since } : { op: "subscribe", topic, id };
 }
 
 /**
@@ -856,7 +1063,29 @@ function subscribeRequest(state, id) {
  * @returns {MessageMeta}
  */
 function messageMeta(frame) {
-  return { topic: frame.topic };
+  if (frame.offset === undefined) return { topic: frame.topic };
+  return { topic: frame.topic, offset: frame.offset, epoch: frame.epoch };
+}
+
+/**
+ * @param {unknown} value
+ * @returns {value is Position}
+ */
+function isPosition(value) {
+  if (value === null || typeof value !== "object") return false;
+  const { offset, epoch } = /** @type {Record<string, unknown>} */ (value);
+  return (
+    Number.isSafeInteger(offset) && /** @type {number} */ (offset) >= 0 && typeof epoch === "string"
+  );
+}
+
+/**
+ * The `{offset, epoch}` a message frame or subscribe ack carries, if any.
+ * @param {Record<string, any>} frame
+ * @returns {Position | null}
+ */
+function framePosition(frame) {
+  return isPosition(frame) ? { offset: frame.offset, epoch: frame.epoch } : null;
 }
 
 function ignore() {}

@@ -8,9 +8,6 @@ Each test owns its redis-server(s) (the session one is shared and must not be st
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -54,7 +51,11 @@ class Watch:
         bus.on_messages = self._record(self.messages.extend)
         bus.on_gap = self._record(self.gaps.append)
         bus.on_health = self._record(self.health.append)
-        bus.on_presence = lambda *event: self._record(self.presence.append)(event)
+        bus.on_presence = self._on_presence
+
+    def _on_presence(self, topic: str, kind: str, client_id: str, info: dict[str, Any]) -> None:
+        self.presence.append((topic, kind, client_id, info))
+        self._changed.set()
 
     def _record(self, add: Callable[[Any], None]) -> Callable[[Any], None]:
         def callback(value: Any) -> None:
@@ -204,7 +205,7 @@ class SwitchProxy:
 
 
 @pytest.fixture
-async def proxy_to(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Any]]:
+async def proxy_to() -> AsyncIterator[Callable[..., Any]]:
     proxies: list[SwitchProxy] = []
 
     async def make(port: int) -> SwitchProxy:
@@ -314,20 +315,23 @@ async def test_killed_worker_leaves_presence_within_the_ttl(
     watch = Watch(survivor)
     await survivor.start()
     await survivor.subscribe(["room.k"])
-    doomed = subprocess.Popen(  # noqa: ASYNC220 (returns at once; the test waits on its pipe)
-        [sys.executable, "-c", _DOOMED, server.url, str(PRESENCE_TTL_S)],
-        stdout=subprocess.PIPE,
+    doomed = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _DOOMED,
+        server.url,
+        str(PRESENCE_TTL_S),
+        stdout=asyncio.subprocess.PIPE,
         start_new_session=True,
     )
     try:
         assert doomed.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(doomed.stdout.readline), WAIT_S)
-        assert line == b"ready\n"
+        assert await asyncio.wait_for(doomed.stdout.readline(), WAIT_S) == b"ready\n"
         await watch.until(lambda: watch.presence == [("room.k", JOIN, "c1", {"user": "ann"})])
         assert await survivor.presence("room.k") == {"c1": {"user": "ann"}}
     finally:
-        os.kill(doomed.pid, signal.SIGKILL)
-        doomed.wait(WAIT_S)
+        doomed.kill()  # SIGKILL: no goodbye, the worker key is left to expire
+        await doomed.wait()
 
     async def gone() -> bool:
         return await survivor.presence("room.k") == {}

@@ -443,3 +443,250 @@ def test_a_resubscription_refused_as_unavailable_is_retried() -> None:
     assert result["topic"] == "t"
     assert result["errors"] == [["unavailable", "t"]]
     assert result["active"] is True
+
+
+# --- history: positions, recovery, gaps; presence ---------------------------------------------
+
+
+def test_resubscribe_sends_since_the_last_message_and_a_recovery_replays_without_gap() -> None:
+    result = run_js(
+        """
+        const client = open();
+        const ws1 = FakeSocket.all[0];
+        ws1.welcome();
+        const got = [], gaps = [];
+        client.on("gap", (g) => gaps.push(g));
+        const sub = client.subscribe("feed.a", (data, meta) => got.push([data, meta]));
+        const first = ws1.sent.find((f) => f.op === "subscribe");
+        ws1.deliver({ op: "ack", id: first.id, offset: 4, epoch: "e1", recovered: false });
+        await sub.ready;
+        const afterAck = client.position("feed.a");
+        ws1.deliver({ op: "message", topic: "feed.a", offset: 5, epoch: "e1", data: "five" });
+        ws1.deliver({ op: "message", topic: "feed.a", offset: 6, epoch: "e1", data: "six" });
+        const beforeDrop = client.position("feed.a");
+        const next = nextSocket();
+        ws1.serverClose(1006, "");
+        const ws2 = await next;
+        ws2.welcome();
+        const resub = ws2.sent.find((f) => f.op === "subscribe");
+        // The ack's offset is the topic's head; the replay of 7..8 follows it.
+        ws2.deliver({ op: "ack", id: resub.id, offset: 8, epoch: "e1", recovered: true });
+        const afterRecoveredAck = client.position("feed.a");
+        ws2.deliver({ op: "message", topic: "feed.a", offset: 7, epoch: "e1", data: "seven" });
+        ws2.deliver({ op: "message", topic: "feed.a", offset: 8, epoch: "e1", data: "eight" });
+        return { first, afterAck, beforeDrop, resub, afterRecoveredAck, got, gaps,
+                 position: client.position("feed.a"), unknown: client.position("nope"),
+                 dropped: client.stats.duplicatesDropped };
+        """
+    )
+    assert "since" not in result["first"]
+    assert result["afterAck"] == {"offset": 4, "epoch": "e1"}
+    assert result["beforeDrop"] == {"offset": 6, "epoch": "e1"}
+    assert result["resub"]["topic"] == "feed.a"
+    assert result["resub"]["since"] == {"offset": 6, "epoch": "e1"}
+    assert result["afterRecoveredAck"] == {"offset": 6, "epoch": "e1"}
+    assert result["got"] == [
+        [data, {"topic": "feed.a", "offset": offset, "epoch": "e1"}]
+        for data, offset in [("five", 5), ("six", 6), ("seven", 7), ("eight", 8)]
+    ]
+    assert result["gaps"] == []
+    assert result["position"] == {"offset": 8, "epoch": "e1"}
+    assert result["unknown"] is None
+    assert result["dropped"] == 0
+
+
+def test_not_recovered_reports_a_gap_and_takes_the_acks_position() -> None:
+    result = run_js(
+        """
+        const client = open();
+        const ws1 = FakeSocket.all[0];
+        ws1.welcome();
+        const log = [];
+        client.on("gap", (g) => log.push(["event", g]));
+        client.subscribe("feed.b", (data, meta) => log.push(["message", data, meta.offset]), {
+          onGap: (g) => log.push(["onGap", g]),
+        });
+        ws1.deliver({ op: "ack", id: ws1.sent[0].id, offset: 10, epoch: "old", recovered: false });
+        ws1.deliver({ op: "message", topic: "feed.b", offset: 11, epoch: "old", data: "a" });
+        const next = nextSocket();
+        ws1.serverClose(1011, "");
+        const ws2 = await next;
+        ws2.welcome();
+        const resub = ws2.sent.find((f) => f.op === "subscribe");
+        // Redis came back empty: a new epoch, history cannot reach back to 12.
+        ws2.deliver({ op: "ack", id: resub.id, offset: 3, epoch: "new", recovered: false });
+        const afterAck = client.position("feed.b");
+        ws2.deliver({ op: "message", topic: "feed.b", offset: 3, epoch: "new", data: "seen" });
+        ws2.deliver({ op: "message", topic: "feed.b", offset: 4, epoch: "new", data: "b" });
+        return { since: resub.since, afterAck, log, position: client.position("feed.b"),
+                 dropped: client.stats.duplicatesDropped };
+        """
+    )
+    gap = {"topic": "feed.b", "reason": "not_recovered"}
+    assert result["since"] == {"offset": 11, "epoch": "old"}
+    assert result["afterAck"] == {"offset": 3, "epoch": "new"}
+    # The gap comes before any message that follows the ack; offset 3 is the ack's, seen.
+    assert result["log"] == [
+        ["message", "a", 11],
+        ["onGap", gap],
+        ["event", gap],
+        ["message", "b", 4],
+    ]
+    assert result["position"] == {"offset": 4, "epoch": "new"}
+    assert result["dropped"] == 1
+
+
+def test_duplicates_are_dropped_and_another_epoch_starts_over() -> None:
+    result = run_js(
+        """
+        const client = open();
+        const ws = FakeSocket.all[0];
+        ws.welcome();
+        const got = [];
+        client.subscribe("feed.c", (data, meta) => got.push([data, meta.offset, meta.epoch]));
+        ws.deliver({ op: "ack", id: ws.sent[0].id, offset: 0, epoch: "e" });
+        const m = (offset, epoch, data) =>
+          ws.deliver({ op: "message", topic: "feed.c", offset, epoch, data });
+        m(1, "e", "1"); m(2, "e", "2"); m(2, "e", "2 again"); m(1, "e", "1 again");
+        m(0, "e", "ack's own"); m(3, "e", "3");
+        m(1, "f", "new epoch"); m(1, "f", "new epoch again"); m(2, "f", "2f");
+        // No history on this topic: nothing tracked, nothing dropped.
+        client.subscribe("plain", (data, meta) => got.push([data, meta]));
+        ws.deliver({ op: "ack", id: ws.sent[1].id });
+        ws.deliver({ op: "message", topic: "plain", data: "x" });
+        ws.deliver({ op: "message", topic: "plain", data: "x" });
+        return { got, dropped: client.stats.duplicatesDropped,
+                 c: client.position("feed.c"), plain: client.position("plain") };
+        """
+    )
+    assert result["got"] == [
+        ["1", 1, "e"],
+        ["2", 2, "e"],
+        ["3", 3, "e"],
+        ["new epoch", 1, "f"],
+        ["2f", 2, "f"],
+        ["x", {"topic": "plain"}],
+        ["x", {"topic": "plain"}],
+    ]
+    assert result["dropped"] == 4
+    assert result["c"] == {"offset": 2, "epoch": "f"}
+    assert result["plain"] is None
+
+
+def test_a_server_gap_frame_is_reported_and_moves_the_position_past_the_hole() -> None:
+    result = run_js(
+        """
+        const client = open();
+        const ws = FakeSocket.all[0];
+        ws.welcome();
+        const events = [], onGap = [];
+        client.on("gap", (g) => events.push(g));
+        client.subscribe("feed.d", () => {}, { onGap: (g) => onGap.push(g) });
+        client.subscribe("feed.d", () => {});  // no onGap: only the event
+        ws.deliver({ op: "ack", id: ws.sent[0].id, offset: 5, epoch: "e" });
+        ws.deliver({ op: "gap", topic: "feed.d", from: 6, to: 9 });
+        const afterGap = client.position("feed.d");
+        ws.deliver({ op: "gap", topic: "feed.d" });
+        ws.deliver({ op: "gap", topic: "not.subscribed", from: 1, to: 2 });
+        return { events, onGap, afterGap };
+        """
+    )
+    assert result["events"] == [
+        {"topic": "feed.d", "reason": "server", "from": 6, "to": 9},
+        {"topic": "feed.d", "reason": "server", "from": None, "to": None},
+    ]
+    assert result["onGap"] == result["events"]
+    assert result["afterGap"] == {"offset": 9, "epoch": "e"}
+
+
+def test_since_from_the_options_starts_the_first_subscription_and_is_checked() -> None:
+    result = run_js(
+        """
+        const client = open();
+        const ws = FakeSocket.all[0];
+        const gaps = [];
+        const sub = client.subscribe("feed.e", () => {}, {
+          since: { offset: 41, epoch: "stored" }, onGap: (g) => gaps.push(g) });
+        const before = client.position("feed.e");
+        ws.welcome();
+        const req = ws.sent.find((f) => f.op === "subscribe");
+        ws.deliver({ op: "ack", id: req.id, offset: 50, epoch: "stored", recovered: true });
+        await sub.ready;
+        const bad = [{ offset: -1, epoch: "e" }, { offset: 1.5, epoch: "e" }, { offset: 1 },
+                     "1", { offset: 0, epoch: "e", extra: 1 }].map((since) => {
+          try { client.subscribe("feed.x", () => {}, { since }); return "accepted"; }
+          catch (e) { return e.name; } });
+        const badHandler = (() => {
+          try { client.subscribe("feed.y", () => {}, { onPresence: "no" }); return "accepted"; }
+          catch (e) { return e.name; } })();
+        return { before, since: req.since, gaps, bad, badHandler,
+                 position: client.position("feed.e") };
+        """
+    )
+    assert result["before"] == {"offset": 41, "epoch": "stored"}
+    assert result["since"] == {"offset": 41, "epoch": "stored"}
+    assert result["gaps"] == []
+    assert result["position"] == {"offset": 41, "epoch": "stored"}
+    assert result["bad"] == ["TypeError", "TypeError", "TypeError", "TypeError", "accepted"]
+    assert result["badHandler"] == "TypeError"
+
+
+def test_presence_requests_resolve_with_the_clients_and_fail_like_publishes() -> None:
+    result = run_js(
+        """
+        const client = open();
+        const ws1 = FakeSocket.all[0];
+        const early = client.presence("room.1");  // before welcome: waits in the queue
+        const queued = [client.queuedPublishes, ws1.sent.length];
+        ws1.welcome();
+        const clients = { "0-1": { identity: "ann", worker: "0" } };
+        const req = ws1.sent.find((f) => f.op === "presence");
+        ws1.deliver({ op: "ack", id: req.id, clients });
+        const answered = await early;
+        const refused = settle(client.presence("plain"));
+        const req2 = ws1.sent.filter((f) => f.op === "presence")[1];
+        ws1.deliver({ op: "error", id: req2.id, code: "not_enabled", reason: "no presence" });
+        const inFlight = settle(client.presence("room.1"));
+        const next = nextSocket();
+        ws1.serverClose(1006, "");
+        await next;
+        const lost = await inFlight;
+        client.close();
+        return { queued, req, answered, refused: await refused, lost,
+                 closed: await settle(client.presence("room.1")) };
+        """
+    )
+    assert result["queued"] == [0, 0]
+    assert result["req"] == {"op": "presence", "id": result["req"]["id"], "topic": "room.1"}
+    assert result["answered"] == {"0-1": {"identity": "ann", "worker": "0"}}
+    assert result["refused"]["code"] == "not_enabled"
+    assert result["lost"]["code"] == "connection_lost"
+    assert result["closed"]["code"] == "closed"
+
+
+def test_join_and_leave_reach_on_presence_and_the_presence_event() -> None:
+    result = run_js(
+        """
+        const client = open();
+        const ws = FakeSocket.all[0];
+        ws.welcome();
+        const events = [], handler = [], reported = [];
+        console.error = (e) => reported.push(String(e.message ?? e));
+        client.on("presence", (e) => events.push(e));
+        client.subscribe("room.2", () => {}, { onPresence: (e) => handler.push(e) });
+        client.subscribe("room.2", () => {}, { onPresence: () => { throw new Error("bug"); } });
+        ws.ackAll("subscribe");
+        const info = { identity: "bob", worker: "1" };
+        ws.deliver({ op: "join", topic: "room.2", client: "1-7", info });
+        ws.deliver({ op: "leave", topic: "room.2", client: "1-7", info });
+        ws.deliver({ op: "join", topic: "room.other", client: "1-8", info });
+        return { events, handler, reported };
+        """
+    )
+    info = {"identity": "bob", "worker": "1"}
+    assert result["events"] == [
+        {"type": "join", "topic": "room.2", "client": "1-7", "info": info},
+        {"type": "leave", "topic": "room.2", "client": "1-7", "info": info},
+    ]
+    assert result["handler"] == result["events"]
+    assert result["reported"] == ["bug", "bug"]
