@@ -13,7 +13,9 @@ Messages are the workers' own envelopes on the workers' own channels (the same
 `broker.bus` code publishes them), so WebSocket subscribers and `client.subscriber`
 consumers get them like any other. Concurrent publishes go out pipelined in batches.
 A publish the bus cannot take (Redis down) is retried with backoff for `retry_timeout_s`,
-then raises BusUnavailable: never dropped silently.
+then raises BusUnavailable: never dropped silently. Topic rules (history, offsets) come from
+the same settings as the broker's (`REDWIRE_TOPICS`, `REDWIRE_CONFIG`, or `settings=`): a
+publisher must share them, so its messages on history topics get offsets too.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ class AsyncPublisher:
     ) -> None:
         if encoding not in ("json", "msgpack"):
             raise ValueError("encoding must be 'json' or 'msgpack'")
-        self.settings = (settings or Settings()).replace(redis_url=redis_url)
+        # The broker's own settings (REDWIRE_* / REDWIRE_CONFIG) unless given: the topic
+        # rules must be the broker's, or history topics would get messages without offsets.
+        self.settings = (settings or Settings.load()).replace(redis_url=redis_url)
         self.origin = origin or f"sdk-{os.getpid()}-{random.getrandbits(32):08x}"
         self.encoding = ENCODING_MSGPACK if encoding == "msgpack" else ENCODING_JSON
         self.retry_timeout_s = retry_timeout_s

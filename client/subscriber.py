@@ -64,7 +64,7 @@ class Subscriber:
         origin: str | None = None,
         max_queue: int = 100_000,
     ) -> None:
-        self.settings = (settings or Settings()).replace(redis_url=redis_url)
+        self.settings = (settings or Settings.load()).replace(redis_url=redis_url)
         self.topics = [check_topic(t, self.settings.max_topic_bytes) for t in topics]
         self.origin = origin or f"sdk-sub-{os.getpid()}-{random.getrandbits(32):08x}"
         self.max_queue = max_queue

@@ -93,7 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ttl-s", type=float, default=3600.0)
     args = parser.parse_args(argv)
     secret = os.environ.get(SECRET_ENV, "")
-    Hooks(secret)  # the same check the broker makes
+    try:
+        Hooks(secret)  # the same check the broker makes
+    except ConfigError as exc:
+        raise SystemExit(f"hooks_app: {exc}") from None
     print(make_token(args.sub, secret=secret, admin=args.admin, ttl_s=args.ttl_s))
 
 

@@ -122,12 +122,10 @@ class ClientSession:
         elif op == "unsubscribe":
             assert request.topic is not None
             if request.topic in self.topics:
-                self.topics.discard(request.topic)
-                self.app.hub.unsubscribe(self, request.topic)
-                self.app.stats.subscriptions -= 1
+                self._leave(request.topic)
             self._ack(request.id)
         else:
-            # subscribe and publish may wait (bus, hooks): hold later requests until done.
+            # The others may wait (bus, hooks): hold later requests until done.
             self._queue = deque()
             asyncio.get_running_loop().create_task(self._run_async(request))
 
@@ -135,8 +133,10 @@ class ClientSession:
         try:
             if request.op == "subscribe":
                 await self._subscribe(request)
-            else:
+            elif request.op == "publish":
                 await self._publish(request)
+            else:
+                await self._presence(request)
         except ClientError as exc:
             self._reply_error(request.id, exc)
         except Exception:
@@ -151,40 +151,115 @@ class ClientSession:
     async def _subscribe(self, request: wire.Request) -> None:
         topic = request.topic
         assert topic is not None
+        since = _since(request.options)
         if topic in self.topics:
             self._ack(request.id)
             return
-        if len(self.topics) >= self.app.settings.max_subscriptions_per_connection:
+        app = self.app
+        if len(self.topics) >= app.settings.max_subscriptions_per_connection:
             raise ClientError(wire.TOO_MANY_SUBSCRIPTIONS, "subscription limit reached")
-        await self.app.hooks.on_subscribe(self, topic)
+        await app.hooks.on_subscribe(self, topic)
         if not self.live:
             return
         try:
-            await self.app.hub.subscribe(self, topic)
+            state = await app.hub.join(self, topic)
         except BusError as exc:
             raise ClientError(wire.UNAVAILABLE, f"bus unavailable: {exc}") from None
         if not self.live:  # the client went away while the bus was subscribing
-            self.app.hub.unsubscribe(self, topic)
+            app.hub.leave(self, topic)
             return
+        reply: dict[str, Any] = {}
+        history: list[BusMessage] = []
+        if state.history:
+            # Subscribed first, then read: anything published in between is both in the
+            # read and kept by the hub; go_live drops the kept ones the read covered.
+            try:
+                read = await app.bus.history(
+                    topic,
+                    after=since[0] if since else None,
+                    epoch=since[1] if since else None,
+                )
+            except BusError as exc:
+                app.hub.leave(self, topic)
+                raise ClientError(wire.UNAVAILABLE, f"history unavailable: {exc}") from None
+            if not self.live:
+                app.hub.leave(self, topic)
+                return
+            reply.update(offset=read.offset, epoch=read.epoch)
+            if since is not None:
+                reply["recovered"] = read.complete
+                if read.complete:
+                    app.stats.recoveries += 1
+                    history = read.messages
+                else:
+                    app.stats.recoveries_failed += 1
+        elif since is not None:
+            reply["recovered"] = False
+            app.stats.recoveries_failed += 1
         self.topics.add(topic)
-        self.app.stats.subscriptions += 1
-        self._ack(request.id)
+        app.stats.subscriptions += 1
+        self._ack(request.id, **reply)
+        for message in history:
+            app.hub.queue(self, message)
+        app.hub.go_live(self, state, reply.get("offset"), reply.get("epoch"))
+        rule = app.settings.rule_for(topic)
+        if rule is not None and rule.presence:
+            await self._presence_add(topic)
+
+    async def _presence_add(self, topic: str) -> None:
+        info = {"worker": self.app.worker_id, "identity": _jsonable_identity(self.identity)}
+        try:
+            await self.app.bus.presence_add(topic, self.id, info)
+        except BusError as exc:
+            log.warning("presence of %s on %s not recorded: %s", self.id, topic, exc)
+
+    def _leave(self, topic: str) -> None:
+        self.topics.discard(topic)
+        self.app.hub.leave(self, topic)
+        self.app.stats.subscriptions -= 1
+        rule = self.app.settings.rule_for(topic)
+        if rule is not None and rule.presence:
+            asyncio.get_running_loop().create_task(self._presence_remove(topic))
+
+    async def _presence_remove(self, topic: str) -> None:
+        try:
+            await self.app.bus.presence_remove(topic, self.id)
+        except BusError as exc:  # the entry expires with this worker's heartbeat instead
+            log.info("presence of %s on %s not removed: %s", self.id, topic, exc)
+
+    async def _presence(self, request: wire.Request) -> None:
+        topic = request.topic
+        assert topic is not None
+        rule = self.app.settings.rule_for(topic)
+        if rule is None or not rule.presence:
+            raise ClientError(wire.NOT_ENABLED, f"presence is not enabled for {topic}")
+        try:
+            clients = await self.app.bus.presence(topic)
+        except BusError as exc:
+            raise ClientError(wire.UNAVAILABLE, f"presence unavailable: {exc}") from None
+        self._ack(request.id, clients=clients)
 
     async def _publish(self, request: wire.Request) -> None:
         assert request.topic is not None and request.payload is not None
+        key = _idempotency_key(request.options)
         payload = await self.app.hooks.transform_publish(self, request)
         message = BusMessage(request.topic, payload, self.codec.encoding, self.app.worker_id)
         try:
-            await self.app.bus.publish(message)
+            published = await self.app.bus.publish(message, key=key)
         except BusError as exc:
             self.app.stats.publish_errors += 1
             raise ClientError(wire.UNAVAILABLE, f"not published: {exc}") from None
         self.app.stats.publishes += 1
-        self._ack(request.id)
+        if published.offset is None:
+            self._ack(request.id)
+        elif published.duplicate:
+            self._ack(request.id, offset=published.offset, epoch=published.epoch, duplicate=True)
+        else:
+            self._ack(request.id, offset=published.offset, epoch=published.epoch)
 
-    def _ack(self, req_id: Any) -> None:
+    def _ack(self, req_id: Any, **fields: Any) -> None:
         if req_id is not None and self.live:
-            self.send(self.codec.ack(req_id))
+            self.send(self.codec.ack(req_id, **fields))
 
     def _reply_error(self, req_id: Any, exc: ClientError) -> None:
         if not self.live:
@@ -208,8 +283,38 @@ class ClientSession:
 
     def on_close(self, code: int, reason: str) -> None:
         self.live = False
-        stats = self.app.stats
-        stats.connections -= 1
-        stats.subscriptions -= len(self.topics)
-        self.app.hub.remove_session(self)
+        self.app.stats.connections -= 1
+        for topic in list(self.topics):
+            self._leave(topic)
         self.app.sessions.discard(self)
+
+
+def _since(options: dict[str, Any] | None) -> tuple[int, str] | None:
+    """The `since` of a subscribe request: (offset, epoch), or None; ClientError if bad."""
+    since = (options or {}).get("since")
+    if since is None:
+        return None
+    if not isinstance(since, dict):
+        raise ClientError(wire.BAD_REQUEST, "since must be an object {offset, epoch}")
+    offset, epoch = since.get("offset"), since.get("epoch")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ClientError(wire.BAD_REQUEST, "since.offset must be an integer >= 0")
+    if not isinstance(epoch, str) or len(epoch) > 64:
+        raise ClientError(wire.BAD_REQUEST, "since.epoch must be a string")
+    return offset, epoch
+
+
+def _idempotency_key(options: dict[str, Any] | None) -> str | None:
+    key = (options or {}).get("key")
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 1 <= len(key) <= 64:
+        raise ClientError(wire.BAD_REQUEST, "key must be a string of 1 to 64 characters")
+    return key
+
+
+def _jsonable_identity(identity: Any) -> Any:
+    """The connect hook's identity as presence info (JSON-safe; repr() otherwise)."""
+    if identity is None or isinstance(identity, str | int | float | bool | list | dict):
+        return identity
+    return repr(identity)

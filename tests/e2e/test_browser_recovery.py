@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, Page
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from support.processes import ServerProcess, redwire
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Subprotocol
@@ -29,6 +30,7 @@ from websockets.typing import Subprotocol
 WORKERS = 2
 WAIT_MS = 20_000
 WAIT_S = WAIT_MS / 1000
+MAX_PAGES = 24  # pages opened at most while looking for one on the other worker
 OFFLINE_S = 3.0
 TOPICS = [{"pattern": "feed.*", "history_size": 10_000, "presence": True, "join_leave": True}]
 FAST_RECONNECT = {"reconnect": {"minDelayMs": 50, "maxDelayMs": 500}, "connectTimeoutMs": 1500}
@@ -139,6 +141,16 @@ def open_client(
     return page, worker, client_id
 
 
+def wait_for_messages(page: Page, count: int) -> list[dict[str, Any]]:
+    """What the page received once it has `count` messages; fails saying what it has."""
+    try:
+        page.wait_for_function("(n) => t.got.length >= n", arg=count, timeout=WAIT_MS)
+    except PlaywrightTimeoutError:
+        got = page.evaluate("t.got")
+        raise AssertionError(f"{len(got)} of {count} messages arrived: {got}") from None
+    return page.evaluate("t.got")
+
+
 def new_topic() -> str:
     return f"feed.e2e.{uuid.uuid4().hex[:12]}"
 
@@ -159,11 +171,12 @@ def test_a_page_offline_for_3_s_gets_every_message_in_order_once(
             expected.append(data)
 
     publish("before", 5)
-    page.wait_for_function("(n) => t.got.length === n", arg=len(expected), timeout=WAIT_MS)
+    wait_for_messages(page, len(expected))
 
     offline_at = time.monotonic()
     page.context.set_offline(True)
-    publish("offline, socket still open", 10)  # held by the browser, then abandoned with it
+    # The socket is still open: what the browser holds back is abandoned with it.
+    publish("offline, socket still open", 10)
     remaining_ms = (offline_at + OFFLINE_S - time.monotonic()) * 1000
     page.wait_for_function(
         "() => t.events.some((e) => e.type === 'disconnected')", timeout=max(remaining_ms, 1)
@@ -177,9 +190,7 @@ def test_a_page_offline_for_3_s_gets_every_message_in_order_once(
         "() => t.events.some((e) => e.type === 'connected' && e.reconnected)", timeout=WAIT_MS
     )
     publish("after", 5)
-    page.wait_for_function("(n) => t.got.length >= n", arg=len(expected), timeout=WAIT_MS)
-
-    got = page.evaluate("t.got")
+    got = wait_for_messages(page, len(expected))
     assert [m["data"] for m in got] == expected  # all of them, in order, once
     offsets = [m["meta"]["offset"] for m in got]
     assert offsets == list(range(offsets[0], offsets[0] + len(expected)))
@@ -219,10 +230,18 @@ def test_a_stored_position_from_another_epoch_is_reported_as_a_gap(
 def test_presence_join_and_leave_are_seen_by_another_page(
     browser: Browser, pages: list[Page], broker: ServerProcess
 ) -> None:
-    watcher, _, watcher_id = open_client(browser, pages, broker, {})
+    watcher, watcher_worker, watcher_id = open_client(browser, pages, broker, {})
     topic = new_topic()
     assert watcher.evaluate("(topic) => t.subscribe(topic)", topic) == "ready"
-    visitor, visitor_worker, visitor_id = open_client(browser, pages, broker, {})
+    # The visitor on the other worker: presence crosses workers through the bus.
+    for _ in range(MAX_PAGES):
+        visitor, visitor_worker, visitor_id = open_client(browser, pages, broker, {})
+        if visitor_worker != watcher_worker:
+            break
+        pages.remove(visitor)
+        visitor.context.close()
+    else:
+        raise AssertionError(f"{MAX_PAGES} pages all landed on worker {watcher_worker}")
     assert visitor.evaluate("(topic) => t.subscribe(topic)", topic) == "ready"
 
     seen = "(type, id) => t.presence.some((e) => e.type === type && e.client === id)"
