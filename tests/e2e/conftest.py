@@ -20,9 +20,12 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """One headless Chromium for the session (Playwright gives it a fresh profile)."""
+    """One headless Chromium per test module (Playwright gives it a fresh profile).
+
+    Not per session: Playwright's sync API keeps an event loop running in this thread while
+    it is started, and asyncio tests of later modules need the thread to themselves."""
     assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing: apt-get install -y chromium"
     with sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
