@@ -51,7 +51,7 @@ class Settings:
     # --- listening and processes ---
     host: str = "127.0.0.1"
     port: int = 8765
-    workers: int = 0  # 0 means one worker per CPU
+    workers: int = 0  # 0 means one per CPU this process may use (affinity, cgroup quota)
     redis_url: str | None = None  # None: the supervisor starts an embedded redis-server
     redis_server_path: str | None = None  # None: look for `redis-server` on PATH
     app: str | None = None  # "module:object" application hooks, None for none
@@ -113,6 +113,7 @@ class Settings:
     drain_timeout_s: float = 10.0  # SIGTERM: clients get close 1001, workers exit within this
     worker_restart_delay_s: float = 0.5
     worker_start_timeout_s: float = 30.0  # a worker not listening by then fails the start
+    kill_grace_s: float = 2.0  # after drain_timeout_s, a worker still running is killed this late
     metrics_dir: str | None = None  # prometheus multiprocess dir; None: supervisor makes one
 
     extra: Mapping[str, Any] = field(default_factory=dict)  # free-form, for application hooks

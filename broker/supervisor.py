@@ -44,7 +44,7 @@ class WorkerProcess:
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.count = settings.workers or os.cpu_count() or 1
+        self.count = settings.workers or available_cpus()
         self.workers = [WorkerProcess(str(i)) for i in range(self.count)]
         self.redis: EmbeddedRedis | None = None
         self.redis_url = settings.redis_url
@@ -120,14 +120,14 @@ class Supervisor:
         self._stopping.set()
 
     def _start(self) -> None:
+        if self.settings.app:
+            check_app_importable(self.settings.app)
         if self.redis_url is None:
             self.redis = EmbeddedRedis(find_redis_server(self.settings.redis_server_path))
             self.redis_url = self.redis.start()
         if self.metrics_dir is None:
             self.metrics_dir = tempfile.mkdtemp(prefix="redwire-metrics-")
             self._own_metrics_dir = True
-        if self.settings.app:
-            check_app_importable(self.settings.app)
         self._open_socket()
         for worker in self.workers:
             self._spawn(worker)
@@ -185,7 +185,7 @@ class Supervisor:
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.drain_timeout_s + 2
+        deadline = time.monotonic() + self.settings.drain_timeout_s + self.settings.kill_grace_s
         for proc in procs:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
@@ -200,6 +200,19 @@ class Supervisor:
         if self._own_metrics_dir and self.metrics_dir:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
         log.info("redwire stopped")
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota
+    (a container's limit), at least 1."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            count = min(count or 1, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count or 1)
 
 
 def check_app_importable(spec: str) -> None:

@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 
+from broker.errors import ConfigError
 from broker.settings import Settings
 from worker.server import Server
 
@@ -87,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     install_uvloop()
-    return asyncio.run(run(args, settings))
+    try:
+        return asyncio.run(run(args, settings))
+    except ConfigError as exc:
+        sys.stderr.write(f"worker {args.worker_id}: {exc}\n")
+        return 2
 
 
 def _announce(line: str) -> None:

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 PORT = 8765
-SUPERVISOR_KILL_MARGIN_S = 2.0  # broker/supervisor.py kills workers drain_timeout_s + 2 s in
+SUPERVISOR_KILL_MARGIN_S = Settings().kill_grace_s  # workers are killed drain + this late
 ENV_NOT_FIELDS = {ENV_PREFIX + "CONFIG"}  # the TOML file's path: read by Settings.load
 FIELDS = {name.upper() for name in Settings.__dataclass_fields__}
 
