@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis", dest="redis_url", help="Redis URL (default: embedded)")
     serve.add_argument("--app", help="application hooks as module:object")
     serve.add_argument("--api-key", dest="api_key", help="enables POST /publish")
+    serve.add_argument("--static-dir", dest="static_dir", help="serve these web files at /")
     return parser
 
 
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {
         k: v for k, v in vars(args).items() if k not in ("command", "config") and v is not None
     }
+    if overrides.get("static_dir"):  # workers share our cwd, but say it plainly
+        overrides["static_dir"] = os.path.abspath(overrides["static_dir"])
     try:
         settings = Settings.load(toml_path=args.config, overrides=overrides)
     except ConfigError as exc:

@@ -56,6 +56,7 @@ class Settings:
     redis_server_path: str | None = None  # None: look for `redis-server` on PATH
     app: str | None = None  # "module:object" application hooks, None for none
     api_key: str | None = None  # POST /publish needs it; None disables POST /publish
+    static_dir: str | None = None  # an application's web files, served at / (None: the demo)
     allowed_origins: tuple[str, ...] | None = None  # None: any Origin (or none) is accepted
     log_level: str = "INFO"
 

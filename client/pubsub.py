@@ -216,7 +216,7 @@ class PubSubClient:
             request["since"] = {"offset": position[0], "epoch": position[1]}
         reply = await self._request(request, wait_open=wait_open)
         offset, epoch = reply.get("offset"), reply.get("epoch")
-        if reply.get("recovered") is False:
+        if position is not None and reply.get("recovered") is False:
             sub = self.subscriptions.get(topic)
             if sub is not None:
                 sub._queue.put_nowait(Gap(frozenset((topic,)), "not recovered after reconnect"))

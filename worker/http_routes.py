@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hmac
 import json
+import mimetypes
+import os
 from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 from broker.envelope import ENCODING_JSON, BusMessage
 from broker.errors import BusError, ClientError
@@ -49,6 +52,20 @@ async def handle(app: BrokerApp, request: Request) -> bytes:
     return response
 
 
+# Files the broker always serves: path -> (package, file inside it, content type).
+_ASSETS = {
+    "/redwire.js": ("client", ("js", "redwire.js"), "text/javascript; charset=utf-8"),
+    "/demo.js": ("worker", ("static", "demo.js"), "text/javascript; charset=utf-8"),
+    "/demo.css": ("worker", ("static", "demo.css"), "text/css; charset=utf-8"),
+    "/": ("worker", ("static", "index.html"), "text/html; charset=utf-8"),
+}
+_PAGE_HEADERS = [
+    ("Cache-Control", "no-cache"),
+    ("Content-Security-Policy", "default-src 'self'; connect-src 'self' ws: wss:"),
+    ("X-Content-Type-Options", "nosniff"),
+]
+
+
 def _get(app: BrokerApp, path: str) -> bytes:
     if path == "/healthz":
         ok, body = app.health()
@@ -56,38 +73,37 @@ def _get(app: BrokerApp, path: str) -> bytes:
     if path == "/metrics":
         text, content_type = app.metrics.render()
         return http_response(200, text, content_type=content_type)
-    if path == "/redwire.js":
+    if path == "/index.html":
+        path = "/"
+    static_dir = app.settings.static_dir
+    if static_dir is not None and path != "/redwire.js":
+        found = _static_file(static_dir, path)
+        if found is not None:
+            body, content_type = found
+            return http_response(200, body, content_type=content_type, headers=_PAGE_HEADERS)
+    asset = _ASSETS.get(path)
+    if asset is not None:
+        package, parts, content_type = asset
         return http_response(
-            200,
-            _asset("client", "js", "redwire.js"),
-            content_type="text/javascript; charset=utf-8",
-            headers=[("Cache-Control", "no-cache")],
-        )
-    if path == "/demo.js":
-        return http_response(
-            200,
-            _asset("worker", "static", "demo.js"),
-            content_type="text/javascript; charset=utf-8",
-            headers=[("Cache-Control", "no-cache")],
-        )
-    if path == "/demo.css":
-        return http_response(
-            200,
-            _asset("worker", "static", "demo.css"),
-            content_type="text/css; charset=utf-8",
-            headers=[("Cache-Control", "no-cache")],
-        )
-    if path in ("/", "/index.html"):
-        return http_response(
-            200,
-            _asset("worker", "static", "index.html"),
-            content_type="text/html; charset=utf-8",
-            headers=[
-                ("Cache-Control", "no-cache"),
-                ("Content-Security-Policy", "default-src 'self'; connect-src 'self' ws: wss:"),
-            ],
+            200, _asset(package, *parts), content_type=content_type, headers=_PAGE_HEADERS
         )
     return http_response(404, b"not found\n")
+
+
+def _static_file(root: str, path: str) -> tuple[bytes, str] | None:
+    """A file under the application's `static_dir` (`/` is its index.html), or None.
+
+    The path is resolved and must stay inside the directory: no `..`, no symlink escape."""
+    relative = "index.html" if path == "/" else unquote(path).lstrip("/")
+    base = os.path.realpath(root)
+    target = os.path.realpath(os.path.join(base, relative))
+    if os.path.commonpath((base, target)) != base or not os.path.isfile(target):
+        return None
+    content_type = mimetypes.guess_type(target)[0] or "application/octet-stream"
+    if content_type.startswith("text/") or content_type.endswith("javascript"):
+        content_type += "; charset=utf-8"
+    with open(target, "rb") as fh:
+        return fh.read(), content_type
 
 
 async def _publish(app: BrokerApp, request: Request) -> bytes:

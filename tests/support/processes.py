@@ -66,7 +66,8 @@ class ServerProcess:
                 self._lines_cond.notify_all()
             match = self._ready_re.search(line)
             if match and not self._ready.is_set():
-                self.host, self.port = match.group(1), int(match.group(2))
+                if match.re.groups >= 2:
+                    self.host, self.port = match.group(1), int(match.group(2))
                 self._ready.set()
         with self._lines_cond:
             self._lines_cond.notify_all()
