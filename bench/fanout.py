@@ -133,14 +133,25 @@ def subscriber_process(host: str, port: int, count: int, sampled: int, conn) -> 
 # --- publisher process ----------------------------------------------------------------------
 
 
-def publisher_process(redis_url: str, channel: str, rate: int, duration: float, size: int, conn):
-    import redis.asyncio as redis
+def publisher_process(
+    redis_url: str, prefix: str, history: int, rate: int, duration: float, size: int, conn
+) -> None:
+    """Publish through the bus (as the SDK does): plain PUBLISH, or the history script."""
     import uvloop
 
-    from broker.envelope import ENCODING_JSON, BusMessage, pack
+    from broker.bus import make_bus
+    from broker.envelope import ENCODING_JSON, BusMessage
+    from broker.settings import Settings
 
     async def main() -> None:
-        client = redis.from_url(redis_url)
+        settings = Settings(
+            redis_url=redis_url,
+            channel_prefix=prefix,
+            topics=_rules(history),
+            bus_publish_batch=1024,
+        )
+        bus = make_bus(settings, origin="bench-publisher")
+        await bus.start()
         pad = "x" * max(0, size - 40)
         conn.send(("ready",))
         conn.recv()  # go
@@ -150,19 +161,31 @@ def publisher_process(redis_url: str, channel: str, rate: int, duration: float, 
         while sent < total:
             due = min(total, int((time.monotonic() - start) * rate) + 1)
             if due > sent:
-                pipe = client.pipeline(transaction=False)
+                batch = []
                 for seq in range(sent, due):
                     data = f'{{"t":{time.monotonic_ns()},"s":{seq},"p":"{pad}"}}'.encode()
-                    pipe.publish(channel, pack(BusMessage(TOPIC, data, ENCODING_JSON, "bench")))
-                await pipe.execute()
+                    batch.append(bus.publish(BusMessage(TOPIC, data, ENCODING_JSON, "bench")))
+                await asyncio.gather(*batch)
                 sent = due
             next_due = start + (sent + 1) / rate
             await asyncio.sleep(max(0.0, next_due - time.monotonic()))
         elapsed = time.monotonic() - start
-        await client.aclose()
+        await bus.close()
         conn.send(("done", sent, elapsed))
 
     uvloop.run(main())
+
+
+def _rules(history: int) -> tuple:
+    from broker.settings import TopicRule
+
+    return (TopicRule(pattern=TOPIC, history_size=history),) if history else ()
+
+
+def _rules_env(history: int) -> dict[str, str]:
+    if not history:
+        return {}
+    return {"REDWIRE_TOPICS": json.dumps([{"pattern": TOPIC, "history_size": history}])}
 
 
 # --- driver ---------------------------------------------------------------------------------
@@ -171,7 +194,11 @@ def publisher_process(redis_url: str, channel: str, rate: int, duration: float, 
 def run_fanout(args: argparse.Namespace) -> dict[str, object]:
     redis = RedisServer() if args.redis is None else None
     redis_url = args.redis or redis.url  # type: ignore[union-attr]
-    broker = Broker(args.workers, redis_url, env={"REDWIRE_CHANNEL_PREFIX": args.prefix})
+    broker = Broker(
+        args.workers,
+        redis_url,
+        env={"REDWIRE_CHANNEL_PREFIX": args.prefix, **_rules_env(args.history)},
+    )
     ctx = mp.get_context("spawn")
     loaders = []
     try:
@@ -192,7 +219,7 @@ def run_fanout(args: argparse.Namespace) -> dict[str, object]:
         pub_parent, pub_child = ctx.Pipe()
         publisher = ctx.Process(
             target=publisher_process,
-            args=(redis_url, f"{args.prefix}t:{TOPIC}", args.rate, args.duration, args.size,
+            args=(redis_url, args.prefix, args.history, args.rate, args.duration, args.size,
                   pub_child),
         )  # fmt: skip
         publisher.start()
@@ -234,6 +261,7 @@ def run_fanout(args: argparse.Namespace) -> dict[str, object]:
             "rate_msg_s": args.rate,
             "duration_s": args.duration,
             "size_bytes": args.size,
+            "history_size": args.history,
             "published": sent,
             "publish_elapsed_s": round(pub_elapsed, 3),
             "expected_deliveries": expected,
@@ -306,11 +334,34 @@ def main() -> None:
     parser.add_argument("--redis", help="use this Redis instead of a private one")
     parser.add_argument("--prefix", default="bench:")
     parser.add_argument("--idle", type=int, help="measure memory with N idle connections")
+    parser.add_argument("--history", type=int, default=0, help="history_size for the topic")
+    parser.add_argument(
+        "--compare-history", type=int, metavar="SIZE",
+        help="run twice in one go, history off then history_size=SIZE, and compare",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = run_idle(args) if args.idle else run_fanout(args)
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
+    if args.compare_history:
+        rows = []
+        for history in (0, args.compare_history):
+            args.history = history
+            rows.append(run_fanout(args))
+        off, on = rows
+        keys = [k for k in off if k != "bench"]
+        (out / "fanout_history.json").write_text(json.dumps(rows, indent=2))
+        if args.json:
+            print(json.dumps(rows))
+            return
+        width = max(len(k) for k in keys)
+        print(f"{'':<{width}}  {'history off':>14}  {'history on':>14}")
+        for key in keys:
+            print(f"{key:<{width}}  {off[key]!s:>14}  {on[key]!s:>14}")
+        ratio = on["deliveries_per_server_cpu_s"] / off["deliveries_per_server_cpu_s"]
+        print(f"history on / off, deliveries per server CPU-second: {ratio:.2f}")
+        return
+    result = run_idle(args) if args.idle else run_fanout(args)
     (out / f"{result['bench']}.json").write_text(json.dumps(result, indent=2))
     if args.json:
         print(json.dumps(result))

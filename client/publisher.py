@@ -113,6 +113,15 @@ class AsyncPublisher:
         return list(await asyncio.gather(*(self.publish(t, d) for t, d in items)))
 
 
+def _settle(future: concurrent.futures.Future[Published], task: asyncio.Task[Published]) -> None:
+    if task.cancelled():
+        future.cancel()
+    elif task.exception() is not None:
+        future.set_exception(task.exception())  # type: ignore[arg-type]
+    else:
+        future.set_result(task.result())
+
+
 class Publisher:
     """The blocking publisher: its own event loop on a background thread."""
 
@@ -124,6 +133,8 @@ class Publisher:
         self._thread.start()
         self._outstanding: set[concurrent.futures.Future[Published]] = set()
         self._lock = threading.Lock()
+        # publish_nowait hands work to the loop thread in batches: one wake-up per batch.
+        self._inbox: list[tuple[str, Any, str | None, concurrent.futures.Future[Published]]] = []
         self._call(self._async.start(), timeout_s=self._async.settings.bus_connect_timeout_s + 5)
 
     def _call(self, coro: Any, timeout_s: float | None) -> Any:
@@ -139,13 +150,23 @@ class Publisher:
         self, topic: str, data: Any, *, key: str | None = None
     ) -> concurrent.futures.Future[Published]:
         """Queue a publish and return at once; batched with the others queued meanwhile."""
-        future = asyncio.run_coroutine_threadsafe(
-            self._async.publish(topic, data, key=key), self._loop
-        )
+        future: concurrent.futures.Future[Published] = concurrent.futures.Future()
         with self._lock:
             self._outstanding.add(future)
+            wake = not self._inbox
+            self._inbox.append((topic, data, key, future))
         future.add_done_callback(self._done)
+        if wake:
+            self._loop.call_soon_threadsafe(self._drain_inbox)
         return future
+
+    def _drain_inbox(self) -> None:
+        """On the loop thread: start every publish queued so far (they pipeline together)."""
+        with self._lock:
+            batch, self._inbox = self._inbox, []
+        for topic, data, key, future in batch:
+            task = self._loop.create_task(self._async.publish(topic, data, key=key))
+            task.add_done_callback(lambda t, f=future: _settle(f, t))
 
     def _done(self, future: concurrent.futures.Future[Published]) -> None:
         with self._lock:
