@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import random
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from conformance.rawws import (
@@ -1047,12 +1047,14 @@ def section_13() -> list[Case]:
 # --- the tests -----------------------------------------------------------------------------
 
 
-def params(cases: list[Case]) -> Iterator[object]:
+def params(cases: list[Case]) -> list[object]:
+    out: list[object] = []
     for case in cases:
         marks = []
         if case.id in KNOWN_NON_STRICT:
             marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_NON_STRICT[case.id]))
-        yield pytest.param(case, id=case.id, marks=marks)
+        out.append(pytest.param(case, id=case.id, marks=marks))
+    return out
 
 
 def check(case: Case, host: str, port: int) -> None:
