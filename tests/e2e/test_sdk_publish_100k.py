@@ -7,8 +7,8 @@ topic get offsets. Subscribers: two Chromium pages on different workers (client/
 one `client.pubsub` WebSocket client and one `client.subscriber.Subscriber` reading the bus.
 Each must end with seq 0..N-1 exactly, in order; on the history topic with offsets 1..N.
 
-Threads: Playwright's sync API owns this thread's event loop, so the Python subscribers run on
-an event loop of their own in a second thread; the Publisher has its own loop thread already.
+Processes: Playwright's sync API owns this thread's event loop and the Publisher runs its own
+loop thread; the two Python subscribers run in a child process with their own event loop.
 
 Slow consumers: a page more than `max_send_buffer_bytes` behind is closed with 1013. On the
 history topic it then recovers from its last offset (the test allows that and reports it);
@@ -19,13 +19,13 @@ burst is closed and the rest of the burst is lost to it, by design.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,14 +35,13 @@ from support.processes import ServerProcess, redwire
 
 from broker.settings import Settings
 from client.publisher import Publisher
-from client.pubsub import PubSubClient, connect
-from client.subscriber import Gap, Subscriber
 
 TOTAL = 100_000
 WORKERS = 2
 MAX_PAGES = 24  # pages opened at most while looking for one on the other worker
 WAIT_MS = 20_000  # connecting, subscribing
-DELIVERY_S = 45.0  # every subscriber has everything within this after the flush
+PUBLISH_S = 45.0  # publish_nowait x TOTAL, then flush, within this
+DELIVERY_S = 30.0  # every subscriber has everything within this after the flush
 TOPICS = [{"pattern": "bulk.*", "history_size": 200_000}]
 TOPICS_JSON = json.dumps(TOPICS)
 PLAIN_SEND_BUFFER_BYTES = 64 * 1024 * 1024
@@ -153,97 +152,92 @@ class Received:
     offsets: list[int | None] = field(default_factory=list)
     gaps: list[Any] = field(default_factory=list)
     disconnects: int = 0
-    seconds: float = 0.0  # from the first publish to its last message
+    duplicates_dropped: int = 0  # seen by the client twice (the server should never do that)
+    seconds: float = 0.0  # first to last message (the Python subscribers)
 
 
-class PythonSubscribers:
-    """A `client.pubsub` client and a `client.subscriber.Subscriber`, on their own loop thread."""
+# The Python subscribers run in a child process (the precedent: tests/faults'
+# test_bus_history_faults.py): consuming 2 x 100k messages on a thread of this process would
+# take the GIL from the Publisher's loop thread. argv: ws url, redis url, topic, REDWIRE_TOPICS,
+# total, timeout, result path. It prints "subscribed <worker>" once both subscriptions are
+# acknowledged, then writes what each subscriber got to the result path as JSON.
+_SUBSCRIBERS = """
+import asyncio, json, sys, time
+from broker.settings import Settings
+from client.pubsub import connect
+from client.subscriber import Gap, Subscriber
 
-    def __init__(self, ws_url: str, redis_url: str, topic: str, settings: Settings) -> None:
-        self.ws_url, self.redis_url, self.topic, self.settings = ws_url, redis_url, topic, settings
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
-                                       name="python-subscribers")  # fmt: skip
-        self.thread.start()
-        self.ws = Received("python pubsub")
-        self.bus = Received("python subscriber")
-        self.worker: str | None = None
-        self.started_at = 0.0  # set by the test right before the first publish
-        self._client: PubSubClient | None = None
-        self._subscriber: Subscriber | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+NAMES = ("pubsub", "subscriber")
 
-    def _call(self, coro: Any, timeout_s: float) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+async def collect(items, got, total, started):
+    async for item in items:
+        if isinstance(item, Gap):
+            got["gaps"].append(item.reason)
+            continue
+        started[0] = started[0] or time.monotonic()
+        got["seqs"].append(item.data["seq"])
+        got["offsets"].append(item.offset)
+        if len(got["seqs"]) == total:
+            break
+    got["seconds"] = time.monotonic() - started[0]
 
-    def start(self) -> None:
-        """Both subscribed (acknowledged) and consuming when this returns."""
-        self._call(self._start(), timeout_s=WAIT_MS / 1000)
+async def main(ws_url, redis_url, topic, topics, total, timeout_s, out):
+    settings = Settings.load(environ={"REDWIRE_TOPICS": topics})
+    client = await connect(ws_url)
+    sub = await client.subscribe(topic)
+    subscriber = Subscriber(redis_url, [topic], settings=settings)
+    await subscriber.start()
+    print("subscribed", client.worker, flush=True)
+    started = [0.0]  # when the first message arrived
+    got = {n: {"seqs": [], "offsets": [], "gaps": [], "seconds": None} for n in NAMES}
+    tasks = [asyncio.create_task(collect(s, got[n], total, started))
+             for n, s in zip(NAMES, (sub, subscriber))]
+    await asyncio.wait(tasks, timeout=timeout_s)
+    for task in tasks:
+        task.cancel()
+    result = {"worker": client.worker, "disconnects": client.disconnects,
+              "duplicates": client.duplicates_dropped, **got}
+    with open(out, "w") as fh:
+        json.dump(result, fh)
+    print("done", flush=True)
+    await client.close()
+    await subscriber.close()
 
-    async def _start(self) -> None:
-        client = self._client = await connect(self.ws_url)
-        self.worker = client.worker
-        sub = await client.subscribe(self.topic)
-        subscriber = self._subscriber = Subscriber(
-            self.redis_url, [self.topic], settings=self.settings
+asyncio.run(main(*sys.argv[1:5], int(sys.argv[5]), float(sys.argv[6]), sys.argv[7]))
+"""
+
+
+def python_subscribers(
+    broker: ServerProcess, redis_url: str, topic: str, result: Path
+) -> ServerProcess:
+    """The child process, once both its subscriptions are acknowledged."""
+    argv = [
+        sys.executable, "-c", _SUBSCRIBERS, broker.url, redis_url, topic, TOPICS_JSON,
+        str(TOTAL), str(DELIVERY_S + PUBLISH_S), str(result),
+    ]  # fmt: skip
+    return ServerProcess(argv, ready=r"^subscribed \S+$", timeout_s=WAIT_MS / 1000)
+
+
+def python_received(child: ServerProcess, result: Path, deadline: float) -> list[Received]:
+    """What the child's two subscribers got (it writes that once done or out of time)."""
+    child.wait_for_output(r"^done$", timeout_s=max(0.0, deadline - time.monotonic()) + 10)
+    got = json.loads(result.read_text())
+    received = []
+    for name in ("pubsub", "subscriber"):
+        part = got[name]
+        on_ws = name == "pubsub"
+        received.append(
+            Received(
+                f"python {name}" + (f" on worker {got['worker']}" if on_ws else ""),
+                part["seqs"],
+                part["offsets"],
+                part["gaps"],
+                got["disconnects"] if on_ws else 0,
+                got["duplicates"] if on_ws else 0,
+                part["seconds"] or 0.0,
+            )
         )
-        await subscriber.start()
-
-        async def from_ws() -> None:
-            async for item in sub:
-                if isinstance(item, Gap):
-                    self.ws.gaps.append(item)
-                    continue
-                self.ws.seqs.append(item.data["seq"])
-                self.ws.offsets.append(item.offset)
-                if len(self.ws.seqs) == TOTAL:
-                    self.ws.seconds = time.monotonic() - self.started_at
-                    return
-
-        async def from_bus() -> None:
-            async for item in subscriber:
-                if isinstance(item, Gap):
-                    self.bus.gaps.append(item)
-                    continue
-                self.bus.seqs.append(item.data["seq"])
-                self.bus.offsets.append(item.offset)
-                if len(self.bus.seqs) == TOTAL:
-                    self.bus.seconds = time.monotonic() - self.started_at
-                    return
-
-        self._tasks = [asyncio.create_task(from_ws()), asyncio.create_task(from_bus())]
-
-    def wait(self, timeout_s: float) -> None:
-        """Until both have TOTAL messages; fails saying how far each got."""
-
-        async def both() -> None:
-            await asyncio.wait_for(asyncio.gather(*self._tasks), timeout_s)
-
-        try:
-            self._call(both(), timeout_s + 5)
-        except TimeoutError:
-            raise AssertionError(
-                f"after {timeout_s}s: pubsub {len(self.ws.seqs)}, subscriber "
-                f"{len(self.bus.seqs)} of {TOTAL} messages"
-            ) from None
-        assert self._client is not None
-        self.ws.disconnects = self._client.disconnects
-
-    def close(self) -> None:
-        async def stop() -> None:
-            for task in self._tasks:
-                task.cancel()
-            if self._client is not None:
-                await self._client.close()
-            if self._subscriber is not None:
-                await self._subscriber.close()
-
-        try:
-            self._call(stop(), timeout_s=10)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
+    return received
 
 
 def page_received(page: Page, name: str, deadline: float) -> Received:
@@ -256,12 +250,15 @@ def page_received(page: Page, name: str, deadline: float) -> Received:
     except PlaywrightTimeoutError:
         state = page.evaluate("[t.seqs.length, t.events, t.gaps, t.client.state]")
         raise AssertionError(f"{name}: {state[0]} of {TOTAL} messages; {state[1:]}") from None
-    got = page.evaluate("[t.seqs, t.offsets, t.gaps, t.events.length]")
-    return Received(name, got[0], got[1], got[2], got[3])
+    got = page.evaluate(
+        "[t.seqs, t.offsets, t.gaps, t.events.length, t.client.stats.duplicatesDropped]"
+    )
+    return Received(name, *got)
 
 
 def check(received: Received, history: bool) -> None:
     assert received.gaps == [], f"{received.name}: {received.gaps}"
+    assert received.duplicates_dropped == 0, f"{received.name}: duplicates"
     assert len(received.seqs) == TOTAL, f"{received.name}: {len(received.seqs)} messages"
     # In order, once each: compare cheaply first, then say where it broke.
     if received.seqs != list(range(TOTAL)):
@@ -279,6 +276,7 @@ def test_every_subscriber_gets_100k_sdk_messages_in_order(
     broker: ServerProcess,
     redis_url: str,
     case: Case,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     topic = f"{case.topic_prefix}{uuid.uuid4().hex[:12]}"
@@ -289,13 +287,13 @@ def test_every_subscriber_gets_100k_sdk_messages_in_order(
     browsers = pages_on_two_workers(browser, pages, broker)
     for page, _ in browsers:
         assert page.evaluate(SUBSCRIBE, topic) == "ready"
-    python = PythonSubscribers(broker.url, redis_url, topic, settings)
+    result = tmp_path / "python-subscribers.json"
+    child = python_subscribers(broker, redis_url, topic, result)
     try:
-        python.start()
         with Publisher(redis_url, settings=settings) as publisher:
-            started = python.started_at = time.monotonic()
+            started = time.monotonic()
             futures = [publisher.publish_nowait(topic, {"seq": i}) for i in range(TOTAL)]
-            publisher.flush(timeout_s=DELIVERY_S)
+            publisher.flush(timeout_s=PUBLISH_S)
             published_s = time.monotonic() - started
         acks = [f.result() for f in futures]
         if case.history:
@@ -304,25 +302,25 @@ def test_every_subscriber_gets_100k_sdk_messages_in_order(
             assert {a.offset for a in acks} == {None}
 
         deadline = time.monotonic() + DELIVERY_S
-        python.wait(DELIVERY_S)
-        results = [python.ws, python.bus]
-        for page, worker in browsers:
-            results.append(page_received(page, f"page on worker {worker}", deadline))
+        results = [page_received(page, f"page on worker {w}", deadline) for page, w in browsers]
+        results += python_received(child, result, deadline)
         total_s = time.monotonic() - started
     finally:
-        python.close()
+        child.stop()
 
     for received in results:
         check(received, case.history)
     if not case.history:
-        # Nothing to recover from: a close would have lost messages (checked above too).
+        # Nothing to recover from on a plain topic: a close would have lost messages.
         assert [r.disconnects for r in results] == [0] * len(results)
     with capsys.disabled():
         print(
             f"\n[{case.name}] {TOTAL} messages published in {published_s:.2f}s "
-            f"({TOTAL / published_s:,.0f} msg/s); all 4 subscribers complete after "
-            f"{total_s:.2f}s ({TOTAL / total_s:,.0f} msg/s end to end); "
-            f"python pubsub on worker {python.worker} {python.ws.seconds:.2f}s, "
-            f"subscriber {python.bus.seconds:.2f}s; "
-            f"disconnects (pubsub, subscriber, pages): {[r.disconnects for r in results]}"
+            f"({TOTAL / published_s:,.0f} msg/s); all 4 subscribers complete {total_s:.2f}s "
+            f"after the first publish ({TOTAL / total_s:,.0f} msg/s end to end); "
+            + "; ".join(
+                f"{r.name}: {r.disconnects} disconnects"
+                + (f", {r.seconds:.2f}s first to last" if r.seconds else "")
+                for r in results
+            )
         )
