@@ -131,9 +131,12 @@ async def _publish(app: BrokerApp, request: Request) -> bytes:
     except ClientError as exc:
         status = 413 if exc.code == wire.TOO_LARGE else 400
         return _json(status, {"error": exc.code, "reason": exc.reason})
+    key = body.get("key")
+    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 64):
+        return _json(400, {"error": wire.BAD_REQUEST, "reason": "key: 1 to 64 characters"})
     try:
         published = await app.bus.publish(
-            BusMessage(topic, payload, ENCODING_JSON, f"http-{app.worker_id}")
+            BusMessage(topic, payload, ENCODING_JSON, f"http-{app.worker_id}"), key=key
         )
     except BusError as exc:
         app.stats.publish_errors += 1
@@ -142,4 +145,6 @@ async def _publish(app: BrokerApp, request: Request) -> bytes:
     reply: dict[str, object] = {"ok": True}
     if published.offset is not None:
         reply.update(offset=published.offset, epoch=published.epoch)
+        if published.duplicate:
+            reply["duplicate"] = True
     return _json(200, reply)

@@ -44,7 +44,7 @@ PUBLISH_S = 45.0  # publish_nowait x TOTAL, then flush, within this
 DELIVERY_S = 30.0  # every subscriber has everything within this after the flush
 TOPICS = [{"pattern": "bulk.*", "history_size": 200_000}]
 TOPICS_JSON = json.dumps(TOPICS)
-PLAIN_SEND_BUFFER_BYTES = 64 * 1024 * 1024
+PLAIN_SEND_BUFFER_BYTES = 4 * 1024 * 1024
 
 # window.t = {client, seqs, offsets, gaps, events}: only numbers are kept per message.
 SETUP = """
