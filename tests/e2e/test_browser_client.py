@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, Page
-from support.processes import ServerProcess, redwire, worker_pids
+from support.processes import ServerProcess, serve, worker_pids
 
 WORKERS = 2
 WAIT_MS = 20_000
@@ -59,14 +59,12 @@ FAST_RECONNECT = {"reconnect": {"minDelayMs": 50, "maxDelayMs": 500}, "connectTi
 
 @pytest.fixture(scope="module")
 def broker(redis_server) -> Iterator[ServerProcess]:
-    server = ServerProcess(
-        redwire(
-            "serve", "--host", "127.0.0.1", "--port", "0",
-            "--workers", str(WORKERS), "--redis", redis_server.url,
-        ),
+    server = serve(
+        redis_server.url,
+        workers=WORKERS,
         # A fast heartbeat, so that a silent worker is noticed within seconds.
         env={"REDWIRE_HEARTBEAT_INTERVAL_S": "0.5", "REDWIRE_HEARTBEAT_TIMEOUT_S": "1"},
-    )  # fmt: skip
+    )
     yield server
     server.stop()
 

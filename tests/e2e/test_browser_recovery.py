@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
-from support.processes import ServerProcess, redwire
+from support.processes import ServerProcess, serve
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
@@ -74,18 +74,16 @@ async ([options, waitMs]) => {
 
 @pytest.fixture(scope="module")
 def broker(redis_server) -> Iterator[ServerProcess]:
-    server = ServerProcess(
-        redwire(
-            "serve", "--host", "127.0.0.1", "--port", "0",
-            "--workers", str(WORKERS), "--redis", redis_server.url,
-        ),
+    server = serve(
+        redis_server.url,
+        workers=WORKERS,
         env={
             "REDWIRE_TOPICS": json.dumps(TOPICS),
             # A fast heartbeat: an offline page notices within the offline period.
             "REDWIRE_HEARTBEAT_INTERVAL_S": "0.5",
             "REDWIRE_HEARTBEAT_TIMEOUT_S": "1",
         },
-    )  # fmt: skip
+    )
     yield server
     server.stop()
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect
-from support.processes import ServerProcess, redwire
+from support.processes import ServerProcess, serve
 
 WORKERS = 2
 WAIT_MS = 15_000
@@ -17,12 +17,7 @@ XSS = '<img src=x onerror="window.__xss=1">'
 
 @pytest.fixture(scope="module")
 def broker(redis_server) -> Iterator[ServerProcess]:
-    server = ServerProcess(
-        redwire(
-            "serve", "--host", "127.0.0.1", "--port", "0",
-            "--workers", str(WORKERS), "--redis", redis_server.url,
-        )
-    )  # fmt: skip
+    server = serve(redis_server.url, workers=WORKERS)
     yield server
     server.stop()
 

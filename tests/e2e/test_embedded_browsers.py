@@ -10,14 +10,14 @@ from collections.abc import Iterator
 
 import pytest
 from playwright.sync_api import Browser, Page, expect
-from support.processes import ServerProcess, redwire
+from support.processes import ServerProcess, serve
 
 WAIT_MS = 15_000
 
 
 @pytest.fixture(scope="module")
 def embedded_broker() -> Iterator[ServerProcess]:
-    server = ServerProcess(redwire("serve", "--host", "127.0.0.1", "--port", "0", "--workers", "2"))
+    server = serve(None)
     server.wait_for_output(r"embedded redis-server \(pid \d+\)")
     yield server
     assert server.stop() == 0

@@ -7,17 +7,12 @@ from collections.abc import Iterator
 
 import pytest
 from playwright.sync_api import Browser, expect
-from support.processes import REPO, ServerProcess, redwire
+from support.processes import REPO, ServerProcess, serve
 
 
 @pytest.fixture(scope="module")
 def broker(redis_server) -> Iterator[ServerProcess]:
-    server = ServerProcess(
-        redwire(
-            "serve", "--host", "127.0.0.1", "--port", "0", "--workers", "2",
-            "--redis", redis_server.url, "--static-dir", "examples/streaming/web",
-        )
-    )  # fmt: skip
+    server = serve(redis_server.url, args=["--static-dir", "examples/streaming/web"])
     yield server
     assert server.stop() == 0
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 from support.broker_client import PubSubClient, clients_on_workers
-from support.processes import ServerProcess, redwire, rss_bytes, worker_pids
+from support.processes import ServerProcess, rss_bytes, serve, worker_pids
 from support.waiting import eventually, eventually_sync
 
 KIB = 1024
@@ -21,11 +21,8 @@ KIB = 1024
 
 @pytest.fixture
 def broker(redis_server) -> Iterator[ServerProcess]:
-    server = ServerProcess(
-        redwire(
-            "serve", "--host", "127.0.0.1", "--port", "0", "--workers", "2",
-            "--redis", redis_server.url,
-        ),
+    server = serve(
+        redis_server.url,
         env={
             "REDWIRE_MAX_SEND_BUFFER_BYTES": str(256 * KIB),
             "REDWIRE_WRITE_BUFFER_HIGH_BYTES": str(64 * KIB),
@@ -33,7 +30,7 @@ def broker(redis_server) -> Iterator[ServerProcess]:
             "REDWIRE_CLOSE_TIMEOUT_S": "1",
             "REDWIRE_CHANNEL_PREFIX": f"faults{os.getpid()}:",
         },
-    )  # fmt: skip
+    )
     yield server
     assert server.stop() == 0
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from support.bus_watch import BusWatch
 from support.redis_server import RedisServer
+from support.tcp_proxy import TcpProxy, publisher_link
 from support.waiting import eventually, eventually_sync
 
 from broker.bus import JOIN, LEAVE
@@ -37,38 +38,6 @@ FAST = Settings(
         TopicRule("room.*", presence=True, join_leave=True),
     ),
 )
-
-
-class Watch:
-    """Messages, presence events, gaps and health flips of a bus; waits with a deadline."""
-
-    def __init__(self, bus: RedisBus) -> None:
-        self.messages: list[BusMessage] = []
-        self.presence: list[tuple[str, str, str, dict[str, Any]]] = []
-        self.gaps: list[frozenset[str]] = []
-        self.health: list[bool] = []
-        self._changed = asyncio.Event()
-        bus.on_messages = self._record(self.messages.extend)
-        bus.on_gap = self._record(self.gaps.append)
-        bus.on_health = self._record(self.health.append)
-        bus.on_presence = self._on_presence
-
-    def _on_presence(self, topic: str, kind: str, client_id: str, info: dict[str, Any]) -> None:
-        self.presence.append((topic, kind, client_id, info))
-        self._changed.set()
-
-    def _record(self, add: Callable[[Any], None]) -> Callable[[Any], None]:
-        def callback(value: Any) -> None:
-            add(value)
-            self._changed.set()
-
-        return callback
-
-    async def until(self, predicate: Callable[[], object], timeout_s: float = WAIT_S) -> None:
-        async with asyncio.timeout(timeout_s):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
 
 
 def _msg(i: int) -> BusMessage:
@@ -102,7 +71,7 @@ async def test_redis_restarted_empty_starts_a_new_epoch(
     server: RedisServer, make_bus: Callable[..., RedisBus]
 ) -> None:
     bus = make_bus(server.url)
-    watch = Watch(bus)
+    watch = BusWatch(bus)
     await bus.start()
     await bus.subscribe(["hist.f"])
     old = [await bus.publish(_msg(i)) for i in range(5)]
@@ -133,83 +102,12 @@ async def test_redis_restarted_empty_starts_a_new_epoch(
 # --- a replica promoted in the old primary's place ---------------------------------------------
 
 
-@dataclass(eq=False)
-class _Link:
-    writer: asyncio.StreamWriter
-    upstream: asyncio.StreamWriter
-    publisher: bool = False  # the link carries EVALSHA (the publisher connection)
-    frozen: bool = False  # what Redis answers is dropped
-
-
-class SwitchProxy:
-    """A TCP proxy to one Redis port that can be pointed at another one, cut every link, and
-    drop the replies Redis sends to the publisher connection (the command still runs)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.links: list[_Link] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        self.cut()
-
-    def cut(self) -> None:
-        for link in self.links:
-            link.writer.close()
-            link.upstream.close()
-        self.links.clear()
-
-    def freeze_publishers(self) -> int:
-        links = [link for link in self.links if link.publisher and not link.writer.is_closing()]
-        for link in links:
-            link.frozen = True
-        return len(links)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        link = _Link(writer, up_writer)
-        self.links.append(link)
-
-        async def client_to_redis() -> None:
-            while data := await reader.read(65536):
-                link.publisher = link.publisher or b"EVALSHA" in data
-                up_writer.write(data)
-                await up_writer.drain()
-
-        async def redis_to_client() -> None:
-            while data := await up_reader.read(65536):
-                if not link.frozen:
-                    writer.write(data)
-                    await writer.drain()
-
-        tasks = [asyncio.create_task(client_to_redis()), asyncio.create_task(redis_to_client())]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            writer.close()
-            up_writer.close()
-
-
 @pytest.fixture
 async def proxy_to() -> AsyncIterator[Callable[..., Any]]:
-    proxies: list[SwitchProxy] = []
+    proxies: list[TcpProxy] = []
 
-    async def make(port: int) -> SwitchProxy:
-        proxy = SwitchProxy(port)
+    async def make(port: int) -> TcpProxy:
+        proxy = TcpProxy(port)
         await proxy.start()
         proxies.append(proxy)
         return proxy
@@ -233,9 +131,9 @@ async def test_promoted_replica_starts_a_new_epoch(
         primary.command("CONFIG", "SET", "repl-diskless-sync-delay", 0)
         replica.command("REPLICAOF", "127.0.0.1", primary.port)
         eventually_sync(lambda: _replication(replica).get("master_link_status") == "up")
-        proxy: SwitchProxy = await proxy_to(primary.port)
+        proxy: TcpProxy = await proxy_to(primary.port)
         bus = make_bus(proxy.url)
-        watch = Watch(bus)
+        watch = BusWatch(bus)
         await bus.start()
         await bus.subscribe(["hist.f"])
         old = [await bus.publish(_msg(i)) for i in range(5)]
@@ -267,13 +165,13 @@ async def test_promoted_replica_starts_a_new_epoch(
 async def test_publish_whose_reply_was_lost_is_retried_once_with_its_key(
     server: RedisServer, make_bus: Callable[..., RedisBus], proxy_to: Callable[..., Any]
 ) -> None:
-    proxy: SwitchProxy = await proxy_to(server.port)
+    proxy: TcpProxy = await proxy_to(server.port)
     bus = make_bus(proxy.url)
-    watch = Watch(bus)
+    watch = BusWatch(bus)
     await bus.start()
     await bus.subscribe(["hist.f"])
     assert (await bus.publish(_msg(0))).offset == 1
-    assert proxy.freeze_publishers() == 1
+    assert proxy.freeze(publisher_link) == 1
 
     with pytest.raises(BusUnavailable, match="timed out"):
         await bus.publish(_msg(1), key="order-1")  # Redis ran it; the answer never came
@@ -312,7 +210,7 @@ async def test_killed_worker_leaves_presence_within_the_ttl(
     server: RedisServer, make_bus: Callable[..., RedisBus]
 ) -> None:
     survivor = make_bus(server.url, "survivor")
-    watch = Watch(survivor)
+    watch = BusWatch(survivor)
     await survivor.start()
     await survivor.subscribe(["room.k"])
     doomed = await asyncio.create_subprocess_exec(

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 
 import pytest
+from support.bus_watch import BusWatch
 from support.redis_server import RedisServer
+from support.tcp_proxy import TcpProxy, subscriber_link
 from support.waiting import eventually
 
 from broker.bus.redis import RedisBus
@@ -28,41 +29,6 @@ FAST = Settings(
     bus_publish_timeout_s=0.5,
     bus_connect_timeout_s=1.0,
 )
-
-
-class Watch:
-    """Records what a bus reports; tests wait on it with a deadline."""
-
-    def __init__(self, bus: RedisBus) -> None:
-        self.health: list[bool] = []
-        self.gaps: list[frozenset[str]] = []
-        self.messages: list[BusMessage] = []
-        self._changed = asyncio.Event()
-        bus.on_health = self._record(self.health.append)
-        bus.on_gap = self._record(self.gaps.append)
-        bus.on_messages = self._record(self.messages.extend)
-
-    def _record(self, add: Callable[[object], None]) -> Callable[[object], None]:
-        def callback(value: object) -> None:
-            add(value)
-            self._changed.set()
-
-        return callback
-
-    async def until(self, predicate: Callable[[], object], timeout_s: float = WAIT_S) -> None:
-        async with asyncio.timeout(timeout_s):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
-
-    async def receive(self, bus: RedisBus, *topics: str) -> None:
-        """Publish one message on each topic and wait until all of them came back."""
-        payloads = []
-        for topic in topics:
-            payload = f"{topic}-{len(self.messages)}-{len(payloads)}".encode()
-            await bus.publish(BusMessage(topic, payload, ENCODING_JSON, "test"))
-            payloads.append(payload)
-        await self.until(lambda: set(payloads) <= {m.payload for m in self.messages})
 
 
 @pytest.fixture
@@ -94,7 +60,7 @@ async def test_redis_restart(
     server: RedisServer, make_bus: Callable[..., RedisBus], how: str
 ) -> None:
     bus = make_bus(server.url)
-    watch = Watch(bus)
+    watch = BusWatch(bus)
     await bus.start()
     assert watch.health == [True]
     await bus.subscribe(["a", "b", "c"])
@@ -124,7 +90,7 @@ async def test_resubscribe_is_batched(
     server: RedisServer, make_bus: Callable[..., RedisBus]
 ) -> None:
     bus = make_bus(server.url, FAST.replace(bus_resubscribe_batch=100))
-    watch = Watch(bus)
+    watch = BusWatch(bus)
     await bus.start()
     topics = [f"t{i}" for i in range(250)]
     await bus.subscribe(topics)
@@ -141,7 +107,7 @@ async def test_killed_subscriber_connection_recovers(
     server: RedisServer, make_bus: Callable[..., RedisBus]
 ) -> None:
     bus = make_bus(server.url)
-    watch = Watch(bus)
+    watch = BusWatch(bus)
     await bus.start()
     await bus.subscribe(["x", "y"])
     await watch.receive(bus, "x")
@@ -158,7 +124,7 @@ async def test_start_while_redis_is_down(
 ) -> None:
     await asyncio.to_thread(server.stop)
     bus = make_bus(server.url)
-    watch = Watch(bus)
+    watch = BusWatch(bus)
     await bus.start()  # returns after the first failed attempt, keeps retrying
     assert not bus.healthy and watch.health == []
     with pytest.raises(BusUnavailable):
@@ -175,81 +141,18 @@ async def test_start_while_redis_is_down(
 # --- a subscription that silently stops delivering ---------------------------------------------
 
 
-@dataclass(eq=False)
-class _Link:
-    writer: asyncio.StreamWriter
-    subscriber: bool = False
-    frozen: bool = False
-
-
-class BlackholeProxy:
-    """A TCP proxy to Redis that can silently drop what Redis sends to subscriber connections:
-    the connection stays open, Redis thinks it delivers, nothing arrives (a dead NAT entry)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.links: list[_Link] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for link in self.links:
-            link.writer.close()
-
-    def freeze_subscribers(self) -> int:
-        frozen = [link for link in self.links if link.subscriber and not link.writer.is_closing()]
-        for link in frozen:
-            link.frozen = True
-        return len(frozen)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        link = _Link(writer)
-        self.links.append(link)
-
-        async def client_to_redis() -> None:
-            while data := await reader.read(65536):
-                link.subscriber = link.subscriber or b"SUBSCRIBE" in data
-                up_writer.write(data)
-                await up_writer.drain()
-
-        async def redis_to_client() -> None:
-            while data := await up_reader.read(65536):
-                if not link.frozen:
-                    writer.write(data)
-                    await writer.drain()
-
-        tasks = [asyncio.create_task(client_to_redis()), asyncio.create_task(redis_to_client())]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            writer.close()
-            up_writer.close()
-
-
 async def test_wedged_subscription_is_detected_and_replaced(
     server: RedisServer, make_bus: Callable[..., RedisBus]
 ) -> None:
-    proxy = BlackholeProxy(server.port)
-    await proxy.start()
-    try:
-        bus = make_bus(f"redis://127.0.0.1:{proxy.port}/0")
-        watch = Watch(bus)
+    async with TcpProxy(server.port) as proxy:
+        bus = make_bus(proxy.url)
+        watch = BusWatch(bus)
         await bus.start()
         await bus.subscribe(["w"])
         await watch.receive(bus, "w")
         assert bus.stats()["probe_timeouts"] == 0
 
-        assert proxy.freeze_subscribers() == 1
+        assert proxy.freeze(subscriber_link) == 1
         await bus.publish(BusMessage("w", b"lost", ENCODING_JSON))  # Redis took it; we never see it
         await watch.until(lambda: watch.gaps and watch.health[-1] is True)
         assert watch.health == [True, False, True]
@@ -258,15 +161,13 @@ async def test_wedged_subscription_is_detected_and_replaced(
         assert stats["probe_timeouts"] == 1 and stats["reconnects"] == 1
         await watch.receive(bus, "w")
         assert b"lost" not in {m.payload for m in watch.messages}
-    finally:
-        await proxy.close()
 
 
 async def test_probe_measures_round_trip(
     server: RedisServer, make_bus: Callable[..., RedisBus]
 ) -> None:
     bus = make_bus(server.url)
-    watch = Watch(bus)
+    watch = BusWatch(bus)
     await bus.start()
 
     async def probed_twice() -> bool:
@@ -282,7 +183,7 @@ async def test_paused_redis_fails_publishes_without_dropping_the_subscription(
     server: RedisServer, make_bus: Callable[..., RedisBus]
 ) -> None:
     bus = make_bus(server.url)
-    watch = Watch(bus)
+    watch = BusWatch(bus)
     await bus.start()
     await bus.subscribe(["p"])
     await watch.receive(bus, "p")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import redis.asyncio
 from support.broker_client import PubSubClient, clients_on_workers
-from support.processes import ServerProcess, redwire
+from support.processes import ServerProcess, serve
 from support.waiting import eventually
 
 WORKERS = 4
@@ -19,13 +19,11 @@ MIB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def broker(redis_server) -> Iterator[ServerProcess]:
-    server = ServerProcess(
-        redwire(
-            "serve", "--host", "127.0.0.1", "--port", "0",
-            "--workers", str(WORKERS), "--redis", redis_server.url,
-        ),
+    server = serve(
+        redis_server.url,
+        workers=WORKERS,
         env={"REDWIRE_API_KEY": "test-key", "REDWIRE_CHANNEL_PREFIX": "mw:"},
-    )  # fmt: skip
+    )
     yield server
     assert server.stop() == 0
 

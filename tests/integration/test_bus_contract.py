@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import redis.asyncio as aredis
+from support.bus_watch import BusWatch
 from support.redis_server import RedisServer
 
 from broker.bus import (
@@ -36,7 +37,6 @@ from broker.bus.redis import RedisBus
 from broker.envelope import ENCODING_JSON, ENCODING_MSGPACK, BusMessage, msgpack_dumps, pack
 from broker.settings import Settings, TopicRule
 
-WAIT_S = 5.0
 # No idle probes during a contract test: they would add publish batches of their own.
 SETTINGS = Settings(
     bus_probe_interval_s=60.0,
@@ -49,44 +49,16 @@ SETTINGS = Settings(
     ),
 )
 
-PresenceEvent = tuple[str, str, str, dict[str, Any]]  # topic, JOIN/LEAVE, client, info
 
-
-class Inbox:
-    """Collects what a bus delivers; tests wait on it with a deadline."""
-
-    def __init__(self, bus: Bus) -> None:
-        self.messages: list[BusMessage] = []
-        self.batches: list[int] = []
-        self.presence: list[PresenceEvent] = []
-        self.events: list[BusMessage | PresenceEvent] = []  # both kinds, in delivery order
-        self._changed = asyncio.Event()
-        bus.on_messages = self._on_messages
-        bus.on_presence = self._on_presence
-
-    def _on_messages(self, batch: list[BusMessage]) -> None:
-        self.batches.append(len(batch))
-        self.messages.extend(batch)
-        self.events.extend(batch)
-        self._changed.set()
-
-    def _on_presence(self, topic: str, kind: str, client_id: str, info: dict[str, Any]) -> None:
-        self.presence.append((topic, kind, client_id, info))
-        self.events.append((topic, kind, client_id, info))
-        self._changed.set()
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
-        async with asyncio.timeout(timeout_s):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
+class Inbox(BusWatch):
+    """A BusWatch that can also tell what arrived before a fence."""
 
     async def fence(self, publisher: Bus, topic: str) -> list[BusMessage]:
         """Publish a marker on `topic`, wait for it, return what came before it."""
         return (await fence(publisher, topic, self))[0]
 
     async def until_marker(self, marker: bytes) -> list[BusMessage]:
-        await self.wait_for(lambda: any(m.payload == marker for m in self.messages))
+        await self.until(lambda: any(m.payload == marker for m in self.messages))
         index = next(i for i, m in enumerate(self.messages) if m.payload == marker)
         before, self.messages = self.messages[:index], self.messages[index + 1 :]
         return before
@@ -205,7 +177,7 @@ async def test_unsubscribe_stops_delivery(harness: Harness) -> None:
     inbox = Inbox(bus)
     await bus.subscribe(["x", "y"])
     await bus.publish(BusMessage("x", b"before", ENCODING_JSON))
-    await inbox.wait_for(lambda: len(inbox.messages) == 1)
+    await inbox.until(lambda: len(inbox.messages) == 1)
     await bus.unsubscribe(["x"])
     await bus.publish(BusMessage("x", b"after", ENCODING_JSON))
     assert await inbox.fence(bus, "y") == [BusMessage("x", b"before", ENCODING_JSON)]
@@ -234,7 +206,7 @@ async def test_subscribe_many_topics_at_once(harness: Harness) -> None:
         assert len(await _topic_channels(harness)) == 1200
     sent = [BusMessage(t, t.encode(), ENCODING_JSON) for t in topics]
     await asyncio.gather(*(bus.publish(m) for m in sent))
-    await inbox.wait_for(lambda: len(inbox.messages) == len(sent))
+    await inbox.until(lambda: len(inbox.messages) == len(sent))
     assert sorted(m.topic for m in inbox.messages) == sorted(topics)
 
 
@@ -296,7 +268,7 @@ async def test_history_after_an_offset_is_exactly_what_followed(harness: Harness
     await reader.subscribe(["hist.b"])
     for i in range(20):
         await publisher.publish(_msg("hist.b", i))
-    await inbox.wait_for(lambda: len(inbox.messages) == 20)
+    await inbox.until(lambda: len(inbox.messages) == 20)
     epoch = inbox.messages[0].epoch
     read = await reader.history("hist.b", after=7, epoch=epoch)
     assert read.complete and read.offset == 20 and read.epoch == epoch

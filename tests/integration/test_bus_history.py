@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aredis
+from support.bus_watch import BusWatch
 from support.waiting import eventually
 
 from broker.bus import JOIN, LEAVE, meta_ttl_s
@@ -19,7 +20,6 @@ from broker.bus.redis import RedisBus
 from broker.envelope import ENCODING_JSON, BusMessage, pack
 from broker.settings import Settings, TopicRule
 
-WAIT_S = 5.0
 TTL_S = 0.5  # history_ttl_s of the `ttl.*` topics
 PRESENCE_TTL_S = 1.0
 SETTINGS = Settings(
@@ -34,31 +34,6 @@ SETTINGS = Settings(
 )
 
 Event = BusMessage | tuple[str, str, str, dict[str, Any]]
-
-
-class Recorder:
-    """Messages and presence events a bus delivers, in order; tests wait with a deadline."""
-
-    def __init__(self, bus: RedisBus) -> None:
-        self.messages: list[BusMessage] = []
-        self.presence: list[tuple[str, str, str, dict[str, Any]]] = []
-        self._changed = asyncio.Event()
-        bus.on_messages = self._on_messages
-        bus.on_presence = self._on_presence
-
-    def _on_messages(self, batch: list[BusMessage]) -> None:
-        self.messages.extend(batch)
-        self._changed.set()
-
-    def _on_presence(self, topic: str, kind: str, client_id: str, info: dict[str, Any]) -> None:
-        self.presence.append((topic, kind, client_id, info))
-        self._changed.set()
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
-        async with asyncio.timeout(timeout_s):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
 
 
 @pytest.fixture
@@ -163,7 +138,7 @@ async def test_history_older_than_its_ttl_is_gone(
 
 async def test_flushall_starts_a_new_epoch(make_bus: Callable[..., Any], r: aredis.Redis) -> None:
     publisher, subscriber = await make_bus("w1"), await make_bus("w2")
-    recorder = Recorder(subscriber)
+    recorder = BusWatch(subscriber)
     await subscriber.subscribe(["hist.f"])
     old = [await publisher.publish(_msg("hist.f", i)) for i in range(5)]
     await r.flushall()
@@ -171,7 +146,7 @@ async def test_flushall_starts_a_new_epoch(make_bus: Callable[..., Any], r: ared
     assert new.offset == 1 and new.epoch != old[0].epoch and not new.duplicate
     stale = await subscriber.history("hist.f", after=5, epoch=old[0].epoch)
     assert (stale.messages, stale.complete, stale.offset) == ([], False, 1)
-    await recorder.wait_for(lambda: len(recorder.messages) == 6)
+    await recorder.until(lambda: len(recorder.messages) == 6)
     assert [(m.offset, m.epoch) for m in recorder.messages] == [
         *((n, old[0].epoch) for n in range(1, 6)),
         (1, new.epoch),
@@ -186,7 +161,7 @@ async def test_subscribe_then_read_history_recovers_without_gap_or_duplicate(
 ) -> None:
     total, chunk, lookback = 5000, 250, 100
     publisher, reader = await make_bus("w1"), await make_bus("w2")
-    recorder = Recorder(reader)
+    recorder = BusWatch(reader)
     published: list[int] = []
     halfway = asyncio.Event()
 
@@ -200,13 +175,13 @@ async def test_subscribe_then_read_history_recovers_without_gap_or_duplicate(
     publishing = asyncio.create_task(publish_all())
     await halfway.wait()
     await reader.subscribe(["hist.race"])
-    await recorder.wait_for(lambda: bool(recorder.messages))
+    await recorder.until(lambda: bool(recorder.messages))
     first = recorder.messages[0]
     assert first.offset is not None and first.offset > lookback
     read = await reader.history("hist.race", after=first.offset - lookback, epoch=first.epoch)
     assert read.offset < total, "the read should race the publisher"
     await publishing
-    await recorder.wait_for(lambda: recorder.messages[-1].offset == total)
+    await recorder.until(lambda: recorder.messages[-1].offset == total)
 
     assert read.complete and read.epoch == first.epoch
     assert published == list(range(1, total + 1))  # one bus: offsets in publish order
@@ -227,7 +202,7 @@ async def test_flushed_script_cache_is_reloaded(
     make_bus: Callable[..., Any], r: aredis.Redis
 ) -> None:
     bus = await make_bus()
-    recorder = Recorder(bus)
+    recorder = BusWatch(bus)
     await bus.subscribe(["hist.s", "room.s"])
     assert [(await bus.publish(_msg("hist.s", i))).offset for i in range(3)] == [1, 2, 3]
     loads = bus.stats()["script_loads"]
@@ -242,7 +217,7 @@ async def test_flushed_script_cache_is_reloaded(
     await r.script_flush()
     await bus.presence_add("room.s", "c1", {})
     assert await bus.presence("room.s") == {"c1": {}}
-    await recorder.wait_for(lambda: len(recorder.messages) == 53 and bool(recorder.presence))
+    await recorder.until(lambda: len(recorder.messages) == 53 and bool(recorder.presence))
     assert [m.offset for m in recorder.messages] == list(range(1, 54))
     assert recorder.presence == [("room.s", JOIN, "c1", {})]
     assert bus.stats()["publish_errors"] == 0
@@ -256,17 +231,17 @@ async def test_entries_of_a_closed_bus_vanish_and_one_leave_is_announced(
 ) -> None:
     dying = await make_bus("dying")
     survivors = [await make_bus("w2"), await make_bus("w3")]
-    recorders = [Recorder(bus) for bus in survivors]
+    recorders = [BusWatch(bus) for bus in survivors]
     await asyncio.gather(*(bus.subscribe(["room.d"]) for bus in survivors))
     await dying.presence_add("room.d", "c1", {"user": "ann"})
     await dying.presence_add("room.d", "c2", {"user": "bob"})
     await survivors[0].presence_add("room.d", "c3", {"user": "cid"})
     for recorder in recorders:
-        await recorder.wait_for(lambda rec=recorder: len(rec.presence) == 3)
+        await recorder.until(lambda rec=recorder: len(rec.presence) == 3)
 
     await dying.close()  # without removing its entries
     for recorder in recorders:  # a sweep announces them: within 2 x presence_ttl_s
-        await recorder.wait_for(lambda rec=recorder: len(rec.presence) == 5, 2 * PRESENCE_TTL_S)
+        await recorder.until(lambda rec=recorder: len(rec.presence) == 5, 2 * PRESENCE_TTL_S)
         assert sorted(recorder.presence[3:]) == [
             ("room.d", LEAVE, "c1", {"user": "ann"}),
             ("room.d", LEAVE, "c2", {"user": "bob"}),
@@ -282,10 +257,10 @@ async def test_entries_lost_by_redis_are_written_again(
 ) -> None:
     bus = await make_bus()
     watcher = await make_bus("w2")
-    recorder = Recorder(watcher)
+    recorder = BusWatch(watcher)
     await watcher.subscribe(["room.l"])
     await bus.presence_add("room.l", "c1", {"user": "ann"})
-    await recorder.wait_for(lambda: len(recorder.presence) == 1)
+    await recorder.until(lambda: len(recorder.presence) == 1)
     await r.flushall()
     assert await watcher.presence("room.l") == {}
 
@@ -293,5 +268,5 @@ async def test_entries_lost_by_redis_are_written_again(
         return await watcher.presence("room.l") == {"c1": {"user": "ann"}}
 
     await eventually(back, timeout_s=PRESENCE_TTL_S)  # the next heartbeat rewrites it
-    await recorder.wait_for(lambda: len(recorder.presence) == 2)
+    await recorder.until(lambda: len(recorder.presence) == 2)
     assert recorder.presence[1] == ("room.l", JOIN, "c1", {"user": "ann"})

@@ -30,7 +30,7 @@ import jwt
 import pytest
 import websockets
 from support.broker_client import PubSubClient, clients_on_workers
-from support.processes import REPO, ServerProcess, free_port, redwire, worker_pids
+from support.processes import REPO, ServerProcess, free_port, redwire, serve, worker_pids
 
 DRAIN_S = 3.0
 EXIT_MARGIN_S = 4.0  # process start-up and exit on a busy CI machine, well under drain + 2
@@ -88,13 +88,10 @@ def port_is_free(port: int) -> bool:
 
 
 async def test_sigterm_closes_every_client_1001_and_exits_within_the_drain(redis_server) -> None:
-    server = ServerProcess(
-        redwire(
-            "serve", "--host", "127.0.0.1", "--port", "0", "--workers", "2",
-            "--redis", redis_server.url,
-        ),
+    server = serve(
+        redis_server.url,
         env={"REDWIRE_DRAIN_TIMEOUT_S": str(DRAIN_S), "REDWIRE_CHANNEL_PREFIX": "drain:"},
-    )  # fmt: skip
+    )
     try:
         workers = worker_pids(server.proc.pid)
         assert len(workers) == 2
@@ -141,14 +138,11 @@ def hooks_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def hooks_broker(redis_server) -> Iterator[ServerProcess]:
-    server = ServerProcess(
-        redwire(
-            "serve", "--host", "127.0.0.1", "--port", "0", "--workers", "2",
-            "--redis", redis_server.url, "--app", "hooks_app:Hooks",
-        ),
+    server = serve(
+        redis_server.url,
         env=hooks_env(HOOKS_JWT_SECRET=SECRET),
-        cwd=REPO,
-    )  # fmt: skip
+        args=["--app", "hooks_app:Hooks"],
+    )
     yield server
     assert server.stop() == 0
 

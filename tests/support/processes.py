@@ -111,6 +111,23 @@ def redwire(*args: str) -> list[str]:
     return [sys.executable, "-m", "broker", *args]
 
 
+def serve(
+    redis_url: str | None,
+    *,
+    workers: int = 2,
+    env: dict[str, str] | None = None,
+    args: Sequence[str] = (),
+) -> ServerProcess:
+    """`redwire serve` on a free loopback port, against `redis_url` (None: the embedded Redis),
+    run from the checkout (REPO) and listening; `args` go after the usual ones, `env` over
+    the inherited environment."""
+    redis = () if redis_url is None else ("--redis", redis_url)
+    argv = redwire(
+        "serve", "--host", "127.0.0.1", "--port", "0", "--workers", str(workers), *redis, *args
+    )
+    return ServerProcess(argv, env=env)
+
+
 def child_pids(pid: int) -> list[int]:
     """Direct children of a process (Linux /proc)."""
     children: list[int] = []

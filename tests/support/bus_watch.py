@@ -1,0 +1,66 @@
+"""Records what a bus reports through its callbacks; tests wait on it with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from broker.bus import Bus
+from broker.envelope import ENCODING_JSON, BusMessage
+
+WAIT_S = 5.0
+
+PresenceEvent = tuple[str, str, str, dict[str, Any]]  # topic, JOIN/LEAVE, client, info
+
+
+class BusWatch:
+    """Takes over all four callbacks of `bus` and keeps what they report, in order."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.messages: list[BusMessage] = []
+        self.batches: list[int] = []  # the size of each on_messages batch
+        self.presence: list[PresenceEvent] = []
+        self.events: list[BusMessage | PresenceEvent] = []  # both kinds, in delivery order
+        self.gaps: list[frozenset[str]] = []
+        self.health: list[bool] = []
+        self._changed = asyncio.Event()
+        bus.on_messages = self._on_messages
+        bus.on_presence = self._on_presence
+        bus.on_gap = self._on_gap
+        bus.on_health = self._on_health
+
+    def _on_messages(self, batch: list[BusMessage]) -> None:
+        self.batches.append(len(batch))
+        self.messages.extend(batch)
+        self.events.extend(batch)
+        self._changed.set()
+
+    def _on_presence(self, topic: str, kind: str, client_id: str, info: dict[str, Any]) -> None:
+        self.presence.append((topic, kind, client_id, info))
+        self.events.append((topic, kind, client_id, info))
+        self._changed.set()
+
+    def _on_gap(self, topics: frozenset[str]) -> None:
+        self.gaps.append(topics)
+        self._changed.set()
+
+    def _on_health(self, healthy: bool) -> None:
+        self.health.append(healthy)
+        self._changed.set()
+
+    async def until(self, predicate: Callable[[], object], timeout_s: float = WAIT_S) -> None:
+        """Return once `predicate()` holds, re-checked after each callback; TimeoutError."""
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def receive(self, bus: Bus, *topics: str) -> None:
+        """Publish one message on each topic and wait until all of them came back."""
+        payloads = []
+        for topic in topics:
+            payload = f"{topic}-{len(self.messages)}-{len(payloads)}".encode()
+            await bus.publish(BusMessage(topic, payload, ENCODING_JSON, "test"))
+            payloads.append(payload)
+        await self.until(lambda: set(payloads) <= {m.payload for m in self.messages})
