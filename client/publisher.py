@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import random
 import threading
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,6 +41,10 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=F
 
 
 class AsyncPublisher:
+    """Publishes in order through one sender task: chunks of `bus_publish_batch` share a
+    pipelined round trip; a chunk that fails (Redis away) is retried, the failed suffix in
+    its original order, before anything queued after it is sent."""
+
     def __init__(
         self,
         redis_url: str,
@@ -57,13 +63,25 @@ class AsyncPublisher:
         self.encoding = ENCODING_MSGPACK if encoding == "msgpack" else ENCODING_JSON
         self.retry_timeout_s = retry_timeout_s
         self._bus: Bus | None = None
+        self._queue: deque[_Item] = deque()
+        self._wake: asyncio.Event | None = None
+        self._sender: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self._bus is None:
             self._bus = make_bus(self.settings, origin=self.origin)
             await self._bus.start()
+            self._wake = asyncio.Event()
+            self._sender = asyncio.get_running_loop().create_task(self._send_loop())
 
     async def close(self) -> None:
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+        while self._queue:
+            _fail(self._queue.popleft()[2], BusUnavailable("the publisher is closed"))
         bus, self._bus = self._bus, None
         if bus is not None:
             await bus.close()
@@ -87,39 +105,90 @@ class AsyncPublisher:
             raise ClientError("too_large", f"data over {self.settings.max_data_bytes} bytes")
         return payload
 
-    async def publish(self, topic: str, data: Any, *, key: str | None = None) -> Published:
-        """Publish one message; returns its offset/epoch on topics with history."""
-        if self._bus is None:
-            await self.start()
-        assert self._bus is not None
+    def enqueue(self, topic: str, data: Any, key: str | None = None) -> asyncio.Future[Published]:
+        """Queue one publish (in order with every other); the future gets its result."""
+        if self._wake is None:
+            raise BusUnavailable("the publisher is not started")
         check_topic(topic, self.settings.max_topic_bytes)
         message = BusMessage(topic, self.encode(data), self.encoding, self.origin)
-        deadline = asyncio.get_running_loop().time() + self.retry_timeout_s
-        delay = 0.05
-        while True:
-            try:
-                if key is None:
-                    return await self._bus.publish(message)
-                return await self._bus.publish(message, key=key)  # type: ignore[call-arg]
-            except BusUnavailable:
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
-                    raise
-                await asyncio.sleep(min(remaining, random.uniform(0, delay)))
-                delay = min(delay * 2, 1.0)
+        future: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
+        self._queue.append((message, key, future))
+        self._wake.set()
+        return future
+
+    async def publish(self, topic: str, data: Any, *, key: str | None = None) -> Published:
+        """Publish one message; returns its offset/epoch on topics with history.
+
+        Raises BusUnavailable when Redis stayed away for `retry_timeout_s`. A publish that
+        timed out may still have landed: pass `key` (history topics) to make a retry safe."""
+        if self._bus is None:
+            await self.start()
+        return await self.enqueue(topic, data, key)
 
     async def publish_many(self, items: Iterable[tuple[str, Any]]) -> list[Published]:
         """Publish many at once: they share pipelined round trips, in the given order."""
-        return list(await asyncio.gather(*(self.publish(t, d) for t, d in items)))
+        if self._bus is None:
+            await self.start()
+        futures = [self.enqueue(topic, data) for topic, data in items]
+        return list(await asyncio.gather(*futures))
+
+    async def _send_loop(self) -> None:
+        assert self._wake is not None
+        batch = self.settings.bus_publish_batch
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                queue = self._queue
+                chunk = [queue.popleft() for _ in range(min(len(queue), batch))]
+                await self._send_chunk(chunk)
+
+    async def _send_chunk(self, chunk: list[_Item]) -> None:
+        bus = self._bus
+        assert bus is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_timeout_s
+        delay = 0.05
+        while chunk:
+            results = await asyncio.gather(
+                *(bus.publish(message, key=key) for message, key, _ in chunk),
+                return_exceptions=True,
+            )
+            retry: list[_Item] = []
+            for item, result in zip(chunk, results, strict=True):
+                if isinstance(result, BusUnavailable):
+                    retry.append(item)  # a pipeline fails from one point on: a suffix
+                elif isinstance(result, BaseException):
+                    _fail(item[2], result)
+                elif not item[2].done():
+                    item[2].set_result(result)
+            chunk = retry
+            remaining = deadline - loop.time()
+            if chunk and remaining <= 0:
+                for _, _, future in chunk:
+                    _fail(future, BusUnavailable("Redis stayed unavailable; not published"))
+                return
+            if chunk:
+                await asyncio.sleep(min(remaining, delay))
+                delay = min(delay * 2, 1.0)
 
 
-def _settle(future: concurrent.futures.Future[Published], task: asyncio.Task[Published]) -> None:
-    if task.cancelled():
+_Item = tuple[BusMessage, "str | None", "asyncio.Future[Published]"]
+
+
+def _fail(future: asyncio.Future[Any] | concurrent.futures.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+def _settle(future: concurrent.futures.Future[Published], done: asyncio.Future[Published]) -> None:
+    """Copy an asyncio future's outcome to the caller thread's concurrent future."""
+    if done.cancelled():
         future.cancel()
-    elif task.exception() is not None:
-        future.set_exception(task.exception())  # type: ignore[arg-type]
+    elif done.exception() is not None:
+        future.set_exception(done.exception())  # type: ignore[arg-type]
     else:
-        future.set_result(task.result())
+        future.set_result(done.result())
 
 
 class Publisher:
@@ -161,12 +230,17 @@ class Publisher:
         return future
 
     def _drain_inbox(self) -> None:
-        """On the loop thread: start every publish queued so far (they pipeline together)."""
+        """On the loop thread: queue what publish_nowait gathered, in order, on the async
+        publisher (its sender pipelines them in chunks; no task per message)."""
         with self._lock:
             batch, self._inbox = self._inbox, []
         for topic, data, key, future in batch:
-            task = self._loop.create_task(self._async.publish(topic, data, key=key))
-            task.add_done_callback(lambda t, f=future: _settle(f, t))
+            try:
+                inner = self._async.enqueue(topic, data, key)
+            except Exception as exc:
+                _fail(future, exc)
+                continue
+            inner.add_done_callback(lambda f, target=future: _settle(target, f))
 
     def _done(self, future: concurrent.futures.Future[Published]) -> None:
         with self._lock:

@@ -94,19 +94,18 @@ class Subscriber:
         await self.close()
 
     def _on_messages(self, batch: list[BusMessage]) -> None:
-        room = self.max_queue - len(self._events)
-        if room < len(batch):
-            lost = len(batch) - max(room, 0)
-            self.dropped += lost
-            self._events.append(
-                Gap(frozenset(m.topic for m in batch), f"consumer too slow: {lost} dropped")
-            )
-            batch = batch[: max(room, 0)]
-        for message in batch:
+        room = max(self.max_queue - len(self._events), 0)
+        kept, lost = batch[:room], batch[room:]
+        for message in kept:
             try:
                 self._events.append(decode(message))
             except ValueError:
                 self.dropped += 1
+        if lost:  # the gap comes where the messages are missing: after what was kept
+            self.dropped += len(lost)
+            self._events.append(
+                Gap(frozenset(m.topic for m in lost), f"consumer too slow: {len(lost)} dropped")
+            )
         self._wake.set()
 
     def _on_gap(self, topics: frozenset[str]) -> None:
