@@ -65,9 +65,9 @@ live while `P` + `w:` + instance exists: SET ... PX presence_ttl_s, refreshed ev
 of it once the bus has presence entries, DELeted on close(). A refresh that finds the key
 gone (we were away longer than the ttl, or Redis lost it) rewrites all this bus' entries;
 entries whose write failed are retried on each refresh. `presence(T)` is a script that
-returns the entries whose worker key exists and HDELs the others. Every presence_ttl_s each
-bus sweeps its presence topics (subscribed, or holding its entries) the same way; the HDEL
-inside the script makes exactly one sweeper announce each removal. On join_leave topics the
+returns the entries whose worker key exists and HDELs the others. On every refresh (a third
+of presence_ttl_s) each bus sweeps its presence topics (subscribed, or holding its entries)
+the same way; the HDEL inside the script makes exactly one sweeper announce each removal. On join_leave topics the
 scripts publish `b"P" + json({"k": "join"|"leave", "c": client, "i": info})` on the topic's
 channel, delivered in order with its messages through `on_presence`. (The sweep script
 reads worker keys outside the topic's slot: a Cluster would need them hash-tagged.)
@@ -990,7 +990,6 @@ class RedisBus(Bus):
         """Keep the worker key alive, rewrite entries Redis lost or never got, and sweep the
         entries of dead buses out of the presence topics this bus serves."""
         ttl = self.settings.presence_ttl_s
-        next_sweep = time.monotonic() + ttl
         while True:
             await asyncio.sleep(ttl / _PRESENCE_BEATS_PER_TTL)
             try:
@@ -1005,9 +1004,8 @@ class RedisBus(Bus):
                     await asyncio.gather(
                         *(self._write_presence(t, c) for t, c in dirty), return_exceptions=True
                     )
-                if time.monotonic() >= next_sweep:
-                    next_sweep = time.monotonic() + ttl
-                    await self._sweep()
+                # A dead bus' entries go at most a third of the ttl after its key expired.
+                await self._sweep()
             except BusError as exc:
                 log.debug("bus: presence upkeep failed: %s", exc)
 
