@@ -67,8 +67,8 @@ gone (we were away longer than the ttl, or Redis lost it) rewrites all this bus'
 entries whose write failed are retried on each refresh. `presence(T)` is a script that
 returns the entries whose worker key exists and HDELs the others. On every refresh (a third
 of presence_ttl_s) each bus sweeps its presence topics (subscribed, or holding its entries)
-the same way; the HDEL inside the script makes exactly one sweeper announce each removal. On join_leave topics the
-scripts publish `b"P" + json({"k": "join"|"leave", "c": client, "i": info})` on the topic's
+the same way; the HDEL inside the script makes exactly one sweeper announce each removal.
+On join_leave topics the scripts publish `b"P" + json({"k": "join"|"leave", "c": client, "i": info})` on the topic's
 channel, delivered in order with its messages through `on_presence`. (The sweep script
 reads worker keys outside the topic's slot: a Cluster would need them hash-tagged.)
 
