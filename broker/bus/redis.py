@@ -68,8 +68,8 @@ entries whose write failed are retried on each refresh. `presence(T)` is a scrip
 returns the entries whose worker key exists and HDELs the others. On every refresh (a third
 of presence_ttl_s) each bus sweeps its presence topics (subscribed, or holding its entries)
 the same way; the HDEL inside the script makes exactly one sweeper announce each removal.
-On join_leave topics the scripts publish `b"P" + json({"k": "join"|"leave", "c": client, "i": info})` on the topic's
-channel, delivered in order with its messages through `on_presence`. (The sweep script
+On join_leave topics the scripts publish
+`b"P" + json({"k": "join"|"leave", "c": client, "i": info})` on the topic's channel, delivered in order with its messages through `on_presence`. (The sweep script
 reads worker keys outside the topic's slot: a Cluster would need them hash-tagged.)
 
 Needs Redis >= 6.2 (XTRIM MINID, SET ... GET); scripts use TIME, so effects replication
