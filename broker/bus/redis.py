@@ -61,16 +61,17 @@ msgpack array of 7); a history topic `b"H" + offset + b":" + epoch + b":" + enve
 reader sets BusMessage.offset/epoch from that header.
 
 Presence. Hash `P{T}:p`: client id -> `{"w": bus instance, "i": info}`. A bus instance is
-live while `P` + `w:` + instance exists: SET ... PX presence_ttl_s, refreshed every third
-of it once the bus has presence entries, DELeted on close(). A refresh that finds the key
-gone (we were away longer than the ttl, or Redis lost it) rewrites all this bus' entries;
-entries whose write failed are retried on each refresh. `presence(T)` is a script that
-returns the entries whose worker key exists and HDELs the others. On every refresh (a third
-of presence_ttl_s) each bus sweeps its presence topics (subscribed, or holding its entries)
-the same way; the HDEL inside the script makes exactly one sweeper announce each removal.
-On join_leave topics the scripts publish
-`b"P" + json({"k": "join"|"leave", "c": client, "i": info})` on the topic's channel, delivered in order with its messages through `on_presence`. (The sweep script
-reads worker keys outside the topic's slot: a Cluster would need them hash-tagged.)
+live while `P` + `w:` + instance exists: SET ... PX presence_ttl_s, refreshed every third of
+it once the bus has presence entries, DELeted on close(). A refresh that finds the key gone
+(we were away longer than the ttl, or Redis lost it) rewrites all this bus' entries; entries
+whose write failed are retried on each refresh. `presence(T)` is a script that returns the
+entries whose worker key exists and HDELs the others. On every refresh (a third of
+presence_ttl_s) each bus sweeps its presence topics (subscribed, or holding its entries) the
+same way; the HDEL inside the script makes exactly one sweeper announce each removal. On
+join_leave topics the scripts publish `b"P" + json({"k": "join"|"leave", "c": client, "i":
+info})` on the topic's channel, delivered in order with its messages through `on_presence`.
+(The sweep script reads worker keys outside the topic's slot: a Cluster would need them
+hash-tagged.)
 
 Needs Redis >= 6.2 (XTRIM MINID, SET ... GET); scripts use TIME, so effects replication
 (the default since Redis 5, the only kind since 7).
