@@ -21,6 +21,7 @@ import binascii
 import hashlib
 import os
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -100,7 +101,7 @@ class Response(_HeaderAccess):
     headers: Headers
 
 
-class _HeadParser:
+class _HeadParser(ABC):
     """CRLF-strict line reader for a start line plus header fields (RFC 7230 section 3)."""
 
     _LINE_TOO_LONG = 414
@@ -183,8 +184,9 @@ class _HeadParser:
             raise HandshakeError(400, "malformed header field line")
         self._fields.append((match[1].decode("ascii"), match[2].decode("latin-1")))
 
+    @abstractmethod
     def _parse_first_line(self, line: bytes) -> None:
-        raise NotImplementedError
+        """Parse the request line or the status line (each subclass has its own)."""
 
     def _rest(self) -> bytes:
         """Everything after the head, releasing the buffer."""

@@ -98,7 +98,7 @@ async def _publish(redis_url: str, total: int, history_size: int) -> int:
             results = await pub.publish_many((TOPIC, {"n": n}) for n in range(sent, due))
             last = max([last, *(r.offset or 0 for r in results)])
             sent = due
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # pacing: the publish rate is the scenario
     return last
 
 

@@ -176,7 +176,7 @@ class RedisServer:
                 break
             if ping(self.host, self.port):
                 return
-            time.sleep(0.02)
+            time.sleep(0.02)  # polling another process until it answers (bounded)
         log = ""
         if not self.use_docker and os.path.exists(f"{self._dir}/redis.log"):
             with open(f"{self._dir}/redis.log") as fh:
