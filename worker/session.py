@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("redwire.session")
 _ids = itertools.count(1)
+_PROCESS_TAG = secrets.token_hex(3) + "."
 
 
 class ClientSession:
@@ -37,7 +39,6 @@ class ClientSession:
         "id",
         "live",
         "pending",
-        "pending_bytes",
         "topics",
         "variant",
         "ws",
@@ -46,7 +47,8 @@ class ClientSession:
     def __init__(self, app: BrokerApp, ws: WebSocket) -> None:
         self.app = app
         self.ws = ws
-        self.id = f"{app.worker_id}-{next(_ids)}"
+        # Unique across worker restarts too: presence and logs must not mix two clients.
+        self.id = f"{app.worker_id}-{_PROCESS_TAG}{next(_ids)}"
         s = app.settings
         self.codec = wire.WireCodec(
             ws.subprotocol, max_topic_bytes=s.max_topic_bytes, max_data_bytes=s.max_data_bytes
@@ -54,7 +56,6 @@ class ClientSession:
         self.variant = (self.codec.binary, ws.compress_key)
         self.topics: set[str] = set()
         self.pending: list[bytes] = []
-        self.pending_bytes = 0
         self.live = True
         self._queue: deque[Any] | None = None
         self._error_times: deque[float] | None = None
