@@ -87,6 +87,7 @@ class Settings:
     # --- pub/sub protocol ---
     max_topic_bytes: int = 200
     max_subscriptions_per_connection: int = 1000
+    max_queued_requests: int = 256  # requests waiting behind a slow one; more: stop reading
     max_errors_per_window: int = 20  # more error replies than this in the window: close 1008
     error_window_s: float = 10.0
     heartbeat_interval_s: float = 25.0  # clients send an app-level {"op":"ping"} this often
@@ -316,6 +317,7 @@ def _validate(s: Settings) -> None:
     need(0 <= s.coalesce_window_s <= 0.1, "coalesce_window_s must be 0..0.1")
     need(s.slow_consumer_policy in ("close",), "slow_consumer_policy must be 'close'")
     need(1 <= s.max_topic_bytes <= 1024, "max_topic_bytes must be 1..1024")
+    need(s.max_queued_requests >= 1, "max_queued_requests must be >= 1")
     need(s.ping_interval_s is None or s.ping_interval_s > 0, "ping_interval_s must be > 0")
     for name in ("handshake_timeout_s", "ping_timeout_s", "close_timeout_s", "drain_timeout_s"):
         need(getattr(s, name) > 0, f"{name} must be > 0")

@@ -65,6 +65,7 @@ class WebSocket(asyncio.Protocol):
     __slots__ = (
         "_close_timer",
         "_handshake_timer",
+        "_input_holds",
         "_parser",
         "_paused_reading",
         "_ping_timer",
@@ -103,6 +104,7 @@ class WebSocket(asyncio.Protocol):
         self.compress_key: int | None = None  # window bits when this peer gets compressed frames
         self.write_paused = False
         self._paused_reading = False
+        self._input_holds: set[str] = set()
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._ping_timer: asyncio.TimerHandle | None = None
         self._pong_timer: asyncio.TimerHandle | None = None
@@ -145,13 +147,24 @@ class WebSocket(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        if self.transport is not None and not self._paused_reading:
-            self._paused_reading = True
-            self.transport.pause_reading()
+        self.hold_input("write")
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.transport is not None and self._paused_reading:
+        self.release_input("write")
+
+    def hold_input(self, reason: str) -> None:
+        """Stop reading from the peer (back-pressure) until every reason is released."""
+        held = self._input_holds
+        if not held and self.transport is not None and not self._paused_reading:
+            self._paused_reading = True
+            self.transport.pause_reading()
+        held.add(reason)
+
+    def release_input(self, reason: str) -> None:
+        held = self._input_holds
+        held.discard(reason)
+        if not held and self.transport is not None and self._paused_reading:
             self._paused_reading = False
             self.transport.resume_reading()
 
@@ -346,6 +359,7 @@ class WebSocket(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
+        self._input_holds.clear()
         if self._paused_reading:
             self._paused_reading = False
             transport.resume_reading()

@@ -106,8 +106,11 @@ class ClientSession:
 
     def on_message(self, data: str | bytes) -> None:
         self.app.stats.frames_in += 1
-        if self._queue is not None:
-            self._queue.append(data)
+        queue = self._queue
+        if queue is not None:
+            queue.append(data)
+            if len(queue) >= self.app.settings.max_queued_requests:
+                self.ws.hold_input("requests")  # stop reading until the queue drains
             return
         self._handle(data)
 
@@ -148,6 +151,8 @@ class ClientSession:
             self._handle(queue.popleft())
         if queue and self._queue is not None:
             self._queue.extend(queue)
+        if self._queue is None or len(self._queue) < self.app.settings.max_queued_requests:
+            self.ws.release_input("requests")
 
     async def _subscribe(self, request: wire.Request) -> None:
         topic = request.topic

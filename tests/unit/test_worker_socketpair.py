@@ -656,3 +656,45 @@ async def test_unconvertible_publish_does_not_stall_fan_out() -> None:
         assert await publisher.peer.reply(2) == {"op": "ack", "id": 2}
         assert (await json_sub.peer.next_frame(timeout_s=1.0))["data"] == "next"
         assert (await mp_sub.peer.next_frame())["data"] == "next"
+
+
+class _GatedHooks:
+    """Application hooks whose subscribe waits until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+
+    async def on_subscribe(self, session: Any, topic: str) -> None:
+        await self.gate.wait()
+
+
+class _HoldWatchingWebSocket(WebSocket):
+    """Tells the test when the session stops reading because its request queue is full."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.requests_held = asyncio.Event()
+
+    def hold_input(self, reason: str) -> None:
+        super().hold_input(reason)
+        if reason == "requests":
+            self.requests_held.set()
+
+
+async def test_requests_queued_behind_a_slow_one_stop_reading_then_resume() -> None:
+    settings = BROKER.replace(max_queued_requests=4)
+    async with broker_app(settings) as app, client(app, factory=_HoldWatchingWebSocket) as a:
+        gated = _GatedHooks()
+        app.hooks._subscribe = gated.on_subscribe  # the hook object is the app's seam
+        a.peer.request(op="subscribe", topic="slow", id="s")
+        for n in range(10):
+            a.peer.request(op="ping", id=n)
+        protocol = a.protocol
+        assert isinstance(protocol, _HoldWatchingWebSocket)
+        await asyncio.wait_for(protocol.requests_held.wait(), WAIT_S)
+        assert protocol._paused_reading
+        gated.gate.set()
+        assert await a.peer.reply("s") == {"op": "ack", "id": "s"}
+        for n in range(10):
+            assert await a.peer.reply(n) == {"op": "pong", "id": n}
+        assert not protocol._paused_reading
