@@ -6,13 +6,20 @@ One test uses this checkout; the other installs the project into a fresh virtual
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
+import urllib.request
 import venv
 from pathlib import Path
 
 from support.broker_client import clients_on_workers
 from support.processes import REPO, ServerProcess, redwire
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
 
 
 async def _exchange(server: ServerProcess) -> None:
@@ -63,5 +70,15 @@ async def test_fresh_venv_pip_install_then_serve(tmp_path: Path) -> None:
     )
     try:
         await _exchange(server)
+        # The installed package carries its web files and its C masking extension.
+        base = f"http://{server.host}:{server.port}"
+        for path, marker in (("/", b"<html"), ("/redwire.js", b"export function connect")):
+            assert marker in await asyncio.to_thread(_get, base + path), path
+        probe = subprocess.run(
+            [str(env_dir / "bin" / "python"), "-c",
+             "import broker.masking as m; print(m.apply_mask_c is not None)"],
+            capture_output=True, text=True, cwd=tmp_path, check=True,
+        )  # fmt: skip
+        assert probe.stdout.strip() == "True"
     finally:
         assert server.stop() == 0
