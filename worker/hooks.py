@@ -50,6 +50,11 @@ class Hooks:
         self._subscribe = getattr(app, "on_subscribe", None)
         self._publish = getattr(app, "on_publish", None)
 
+    @property
+    def publish_untouched(self) -> bool:
+        """No on_publish hook: published data goes to the bus exactly as received."""
+        return self._publish is None
+
     async def on_connect(self, request: Request) -> Any:
         if self._connect is None:
             return None

@@ -156,17 +156,21 @@ class WebSocket(asyncio.Protocol):
     def hold_input(self, reason: str) -> None:
         """Stop reading from the peer (back-pressure) until every reason is released."""
         held = self._input_holds
-        if not held and self.transport is not None and not self._paused_reading:
-            self._paused_reading = True
-            self.transport.pause_reading()
+        transport = self.transport
+        if not held and transport is not None and not transport.is_closing():
+            if not self._paused_reading:
+                self._paused_reading = True
+                transport.pause_reading()
         held.add(reason)
 
     def release_input(self, reason: str) -> None:
         held = self._input_holds
         held.discard(reason)
-        if not held and self.transport is not None and self._paused_reading:
+        transport = self.transport
+        if not held and self._paused_reading and transport is not None:
             self._paused_reading = False
-            self.transport.resume_reading()
+            if not transport.is_closing():
+                transport.resume_reading()
 
     # --- HTTP phase --------------------------------------------------------------------------
 

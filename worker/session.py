@@ -17,6 +17,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from broker import errors
+from broker.bus import Published
 from broker.envelope import BusMessage
 from broker.errors import BusError, ClientError
 from worker import wire
@@ -33,6 +34,7 @@ _PROCESS_TAG = secrets.token_hex(3) + "."
 class ClientSession:
     __slots__ = (
         "_error_times",
+        "_inflight",
         "_queue",
         "app",
         "codec",
@@ -59,6 +61,7 @@ class ClientSession:
         self.live = True
         self._queue: deque[Any] | None = None
         self._error_times: deque[float] | None = None
+        self._inflight = 0  # pipelined publishes not answered yet
         app.stats.connections += 1
         app.stats.connections_accepted += 1
         self.send(
@@ -128,6 +131,8 @@ class ClientSession:
             if request.topic in self.topics:
                 self._leave(request.topic)
             self._ack(request.id)
+        elif op == "publish" and self.app.hooks.publish_untouched:
+            self._publish_pipelined(request)
         else:
             # The others may wait (bus, hooks): hold later requests until done.
             self._queue = deque()
@@ -245,6 +250,41 @@ class ClientSession:
             raise ClientError(wire.UNAVAILABLE, f"presence unavailable: {exc}") from None
         self._ack(request.id, clients=clients)
 
+    def _publish_pipelined(self, request: wire.Request) -> None:
+        """A publish no hook transforms: hand it to the bus now and go on with the next
+        request; the bus keeps the order, the ack follows when Redis answers. At most
+        `max_queued_requests` are in flight, then reading stops until some are answered."""
+        assert request.topic is not None and request.payload is not None
+        try:
+            key = _idempotency_key(request.options)
+        except ClientError as exc:
+            self._reply_error(request.id, exc)
+            return
+        message = BusMessage(
+            request.topic, request.payload, self.codec.encoding, self.app.worker_id
+        )
+        task = asyncio.get_running_loop().create_task(self.app.bus.publish(message, key=key))
+        self._inflight += 1
+        if self._inflight >= self.app.settings.max_queued_requests:
+            self.ws.hold_input("publishes")
+        task.add_done_callback(lambda done: self._published(request.id, done))
+
+    def _published(self, req_id: Any, done: asyncio.Task[Published]) -> None:
+        self._inflight -= 1
+        if self._inflight < self.app.settings.max_queued_requests:
+            self.ws.release_input("publishes")
+        if done.cancelled():
+            return
+        exc = done.exception()
+        if isinstance(exc, BusError):
+            self.app.stats.publish_errors += 1
+            self._reply_error(req_id, ClientError(wire.UNAVAILABLE, f"not published: {exc}"))
+        elif exc is not None:
+            log.error("publish failed", exc_info=exc)
+            self._reply_error(req_id, ClientError(wire.INTERNAL, "internal error"))
+        else:
+            self._ack_published(req_id, done.result())
+
     async def _publish(self, request: wire.Request) -> None:
         assert request.topic is not None and request.payload is not None
         key = _idempotency_key(request.options)
@@ -255,13 +295,16 @@ class ClientSession:
         except BusError as exc:
             self.app.stats.publish_errors += 1
             raise ClientError(wire.UNAVAILABLE, f"not published: {exc}") from None
+        self._ack_published(request.id, published)
+
+    def _ack_published(self, req_id: Any, published: Published) -> None:
         self.app.stats.publishes += 1
         if published.offset is None:
-            self._ack(request.id)
+            self._ack(req_id)
         elif published.duplicate:
-            self._ack(request.id, offset=published.offset, epoch=published.epoch, duplicate=True)
+            self._ack(req_id, offset=published.offset, epoch=published.epoch, duplicate=True)
         else:
-            self._ack(request.id, offset=published.offset, epoch=published.epoch)
+            self._ack(req_id, offset=published.offset, epoch=published.epoch)
 
     def _ack(self, req_id: Any, **fields: Any) -> None:
         if req_id is not None and self.live:
