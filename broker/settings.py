@@ -114,6 +114,10 @@ class Settings:
     # --- supervisor ---
     drain_timeout_s: float = 10.0  # SIGTERM: clients get close 1001, workers exit within this
     worker_restart_delay_s: float = 0.5
+    worker_restart_max_delay_s: float = 30.0  # backoff cap for a worker that keeps dying
+    worker_stable_after_s: float = 10.0  # a worker up this long restarts without backoff
+    listen_backlog: int = 1024  # pending TCP connections the kernel queues per listener
+    embedded_redis_start_timeout_s: float = 10.0
     worker_start_timeout_s: float = 30.0  # a worker not listening by then fails the start
     kill_grace_s: float = 2.0  # after drain_timeout_s, a worker still running is killed this late
     metrics_dir: str | None = None  # prometheus multiprocess dir; None: supervisor makes one
@@ -318,6 +322,7 @@ def _validate(s: Settings) -> None:
     need(s.slow_consumer_policy in ("close",), "slow_consumer_policy must be 'close'")
     need(1 <= s.max_topic_bytes <= 1024, "max_topic_bytes must be 1..1024")
     need(s.max_queued_requests >= 1, "max_queued_requests must be >= 1")
+    need(s.listen_backlog >= 1, "listen_backlog must be >= 1")
     need(s.ping_interval_s is None or s.ping_interval_s > 0, "ping_interval_s must be > 0")
     for name in ("handshake_timeout_s", "ping_timeout_s", "close_timeout_s", "drain_timeout_s"):
         need(getattr(s, name) > 0, f"{name} must be > 0")

@@ -66,7 +66,7 @@ class Supervisor:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((self.host, self.port))
         if not self.reuse_port:
-            sock.listen(1024)
+            sock.listen(self.settings.listen_backlog)
             sock.set_inheritable(True)
         self.port = sock.getsockname()[1]
         self.sock = sock
@@ -123,7 +123,10 @@ class Supervisor:
         if self.settings.app:
             check_app_importable(self.settings.app)
         if self.redis_url is None:
-            self.redis = EmbeddedRedis(find_redis_server(self.settings.redis_server_path))
+            self.redis = EmbeddedRedis(
+                find_redis_server(self.settings.redis_server_path),
+                start_timeout_s=self.settings.embedded_redis_start_timeout_s,
+            )
             self.redis_url = self.redis.start()
         if self.metrics_dir is None:
             self.metrics_dir = tempfile.mkdtemp(prefix="redwire-metrics-")
@@ -163,13 +166,16 @@ class Supervisor:
         )
         self._mark_dead(proc.pid)
         uptime = time.monotonic() - worker.started_at
-        worker.restarts = worker.restarts + 1 if uptime < 10 else 0
-        delay = min(self.settings.worker_restart_delay_s * (2 ** min(worker.restarts, 5)), 30.0)
+        s = self.settings
+        worker.restarts = worker.restarts + 1 if uptime < s.worker_stable_after_s else 0
+        delay = min(
+            s.worker_restart_delay_s * 2 ** min(worker.restarts, 5), s.worker_restart_max_delay_s
+        )
         if self._stopping.wait(delay if worker.restarts > 1 else 0):
             return
         self._spawn(worker)
         assert worker.process is not None
-        if worker.ready.wait(30):
+        if worker.ready.wait(s.worker_start_timeout_s):
             _announce(f"worker {worker.worker_id} restarted pid {worker.process.pid}")
         else:
             log.error("restarted worker %s is not listening", worker.worker_id)

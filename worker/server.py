@@ -44,14 +44,16 @@ class Server:
     ) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         if sock is not None:
-            self._server = await loop.create_server(self._make_protocol, sock=sock, backlog=1024)
+            self._server = await loop.create_server(
+                self._make_protocol, sock=sock, backlog=self.settings.listen_backlog
+            )
         else:
             self._server = await loop.create_server(
                 self._make_protocol,
                 host=self.settings.host,
                 port=self.settings.port,
                 reuse_port=reuse_port or None,
-                backlog=1024,
+                backlog=self.settings.listen_backlog,
             )
         address = self._server.sockets[0].getsockname()
         return address[0], address[1]
