@@ -117,6 +117,7 @@ class Settings:
     worker_restart_max_delay_s: float = 30.0  # backoff cap for a worker that keeps dying
     worker_stable_after_s: float = 10.0  # a worker up this long restarts without backoff
     listen_backlog: int = 1024  # pending TCP connections the kernel queues per listener
+    reuse_port: bool = True  # workers listen with SO_REUSEPORT; False: one inherited socket
     embedded_redis_start_timeout_s: float = 10.0
     worker_start_timeout_s: float = 30.0  # a worker not listening by then fails the start
     kill_grace_s: float = 2.0  # after drain_timeout_s, a worker still running is killed this late

@@ -51,7 +51,7 @@ class Supervisor:
         self.metrics_dir = settings.metrics_dir
         self._own_metrics_dir = False
         self.sock: socket.socket | None = None
-        self.reuse_port = hasattr(socket, "SO_REUSEPORT")
+        self.reuse_port = settings.reuse_port and hasattr(socket, "SO_REUSEPORT")
         self.host = settings.host
         self.port = settings.port
         self._stopping = threading.Event()

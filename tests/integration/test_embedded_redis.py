@@ -14,7 +14,7 @@ import venv
 from pathlib import Path
 
 from support.broker_client import clients_on_workers
-from support.processes import REPO, ServerProcess, redwire
+from support.processes import REPO, ServerProcess, redwire, worker_pids
 
 
 def _get(url: str) -> bytes:
@@ -80,5 +80,22 @@ async def test_fresh_venv_pip_install_then_serve(tmp_path: Path) -> None:
             capture_output=True, text=True, cwd=tmp_path, check=True,
         )  # fmt: skip
         assert probe.stdout.strip() == "True"
+    finally:
+        assert server.stop() == 0
+
+
+async def test_inherited_listening_socket_when_reuse_port_is_off(redis_server) -> None:
+    """The fallback where SO_REUSEPORT is missing: workers share the supervisor's socket."""
+    server = ServerProcess(
+        redwire(
+            "serve", "--host", "127.0.0.1", "--port", "0", "--workers", "2",
+            "--redis", redis_server.url,
+        ),
+        env={"REDWIRE_REUSE_PORT": "false"},
+    )  # fmt: skip
+    try:
+        for pid in worker_pids(server.proc.pid).values():
+            assert b"--fd" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        await _exchange(server)
     finally:
         assert server.stop() == 0
