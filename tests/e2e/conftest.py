@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser, Page, sync_playwright
 
 CHROMIUM = os.environ.get("REDWIRE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -31,3 +31,13 @@ def browser() -> Iterator[Browser]:
         chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
+
+
+@pytest.fixture
+def pages(browser: Browser) -> Iterator[list[Page]]:
+    """Pages a test opens; each is closed with its context afterwards (a page from
+    `browser.new_page()` has a context of its own, so this closes exactly that page)."""
+    opened: list[Page] = []
+    yield opened
+    for page in opened:
+        page.context.close()

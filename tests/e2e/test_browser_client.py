@@ -69,15 +69,6 @@ def broker(redis_server) -> Iterator[ServerProcess]:
     server.stop()
 
 
-@pytest.fixture
-def pages(browser: Browser) -> Iterator[list[Page]]:
-    """Pages a test opens; all closed afterwards."""
-    opened: list[Page] = []
-    yield opened
-    for page in opened:
-        page.close()
-
-
 def open_client(
     browser: Browser, pages: list[Page], broker: ServerProcess, options: dict[str, Any]
 ) -> tuple[Page, str]:

@@ -89,15 +89,6 @@ def broker(redis_server) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture
-def pages(browser: Browser) -> Iterator[list[Page]]:
-    """Pages a test opens (each in its own context); all closed afterwards."""
-    opened: list[Page] = []
-    yield opened
-    for page in opened:
-        page.context.close()
-
-
-@pytest.fixture
 def publisher(broker: ServerProcess) -> Iterator[Publisher]:
     """A plain WebSocket peer that publishes (the page under test only receives)."""
     with connect(

@@ -89,15 +89,6 @@ def broker(redis_url: str) -> Iterator[ServerProcess]:
     server.stop()
 
 
-@pytest.fixture
-def pages(browser: Browser) -> Iterator[list[Page]]:
-    """Pages a test opens (each in its own context); all closed afterwards."""
-    opened: list[Page] = []
-    yield opened
-    for page in opened:
-        page.context.close()
-
-
 def open_page(browser: Browser, pages: list[Page], broker: ServerProcess) -> tuple[Page, str]:
     page = browser.new_context().new_page()
     pages.append(page)

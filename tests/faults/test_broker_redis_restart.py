@@ -6,20 +6,11 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 
-import pytest
 from support.broker_client import clients_on_workers
 from support.processes import ServerProcess, redwire
 from support.redis_server import RedisServer
 from support.waiting import eventually
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A Redis of this test's own: it is stopped and started again."""
-    with RedisServer() as server:
-        yield server
 
 
 def _health(server: ServerProcess) -> int:

@@ -7,7 +7,7 @@ Each test owns its redis-server (the session one is shared and must not be stopp
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from support.bus_watch import BusWatch
@@ -29,12 +29,6 @@ FAST = Settings(
     bus_publish_timeout_s=0.5,
     bus_connect_timeout_s=1.0,
 )
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
 
 
 @pytest.fixture

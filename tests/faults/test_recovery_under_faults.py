@@ -14,9 +14,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 
-import pytest
 from support.processes import ServerProcess, redwire, worker_pids
 from support.redis_server import RedisServer
 
@@ -29,12 +27,6 @@ TOPIC = "feed.orders"
 RATE = 2000
 SECONDS = 10.0
 SUBSCRIBERS = 50
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
-        yield server
 
 
 def _rules(history_size: int) -> list[dict[str, object]]:
@@ -106,7 +98,7 @@ async def _faults(server: ServerProcess, redis: RedisServer) -> None:
     await asyncio.sleep(SECONDS / 3)  # the timeline of the scenario, not synchronisation
     workers = worker_pids(server.proc.pid)
     os.kill(workers["0"], signal.SIGKILL)
-    await asyncio.sleep(SECONDS / 3)
+    await asyncio.sleep(SECONDS / 3)  # the timeline: the second fault a third later
     await asyncio.to_thread(
         redis.command, "CLIENT", "KILL", "TYPE", "pubsub", "SKIPME", "yes"
     )  # every worker's subscription drops: each must repair from history
