@@ -9,7 +9,8 @@ RedwireError
 ├── ClientError            a well-formed WebSocket message the pub/sub protocol rejects;
 │                          carries a stable error code string (see docs/protocol.md)
 ├── BusError               the message bus failed
-│   ├── BusUnavailable     the bus is disconnected: publishing now would lose the message
+│   ├── BusUnavailable     not done: the command never reached Redis (a retry is safe)
+│   ├── BusOutcomeUnknown  sent, but no reply came: it may have run (retry with the same key)
 │   └── EnvelopeError      bytes on a bus channel that are not a well-formed envelope
 └── ConfigError            a setting is invalid or a required program is missing
 """
@@ -100,7 +101,13 @@ class BusError(RedwireError):
 
 
 class BusUnavailable(BusError):
-    """The bus is disconnected; a publish now would be lost, so it is refused."""
+    """The bus could not take the command: it was never written to Redis, so nothing
+    happened and a retry is safe (a publish was NOT published)."""
+
+
+class BusOutcomeUnknown(BusError):
+    """The command was written to Redis but no reply came (timeout, connection lost): it
+    may or may not have run. Retry a publish only with the same idempotency key."""
 
 
 class EnvelopeError(BusError):
