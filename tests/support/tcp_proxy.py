@@ -1,6 +1,8 @@
 """A TCP proxy in front of a Redis port, for fault tests: it can silently drop what Redis sends
 on chosen links (the connection stays open, Redis thinks it answered, nothing arrives: a dead
-NAT entry, a lost reply), cut every link, and be pointed at another port.
+NAT entry, a lost reply), stall every link (nothing is forwarded either way, the sockets stay
+open, and what was held flows again on `resume`: a congested or partitioned network that
+heals), cut every link, and be pointed at another port.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class TcpProxy:
         self.links: list[Link] = []
         self.port = 0
         self._server: asyncio.Server | None = None
+        self._flowing = asyncio.Event()  # cleared while stalled
+        self._flowing.set()
 
     @property
     def url(self) -> str:
@@ -79,19 +83,46 @@ class TcpProxy:
             link.frozen = True
         return len(links)
 
+    @property
+    def stalled(self) -> bool:
+        return not self._flowing.is_set()
+
+    def stall(self) -> int:
+        """Stop forwarding in both directions on every link, present and future, with every
+        socket left open (bytes wait in the kernel's buffers, then TCP pushes back); returns
+        how many links are open. `resume` lets everything held flow again, in order."""
+        self._flowing.clear()
+        return sum(not link.writer.is_closing() for link in self.links)
+
+    def resume(self) -> None:
+        """End a `stall`: forwarding goes on where it stopped."""
+        self._flowing.set()
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:  # Redis is down: the client sees its connection refused (closed)
+            writer.close()
+            return
         link = Link(writer, up_writer)
         self.links.append(link)
 
         async def client_to_redis() -> None:
-            while data := await reader.read(CHUNK):
+            while True:
+                await self._flowing.wait()
+                if not (data := await reader.read(CHUNK)):
+                    return
+                await self._flowing.wait()  # a stall that began during the read holds it
                 link.sent += data
                 up_writer.write(data)
                 await up_writer.drain()
 
         async def redis_to_client() -> None:
-            while data := await up_reader.read(CHUNK):
+            while True:
+                await self._flowing.wait()
+                if not (data := await up_reader.read(CHUNK)):
+                    return
+                await self._flowing.wait()
                 if not link.frozen:
                     writer.write(data)
                     await writer.drain()
