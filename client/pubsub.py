@@ -3,14 +3,35 @@
     async with await connect("ws://127.0.0.1:8765/") as rw:
         sub = await rw.subscribe("prices")
         await rw.publish("prices", {"eur": 1.08})
-        async for message in sub:
-            print(message.topic, message.data)
+        async for item in sub:
+            if isinstance(item, Gap):
+                resync(item.topics)          # messages may be missing: resync the topic
+            else:
+                print(item.topic, item.data)
 
 It speaks docs/protocol.md (JSON, or msgpack with `encoding="msgpack"`) over
-`client.ws`, Redwire's own WebSocket client. A lost connection is retried with exponential
-backoff and full jitter; every subscription is made again on the new connection. Nothing is
-swallowed: `state` and the `on_state` callback show each disconnect, and a publish made
-while disconnected waits for the connection at most `request_timeout_s`, then raises.
+`client.ws`, Redwire's own WebSocket client. A lost connection is retried as the close-code
+table `CLOSE_CODE_POLICY` says (never / at once / exponential backoff with full jitter);
+every subscription is made again on the new connection, from its position on topics with
+history. Nothing is swallowed:
+
+- `state` and the `on_state` callback show each disconnect;
+- after a reconnect, a subscription on a topic without history, or whose resubscription
+  says `recovered: false`, yields a `Gap`; so does every `gap` frame from the server;
+- a publish raises `NotPublished` (it did not happen: a retry is safe) or
+  `PublishOutcomeUnknown` (it may have happened: retry only with the same `key`). A publish
+  with a `key` is re-sent with that key after a lost connection, an `unavailable` or an
+  `outcome_unknown` reply, until `request_timeout_s` has passed;
+- every buffer is bounded: a subscription holds at most `max_queue` items; when one is full
+  the client stops reading the socket (the server sees a slow consumer: it may close 1013,
+  and the client reconnects and recovers), at most `max_in_flight` requests wait for replies.
+
+Positions (topics with history): each subscription keeps (offset, epoch). Every subscribe
+ack sets it (the ack says where the subscription starts from), every message moves it, a
+`gap` frame with `to` moves it to (epoch, to). A message at or below it in the same epoch
+was seen already and is dropped (counted in `duplicates_dropped`; the server should never
+send one). Replies are handled by the reading task in frame order, so an ack is applied
+before the messages that follow it.
 """
 
 from __future__ import annotations
@@ -21,9 +42,12 @@ import itertools
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Literal
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from broker import errors
@@ -35,43 +59,153 @@ from client.ws import connect as ws_connect
 
 log = logging.getLogger("redwire.client")
 
-# Close codes after which reconnecting cannot help (docs/protocol.md).
-_FATAL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1008, 1009, 1010})
+ReconnectPolicy = Literal["never", "now", "backoff"]
+
+#: What a client does after the server closed with a code (docs/protocol.md, "Close
+#: codes"); redwire.js exports the same table as `CLOSE_CODE_POLICY`. Codes not listed
+#: (1006: no close frame, 1005, 4xxx, ...) back off.
+CLOSE_CODE_POLICY: Mapping[int, ReconnectPolicy] = MappingProxyType(
+    {
+        1000: "never",  # normal closure
+        1001: "now",  # the server drains or restarts: another worker takes us at once
+        1002: "never",  # we broke RFC 6455
+        1003: "never",  # we sent data it cannot accept
+        1007: "never",  # invalid UTF-8
+        1008: "never",  # policy: too many bad requests, or the application refused
+        1009: "never",  # a message over the limit
+        1010: "never",  # a mandatory extension missing
+        1011: "backoff",  # server error
+        1012: "backoff",  # service restart
+        1013: "backoff",  # slow consumer / try again later
+    }
+)
+
+#: The wire error codes of publish outcomes (docs/protocol.md, "Errors").
+NOT_PUBLISHED_CODE = "unavailable"
+OUTCOME_UNKNOWN_CODE = "outcome_unknown"
+
+
+def reconnect_policy(code: int | None) -> ReconnectPolicy:
+    """What to do after a close with `code` (None: no close frame, as 1006)."""
+    return CLOSE_CODE_POLICY.get(code if code is not None else errors.CLOSE_ABNORMAL, "backoff")
+
+
+class NotPublished(ClientError):
+    """The publish did not happen (`unavailable`, or never sent): a retry is safe."""
+
+
+class PublishOutcomeUnknown(ClientError):
+    """The publish was sent but no answer came (`outcome_unknown`, a lost connection, a
+    timeout): it may have happened. Retry only with the same idempotency `key`."""
+
+
+def _reply_error(code: str, reason: str, request_id: int | str | None = None) -> ClientError:
+    if code == NOT_PUBLISHED_CODE:
+        return NotPublished(code, reason, request_id)
+    if code == OUTCOME_UNKNOWN_CODE:
+        return PublishOutcomeUnknown(code, reason, request_id)
+    return ClientError(code, reason, request_id)
+
+
+@dataclass(slots=True)
+class _End:
+    """Why a subscription ended; `error` is raised by `get()` (and by iteration when the
+    subscription was ended by the server or a fatal close, not by the application)."""
+
+    error: BaseException
+    by_application: bool
 
 
 @dataclass(slots=True)
 class Subscription:
-    """Messages of one topic, in order, as an async iterator.
+    """Messages of one topic, in order, as an async iterator, with `Gap` items among them.
 
-    A `Gap` among them says messages may be missing (the server could not recover them
-    after a reconnect, or announced a gap): the application should resync that topic.
+    A `Gap` says messages may be missing (a reconnect on a topic without history, a
+    resubscription that could not recover, a `gap` frame from the server): resync the topic.
+    At most `max_queue` items wait here; while it is full the client stops reading its socket.
     """
 
     topic: str
-    _queue: asyncio.Queue[Message | Gap | None] = field(default_factory=asyncio.Queue)
+    max_queue: int = 1000
     _client: PubSubClient | None = None
+    _items: deque[Message | Gap] = field(default_factory=deque)
+    _readable: asyncio.Event = field(default_factory=asyncio.Event)
+    _room: asyncio.Event = field(default_factory=asyncio.Event)
+    _end: _End | None = None
+    _acked: bool = False  # subscribed on some connection: a later one resubscribes it
 
-    def __aiter__(self) -> AsyncIterator[Message]:
+    def __post_init__(self) -> None:
+        if self.max_queue < 1:
+            raise ValueError("max_queue must be >= 1")
+        self._room.set()
+
+    @property
+    def queued(self) -> int:
+        """Items waiting to be read."""
+        return len(self._items)
+
+    @property
+    def ended(self) -> bool:
+        return self._end is not None
+
+    async def _put(self, item: Message | Gap) -> None:
+        """Queue an item; waits (holding up the socket's reader) while the queue is full."""
+        while len(self._items) >= self.max_queue and self._end is None:
+            self._room.clear()
+            await self._room.wait()
+        if self._end is not None:
+            return
+        self._items.append(item)
+        self._readable.set()
+
+    def _finish(self, error: BaseException, *, by_application: bool) -> None:
+        if self._end is None:
+            self._end = _End(error, by_application)
+        self._readable.set()
+        self._room.set()
+
+    def __aiter__(self) -> AsyncIterator[Message | Gap]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Message | Gap]:
         while True:
-            item = await self._queue.get()
-            if item is None:
-                return
+            try:
+                item = await self.get()
+            except ConnectionClosedError:
+                if self._end is not None and self._end.by_application:
+                    return
+                raise
             yield item
 
     async def get(self, timeout_s: float | None = None) -> Message | Gap:
-        """The next message (TimeoutError after `timeout_s`)."""
+        """The next message or gap (TimeoutError after `timeout_s`). Once the subscription
+        ended and its queue is empty: the error that ended it (ConnectionClosedError with
+        code 1000 after `unsubscribe()` or `close()`)."""
         async with asyncio.timeout(timeout_s):
-            item = await self._queue.get()
-        if item is None:
-            raise ConnectionClosedError(errors.CLOSE_NORMAL, "unsubscribed")
+            while not self._items:
+                if self._end is not None:
+                    raise self._end.error
+                self._readable.clear()
+                await self._readable.wait()
+        item = self._items.popleft()
+        if len(self._items) < self.max_queue:
+            self._room.set()
         return item
 
     async def unsubscribe(self) -> None:
         if self._client is not None:
             await self._client.unsubscribe(self.topic)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A request written on `sent_on`, waiting for its reply (set by the reader)."""
+
+    id: int
+    request: dict[str, Any]
+    waiter: asyncio.Future[dict[str, Any]]
+    sent_on: WebSocketClient
+    resubscribe: bool = False
 
 
 class PubSubClient:
@@ -86,9 +220,13 @@ class PubSubClient:
         max_delay_s: float,
         request_timeout_s: float,
         on_state: Callable[[str, int | None], None] | None,
+        max_queue: int = 1000,
+        max_in_flight: int = 1000,
     ) -> None:
         if encoding not in ("json", "msgpack"):
             raise ValueError("encoding must be 'json' or 'msgpack'")
+        if max_queue < 1 or max_in_flight < 1:
+            raise ValueError("max_queue and max_in_flight must be >= 1")
         self.url = _with_token(url, token)
         self.binary = encoding == "msgpack"
         self.reconnect = reconnect
@@ -96,83 +234,167 @@ class PubSubClient:
         self.max_delay_s = max_delay_s
         self.request_timeout_s = request_timeout_s
         self.on_state = on_state
+        self.max_queue = max_queue
+        self.max_in_flight = max_in_flight
         self.state = "connecting"
         self.worker: str | None = None
         self.client_id: str | None = None
         self.disconnects = 0
+        self.last_close_code: int | None = None
         self.subscriptions: dict[str, Subscription] = {}
-        # Per topic with history: the last (offset, epoch) seen, to recover from after a reconnect.
+        # Per subscribed topic with history: (offset, epoch), where the subscription stands.
         self.positions: dict[str, tuple[int, str]] = {}
         self.duplicates_dropped = 0
+        self.last_error: BaseException | None = None
         self._ws: WebSocketClient | None = None
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._open = asyncio.Event()
+        self._pending: dict[int, _Pending] = {}
+        self._in_flight = asyncio.Semaphore(max_in_flight)
+        self._open = asyncio.Event()  # also set once the client ended for good (`_final`)
+        self._final: ConnectionClosedError | None = None
         self._closing = False
         self._runner: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
-        self.last_error: BaseException | None = None
 
     # --- connection lifecycle ----------------------------------------------------------------
 
     async def _connect_once(self) -> None:
         protocol = "redwire.msgpack" if self.binary else "redwire.json"
-        ws = await ws_connect(self.url, subprotocols=[protocol])
-        welcome = self._decode(await ws.recv(timeout_s=self.request_timeout_s))
-        if welcome.get("op") != "welcome":
+        ws = await ws_connect(self.url, subprotocols=[protocol], max_queue=self.max_queue)
+        try:
+            welcome = self._decode(await ws.recv(timeout_s=self.request_timeout_s))
+            if welcome.get("op") != "welcome":
+                raise ClientError("bad_request", f"expected a welcome frame, got {welcome!r:.100}")
+        except BaseException:
             await ws.close()
-            raise ClientError("bad_request", f"expected a welcome frame, got {welcome!r:.100}")
+            raise
         self._ws = ws
         self.worker = welcome.get("worker")
         self.client_id = welcome.get("client")
         reader = asyncio.get_running_loop().create_task(self._read(ws))
+        topics = [topic for topic, sub in self.subscriptions.items() if sub._acked]
         try:
-            for topic in list(self.subscriptions):
-                await self._subscribe_request(topic, wait_open=False)
+            # Every resubscription at once; the reader applies each ack in frame order.
+            sent = [
+                self._send_request(self._subscribe_frame(topic), ws, resubscribe=True)
+                for topic in topics
+            ]
+            await ws.drain()
+            results = await asyncio.gather(
+                *(self._await_reply(p, self.request_timeout_s) for p in sent),
+                return_exceptions=True,
+            )
+            failure = self._resubscribe_failures(topics, results)
+            if failure is not None:
+                raise failure
         except BaseException:
             reader.cancel()
+            self._ws = None
+            self._connection_lost(ws, errors.CLOSE_ABNORMAL)
+            await ws.close()
             raise
+        self._reader = reader
         self._set_state("open", None)
         self._open.set()
-        self._reader = reader
+
+    def _resubscribe_failures(self, topics: list[str], results: list[Any]) -> BaseException | None:
+        """A refused resubscription ends its subscription (the error is raised by its
+        `get()`), unless the refusal passes (`unavailable`, a timeout, a lost connection):
+        then the whole attempt fails and is retried with backoff."""
+        retry: BaseException | None = None
+        for topic, result in zip(topics, results, strict=True):
+            if not isinstance(result, BaseException):
+                continue
+            if isinstance(result, ClientError) and not isinstance(result, NotPublished):
+                sub = self.subscriptions.pop(topic, None)
+                self.positions.pop(topic, None)
+                if sub is not None:
+                    sub._finish(result, by_application=False)
+                continue
+            retry = result
+        return retry
 
     async def _run(self) -> None:
-        """Keep a connection: wait for the current one to end, then reconnect with backoff."""
+        """Keep a connection: wait for the current one to end, then reconnect as the close
+        code says (`CLOSE_CODE_POLICY`)."""
         attempt = 0
         while not self._closing:
             ws = self._ws
             if ws is not None and self._reader is not None:
-                await self._reader
-                code = ws.close_code
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._reader
+                code = ws.close_code if ws.close_code is not None else errors.CLOSE_ABNORMAL
                 self._ws = None
+                self._reader = None
                 self._open.clear()
                 self.disconnects += 1
-                self._fail_pending(ConnectionClosedError(code or errors.CLOSE_ABNORMAL, ""))
+                self.last_close_code = code
+                self._connection_lost(ws, code)
                 if self._closing:
                     break
                 self._set_state("disconnected", code)
-                if not self.reconnect or code in _FATAL_CLOSE_CODES:
-                    self._end_subscriptions()
-                    self.state = "closed"
+                policy = reconnect_policy(code)
+                if not self.reconnect or policy == "never":
+                    error = ConnectionClosedError(code, ws.close_reason)
+                    self._end_everything(error, by_application=False)
+                    self._set_state("closed", code)
                     return
-                if code == errors.CLOSE_GOING_AWAY:
+                if policy == "now":
                     attempt = 0  # a draining server: another worker takes us at once
-            delay = random.uniform(0, min(self.max_delay_s, self.min_delay_s * 2**attempt))
-            await asyncio.sleep(delay)
+                    delay = 0.0
+                else:
+                    delay = self._backoff(attempt)
+                    attempt += 1
+            else:
+                delay = self._backoff(attempt)
+                attempt += 1
+            await asyncio.sleep(delay)  # the reconnect delay (backoff is the point)
             try:
                 await self._connect_once()
                 attempt = 0
-            except (OSError, HandshakeError, ConnectionClosedError, TimeoutError) as exc:
-                self.last_error = exc
-                attempt += 1
-                log.info("reconnect attempt %d failed: %s", attempt, exc)
+            except (OSError, HandshakeError, ClientError, ConnectionClosedError, TimeoutError) as e:
+                self.last_error = e
+                log.info("reconnect attempt %d failed: %s", attempt, e)
+
+    def _backoff(self, attempt: int) -> float:
+        """Full jitter: random(0, min(max_delay_s, min_delay_s * 2^attempt))."""
+        return random.uniform(0, min(self.max_delay_s, self.min_delay_s * 2 ** min(attempt, 52)))
 
     def _set_state(self, state: str, code: int | None) -> None:
         self.state = state
         if self.on_state is not None:
             self.on_state(state, code)
 
+    def _connection_lost(self, ws: WebSocketClient, code: int) -> None:
+        """Fail what waited for a reply on `ws` (`publish` turns that into its outcome)."""
+        for req_id, pending in list(self._pending.items()):
+            if pending.sent_on is ws:
+                del self._pending[req_id]
+                if not pending.waiter.done():
+                    pending.waiter.set_exception(ConnectionClosedError(code, "connection lost"))
+
+    def _end_everything(self, error: ConnectionClosedError, *, by_application: bool) -> None:
+        """The client is done for good: subscriptions end, waiting requests fail."""
+        if self._final is None:
+            self._final = error
+        for sub in self.subscriptions.values():
+            sub._finish(error, by_application=by_application)
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            if not p.waiter.done():
+                p.waiter.set_exception(error)
+        self._open.set()  # wakes whatever waits for a connection: it gets `_final`
+
+    # --- frames in (the reader: one task per connection, frames in order) --------------------
+
     async def _read(self, ws: WebSocketClient) -> None:
+        try:
+            await self._read_frames(ws)
+        except Exception:  # a bug of ours: this connection ends, a new one recovers
+            log.exception("pub/sub client: reading the connection failed")
+            await ws.close(errors.CLOSE_INTERNAL_ERROR, "client error")
+
+    async def _read_frames(self, ws: WebSocketClient) -> None:
         async for raw in ws:
             try:
                 frame = self._decode(raw)
@@ -181,52 +403,86 @@ class PubSubClient:
                 continue
             op = frame.get("op")
             if op == "message":
-                topic = frame.get("topic", "")
-                sub = self.subscriptions.get(topic)
-                if sub is not None and self._advance(topic, frame):
-                    sub._queue.put_nowait(
-                        Message(topic, frame.get("data"), frame.get("offset"), frame.get("epoch"))
-                    )
+                await self._on_message(frame)
             elif op == "gap":
-                sub = self.subscriptions.get(frame.get("topic", ""))
-                if sub is not None:
-                    sub._queue.put_nowait(Gap(frozenset((sub.topic,)), "announced by the server"))
+                await self._on_gap(frame)
             elif op in ("ack", "error", "pong"):
-                waiter = self._pending.pop(frame.get("id"), None)  # type: ignore[arg-type]
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(frame)
+                req_id = frame.get("id")
+                pending = self._pending.get(req_id) if isinstance(req_id, int) else None
+                if pending is None or pending.sent_on is not ws:
+                    continue
+                del self._pending[pending.id]
+                if op == "ack" and pending.request.get("op") == "subscribe":
+                    await self._on_subscribed(pending, frame)
+                if not pending.waiter.done():
+                    pending.waiter.set_result(frame)
 
-    def _advance(self, topic: str, frame: dict[str, Any]) -> bool:
-        """Track the topic's position; False for a message already seen (dropped)."""
+    async def _on_message(self, frame: dict[str, Any]) -> None:
+        topic = frame.get("topic", "")
+        sub = self.subscriptions.get(topic)
+        if sub is None:
+            return
         offset, epoch = frame.get("offset"), frame.get("epoch")
-        if not isinstance(offset, int) or not isinstance(epoch, str):
-            return True
-        last = self.positions.get(topic)
-        if last is not None and last[1] == epoch and offset <= last[0]:
-            self.duplicates_dropped += 1
-            return False
-        self.positions[topic] = (offset, epoch)
-        return True
+        if _is_position(offset, epoch):
+            last = self.positions.get(topic)
+            if last is not None and last[1] == epoch and offset <= last[0]:
+                self.duplicates_dropped += 1  # seen already (the server should never send it)
+                return
+            self.positions[topic] = (offset, epoch)
+        await sub._put(Message(topic, frame.get("data"), offset, epoch))
 
-    async def _subscribe_request(self, topic: str, *, wait_open: bool = True) -> dict[str, Any]:
-        """Subscribe, recovering from the last position when one is known."""
+    async def _on_gap(self, frame: dict[str, Any]) -> None:
+        topic = frame.get("topic", "")
+        sub = self.subscriptions.get(topic)
+        if sub is None:
+            return
+        first, last_missing, epoch = frame.get("from"), frame.get("to"), frame.get("epoch")
+        position = self.positions.get(topic)
+        if not isinstance(epoch, str):
+            epoch = position[1] if position is not None else None
+        if _is_position(last_missing, epoch):
+            # What follows continues at to + 1 (never moved backwards within an epoch).
+            if position is None or position[1] != epoch or last_missing > position[0]:
+                self.positions[topic] = (last_missing, epoch)
+            reason = f"announced by the server: offsets {first}..{last_missing} of epoch {epoch}"
+        elif isinstance(first, int):
+            reason = f"announced by the server: epoch {epoch} ended, offsets from {first} missing"
+        else:
+            reason = "announced by the server: messages may be missing"
+        await sub._put(Gap(frozenset((topic,)), reason))
+
+    async def _on_subscribed(self, pending: _Pending, ack: dict[str, Any]) -> None:
+        """A subscribe ack: the position the subscription starts from; a Gap for a break
+        (a resubscription, or a `since`, that did not recover exactly from its position)."""
+        topic = pending.request["topic"]
+        sub = self.subscriptions.get(topic)
+        if sub is None:
+            return
+        sub._acked = True
+        since = pending.request.get("since")
+        offset, epoch = ack.get("offset"), ack.get("epoch")
+        if _is_position(offset, epoch):
+            self.positions[topic] = (offset, epoch)
+        else:
+            self.positions.pop(topic, None)
+        if since is None and not pending.resubscribe:
+            return  # a first subscription: messages from now on, nothing was missed
+        if since is None:
+            reason = "not recovered after reconnect: the topic has no history"
+        elif ack.get("recovered") is True and (offset, epoch) == (since["offset"], since["epoch"]):
+            return  # every missed message follows
+        else:
+            reason = "not recovered after reconnect"
+        await sub._put(Gap(frozenset((topic,)), reason))
+
+    # --- requests out --------------------------------------------------------------------------
+
+    def _subscribe_frame(self, topic: str) -> dict[str, Any]:
         request: dict[str, Any] = {"op": "subscribe", "topic": topic}
         position = self.positions.get(topic)
         if position is not None:
             request["since"] = {"offset": position[0], "epoch": position[1]}
-        reply = await self._request(request, wait_open=wait_open)
-        offset, epoch = reply.get("offset"), reply.get("epoch")
-        if position is not None and reply.get("recovered") is False:
-            sub = self.subscriptions.get(topic)
-            if sub is not None:
-                sub._queue.put_nowait(Gap(frozenset((topic,)), "not recovered after reconnect"))
-        if (
-            isinstance(offset, int)
-            and isinstance(epoch, str)
-            and reply.get("recovered") is not True
-        ):
-            self.positions[topic] = (offset, epoch)  # recovered: the replayed messages advance it
-        return reply
+        return request
 
     def _decode(self, raw: str | bytes) -> dict[str, Any]:
         obj = msgpack_loads(raw) if isinstance(raw, bytes) else json.loads(raw)
@@ -237,43 +493,115 @@ class PubSubClient:
     def _encode(self, obj: dict[str, Any]) -> str | bytes:
         return msgpack_dumps(obj) if self.binary else json.dumps(obj, separators=(",", ":"))
 
-    async def _request(self, obj: dict[str, Any], *, wait_open: bool = True) -> dict[str, Any]:
-        async with asyncio.timeout(self.request_timeout_s):
-            if wait_open:
-                await self._open.wait()
-            ws = self._ws
-            if ws is None:
-                raise ConnectionClosedError(errors.CLOSE_ABNORMAL, "not connected")
-            req_id = next(self._ids)
-            waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            self._pending[req_id] = waiter
-            await ws.send(self._encode({**obj, "id": req_id}))
-            reply = await waiter
+    def _send_request(
+        self, request: dict[str, Any], ws: WebSocketClient, *, resubscribe: bool = False
+    ) -> _Pending:
+        """Write a request now and register it (ConnectionClosedError: it was not written)."""
+        req_id = next(self._ids)
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        ws.send_nowait(self._encode({**request, "id": req_id}))
+        pending = self._pending[req_id] = _Pending(req_id, request, waiter, ws, resubscribe)
+        return pending
+
+    async def _await_reply(self, pending: _Pending, timeout_s: float) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout(max(timeout_s, 0.0)):
+                reply = await pending.waiter
+        finally:
+            if self._pending.get(pending.id) is pending:
+                del self._pending[pending.id]
         if reply.get("op") == "error":
-            raise ClientError(str(reply.get("code")), str(reply.get("reason")))
+            raise _reply_error(str(reply.get("code")), str(reply.get("reason")), reply.get("id"))
         return reply
 
-    def _fail_pending(self, exc: BaseException) -> None:
-        pending, self._pending = self._pending, {}
-        for waiter in pending.values():
-            if not waiter.done():
-                waiter.set_exception(exc)
+    async def _wait_open(self, timeout_s: float) -> WebSocketClient:
+        """The open connection (TimeoutError after `timeout_s`; the final error once the
+        client ended)."""
+        async with asyncio.timeout(max(timeout_s, 0.0)):
+            while True:
+                await self._open.wait()
+                if self._final is not None:
+                    raise self._final
+                if self._ws is not None:
+                    return self._ws
+                self._open.clear()
 
-    def _end_subscriptions(self) -> None:
-        for sub in self.subscriptions.values():
-            sub._queue.put_nowait(None)
+    async def _request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A request other than publish: waits for the connection, then for the reply."""
+        async with self._in_flight:
+            deadline = time.monotonic() + self.request_timeout_s
+            ws = await self._wait_open(self.request_timeout_s)
+            pending = self._send_request(request, ws)
+            await ws.drain()
+            return await self._await_reply(pending, deadline - time.monotonic())
+
+    async def _publish(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Send a publish once; with a key, re-send it (same key) after a lost connection or
+        a bus error, until it has an answer or `request_timeout_s` has passed."""
+        keyed = "key" in request
+        async with self._in_flight:
+            deadline = time.monotonic() + self.request_timeout_s
+            attempt = 0
+            sent = False
+            while True:
+                try:
+                    ws = await self._wait_open(deadline - time.monotonic())
+                except TimeoutError:
+                    if sent:
+                        raise PublishOutcomeUnknown(
+                            OUTCOME_UNKNOWN_CODE, "sent, then no answer within request_timeout_s"
+                        ) from None
+                    raise NotPublished(
+                        NOT_PUBLISHED_CODE, "not connected within request_timeout_s: not sent"
+                    ) from None
+                except ConnectionClosedError as exc:
+                    if sent:
+                        raise PublishOutcomeUnknown(
+                            OUTCOME_UNKNOWN_CODE, f"sent, then the client ended ({exc.code})"
+                        ) from exc
+                    raise
+                try:
+                    pending = self._send_request(request, ws)
+                except ConnectionClosedError:
+                    continue  # not written: wait for the next connection
+                sent = True
+                try:
+                    await ws.drain()
+                    return await self._await_reply(pending, deadline - time.monotonic())
+                except ConnectionClosedError as exc:
+                    if not keyed or self._final is not None:
+                        raise PublishOutcomeUnknown(
+                            OUTCOME_UNKNOWN_CODE,
+                            f"the connection closed ({exc.code}) before the server answered",
+                        ) from exc
+                    # keyed: re-sent with the same key once connected again
+                except TimeoutError:
+                    raise PublishOutcomeUnknown(
+                        OUTCOME_UNKNOWN_CODE, "sent, then no answer within request_timeout_s"
+                    ) from None
+                except (NotPublished, PublishOutcomeUnknown):
+                    delay = self._backoff(attempt)
+                    attempt += 1
+                    if not keyed or time.monotonic() + delay >= deadline:
+                        raise
+                    await asyncio.sleep(delay)  # backoff before the keyed retry
 
     # --- the API -----------------------------------------------------------------------------
 
-    async def subscribe(self, topic: str) -> Subscription:
-        """Subscribe; returns once the server acknowledged it (messages from then on)."""
+    async def subscribe(self, topic: str, *, max_queue: int | None = None) -> Subscription:
+        """Subscribe; returns once the server acknowledged it (messages from then on).
+        `max_queue`: this subscription's bound (default: the client's `max_queue`)."""
         sub = self.subscriptions.get(topic)
-        if sub is None:
-            sub = self.subscriptions[topic] = Subscription(topic, _client=self)
+        if sub is not None:
+            return sub
+        sub = Subscription(topic, max_queue or self.max_queue, _client=self)
+        self.subscriptions[topic] = sub
         try:
-            await self._subscribe_request(topic)
+            await self._request(self._subscribe_frame(topic))
         except BaseException:
-            self.subscriptions.pop(topic, None)
+            if self.subscriptions.get(topic) is sub:
+                del self.subscriptions[topic]
+                self.positions.pop(topic, None)
             raise
         return sub
 
@@ -281,17 +609,24 @@ class PubSubClient:
         sub = self.subscriptions.pop(topic, None)
         self.positions.pop(topic, None)
         if sub is not None:
-            sub._queue.put_nowait(None)
+            sub._finish(
+                ConnectionClosedError(errors.CLOSE_NORMAL, "unsubscribed"), by_application=True
+            )
         if self._ws is not None:
             await self._request({"op": "unsubscribe", "topic": topic})
 
     async def publish(self, topic: str, data: Any, *, key: str | None = None) -> dict[str, Any]:
-        """Publish; returns the server's ack (with `offset`/`epoch` on topics with history),
-        raises ClientError with the server's code. `key` makes a retried publish land once."""
+        """Publish; returns the server's ack (with `offset`/`epoch` on topics with history).
+
+        Raises `NotPublished` (it did not happen: a retry is safe), `PublishOutcomeUnknown`
+        (it may have happened: retry only with the same `key`), or `ClientError` with the
+        server's code. Without a key nothing is retried. With a `key` (an idempotency key,
+        1..64 characters) a lost connection, `unavailable` or `outcome_unknown` is retried
+        with the same key within `request_timeout_s`."""
         request: dict[str, Any] = {"op": "publish", "topic": topic, "data": data}
         if key is not None:
             request["key"] = key
-        return await self._request(request)
+        return await self._publish(request)
 
     async def presence(self, topic: str) -> dict[str, Any]:
         """Who is subscribed to `topic` (topics with presence enabled): client id → info."""
@@ -305,12 +640,14 @@ class PubSubClient:
         ws = self._ws
         if ws is not None:
             await ws.close()
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
-        self._end_subscriptions()
-        self._fail_pending(ConnectionClosedError(errors.CLOSE_NORMAL, "client closed"))
+        for task in (self._runner, self._reader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._end_everything(
+            ConnectionClosedError(errors.CLOSE_NORMAL, "client closed"), by_application=True
+        )
         self.state = "closed"
 
     async def __aenter__(self) -> PubSubClient:
@@ -318,6 +655,10 @@ class PubSubClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def _is_position(offset: Any, epoch: Any) -> bool:
+    return isinstance(offset, int) and not isinstance(offset, bool) and isinstance(epoch, str)
 
 
 def _with_token(url: str, token: str | None) -> str:
@@ -338,8 +679,13 @@ async def connect(
     max_delay_s: float = 10.0,
     request_timeout_s: float = 10.0,
     on_state: Callable[[str, int | None], None] | None = None,
+    max_queue: int = 1000,
+    max_in_flight: int = 1000,
 ) -> PubSubClient:
-    """Connect (the first attempt's error is raised) and keep the connection from then on."""
+    """Connect (the first attempt's error is raised) and keep the connection from then on.
+
+    `max_queue`: items a subscription holds before the client stops reading the socket;
+    `max_in_flight`: requests waiting for a reply at once (more wait for room)."""
     client = PubSubClient(
         url,
         token=token,
@@ -349,6 +695,8 @@ async def connect(
         max_delay_s=max_delay_s,
         request_timeout_s=request_timeout_s,
         on_state=on_state,
+        max_queue=max_queue,
+        max_in_flight=max_in_flight,
     )
     await client._connect_once()
     client._runner = asyncio.get_running_loop().create_task(client._run())

@@ -174,6 +174,12 @@ class WebSocketClient:
 
     async def send(self, data: str | bytes) -> None:
         """Send one message: text for str, binary for bytes."""
+        self.send_nowait(data)
+        await self.drain()
+
+    def send_nowait(self, data: str | bytes) -> None:
+        """Write one message without waiting for the write buffer to drain (call `drain()`
+        afterwards): the message is written, or ConnectionClosedError says it was not."""
         try:
             frame = (
                 self.conn.send_text(data) if isinstance(data, str) else self.conn.send_binary(data)
@@ -181,7 +187,6 @@ class WebSocketClient:
         except ConnectionClosedError:
             raise ConnectionClosedError(*self._p.close_info()) from None
         self._write(frame)
-        await self.drain()
 
     async def drain(self) -> None:
         """Wait while the transport's write buffer is above its high-water mark."""

@@ -218,3 +218,16 @@ async def test_open_timeout_against_a_server_that_never_answers() -> None:
 async def test_only_ws_urls() -> None:
     with pytest.raises(ValueError, match="ws://"):
         await connect("wss://127.0.0.1:1/")
+
+
+async def test_send_nowait_writes_at_once_and_raises_once_closed(
+    echo_server: ServerProcess,
+) -> None:
+    ws = await open_echo(echo_server)
+    for i in range(5):
+        ws.send_nowait(f"n{i}")  # written before the call returns: no await in between
+    await ws.drain()
+    assert [await ws.recv(WAIT_S) for _ in range(5)] == [f"n{i}" for i in range(5)]
+    await ws.close()
+    with pytest.raises(ConnectionClosedError):
+        ws.send_nowait("too late")
