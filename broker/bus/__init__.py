@@ -1,14 +1,26 @@
 """The message bus: how a worker hears what every worker publishes. Interface and factory.
 
-Theory of operation. The hub owns reference counts (which topics have local subscribers);
-the bus owns the channel set: it subscribes a topic on the hub's first `subscribe`, drops it
-on `unsubscribe`, and hands every publication it receives to `on_messages` in batches, in
-arrival order, from the event loop. A bus never re-encodes a payload.
+Theory of operation. The owner (the hub, or the SDK Subscriber) owns the topic set, as
+centrifuge's `Hub().Channels()` does: it sets `wanted_topics` before `start()`, and after
+every (re)connection the bus subscribes exactly `wanted_topics()` (in batches of
+`bus_resubscribe_batch`), then reports `on_gap(frozenset(those topics))`: delivery may have
+skipped messages while it was away. (The connection `start()` waits for reports no gap:
+nothing could be missed before the owner heard back.) The bus keeps no wanted set of its
+own that could drift from the owner's. `subscribe` subscribes on the current connection and
+returns once Redis confirmed; it raises BusUnavailable while disconnected or when the
+connection is lost before the confirmation, and leaves nothing behind (the owner drops the
+topic from its own set; `unsubscribe` is harmless for a topic that is not subscribed). The
+bus hands every publication it receives on a subscribed topic to `on_messages` in batches,
+in arrival order, from the event loop. A bus never re-encodes a payload. A silently dead
+subscription is detected and replaced like a lost one; `on_health` reports each flip of
+`healthy`.
 
-When delivery may have skipped messages (the connection was lost and came back, or a
-silently dead subscription was detected and replaced), the bus calls `on_gap` with the
-topics concerned; `on_health` reports each flip of `healthy`. Publishing while the bus
-cannot deliver raises `BusUnavailable`: a publish is never dropped silently.
+Publish outcomes: a publish either returns a `Published`, or raises
+- BusUnavailable: it was never written to Redis; nothing happened, a retry is safe;
+- BusOutcomeUnknown: it was written (or partly) and no reply came; it may have run. Retry
+  only with the same idempotency `key`.
+A publish never hangs (it is bounded even if the bus misbehaves), and a publish whose
+caller gave up (its awaiting task was cancelled) before it was written is never sent.
 
 History, offsets and presence (topics whose `Settings.rule_for` rule asks for them; see the
 "History, recovery and presence" section of docs/protocol.md):
@@ -16,13 +28,16 @@ History, offsets and presence (topics whose `Settings.rule_for` rule asks for th
   atomically with the history append and the broadcast, so no subscriber can receive a
   message before history holds it, and the message delivered to subscribers carries its
   `offset` and `epoch`. The epoch names one unbroken sequence of offsets; it changes (and
-  offsets restart at 1) when history may have holes: Redis lost its data, a replica was
-  promoted, or the topic's history expired.
+  offsets restart at 1) only when history may have lost entries: the topic's meta is gone
+  (Redis came back empty, FLUSHALL, the idle topic's epoch expired), a replica was promoted
+  since the epoch's last write, or Redis restarted without AOF persistence. A restart with
+  AOF keeps the epoch and the history (RedisBus' module docstring has the exact rule).
 - `history` reads the position and, given the reader's last offset and epoch, what came
   after it, in one atomic step. Recovery without gaps or duplicates: subscribe first, then
   read history after the last offset seen, and merge both by offset.
-- A publish `key` makes a retry land once (per topic, within `idempotency_ttl_s`). Keys are
-  supported on history topics only: on a topic without history the key is ignored.
+- A publish `key` makes a retry land once (per topic, within `idempotency_ttl_s`), on every
+  topic, with history or not: the duplicate publishes nothing and returns the first one's
+  result with `duplicate=True` (`offset`/`epoch` None on a topic without history).
 - Presence: `presence_add` / `presence_remove` / `presence` keep who is on a topic, with a
   JSON-able `info`. Entries of a closed or dead bus drop out of `presence` within
   `presence_ttl_s`; buses subscribed to the topic (rule with `presence`) sweep them out and,
@@ -144,12 +159,20 @@ def _ignore_presence(topic: str, kind: str, client_id: str, info: dict[str, Any]
     pass
 
 
-class Bus(ABC):
-    """Topics in, batches of messages out. The hub owns refcounts; the bus owns the channel set.
+def no_topics() -> Collection[str]:
+    """The default `Bus.wanted_topics`: nothing to resubscribe."""
+    return ()
 
-    The callbacks are set by the hub before `start()` and are called from the event loop;
-    an exception they raise is logged and does not stop the bus.
+
+class Bus(ABC):
+    """Topics in, batches of messages out. The owner (hub) owns the topic set.
+
+    `wanted_topics` and the callbacks are set by the owner before `start()` and are called
+    from the event loop; an exception they raise is logged and does not stop the bus.
     """
+
+    # the topics to subscribe after each (re)connection: the owner's set, read each time
+    wanted_topics: Callable[[], Collection[str]]
 
     on_messages: Callable[[list[BusMessage]], None]  # a batch, in arrival order
     on_gap: Callable[[frozenset[str]], None]  # topics whose delivery may have skipped messages
@@ -159,6 +182,7 @@ class Bus(ABC):
     on_presence: Callable[[str, str, str, dict[str, Any]], None]
 
     def __init__(self) -> None:
+        self.wanted_topics = no_topics
         self.on_messages = _ignore_messages
         self.on_gap = _ignore_gap
         self.on_health = _ignore_health
@@ -174,26 +198,30 @@ class Bus(ABC):
 
     @abstractmethod
     async def subscribe(self, topics: Collection[str]) -> None:
-        """Add `topics`; returns once their subscription is live.
+        """Subscribe `topics` on the current connection; returns once Redis confirmed.
 
-        Concurrent calls are coalesced into one command. While disconnected this raises
-        BusUnavailable, but the topics stay wanted and are subscribed on reconnect.
+        Concurrent calls are coalesced into one command. Raises BusUnavailable while
+        disconnected or when the connection is lost before the confirmation; a failed call
+        leaves nothing behind (after a reconnection only `wanted_topics()` is subscribed).
         """
 
     @abstractmethod
     async def unsubscribe(self, topics: Collection[str]) -> None:
-        """Drop `topics`; no message on them is delivered once this is called."""
+        """Drop `topics`; no message on them is delivered once this is called. Harmless for
+        a topic that is not subscribed, and never fails: a lost connection drops them too."""
 
     @abstractmethod
     async def publish(self, message: BusMessage, *, key: str | None = None) -> Published:
-        """Send `message` to every subscriber of its topic; BusUnavailable during an outage.
+        """Send `message` to every subscriber of its topic.
 
         On a topic with history the result has the message's offset and epoch (its own
-        `offset`/`epoch` fields are ignored). `key` (1..64 characters, else ValueError): a
-        publish with a key already used on this topic within `idempotency_ttl_s` publishes
-        nothing and returns the first one's offset and epoch with `duplicate=True`. Keys
-        are ignored on topics without history. A publish that failed with BusUnavailable
-        may still have happened: retry it with the same key.
+        `offset`/`epoch` fields are ignored). `key` (1..64 characters, else ValueError), on
+        any topic: a publish with a key already used on this topic within
+        `idempotency_ttl_s` publishes nothing and returns the first one's result with
+        `duplicate=True` (offset and epoch None on a topic without history).
+        BusUnavailable: it was not published (a retry is safe). BusOutcomeUnknown: it was
+        written and no reply came, it may have been published: retry only with the same
+        key. Bounded in time: it never hangs. Cancelled before it was written: never sent.
         """
 
     @abstractmethod

@@ -4,10 +4,24 @@ Only `broker/bus/redis.py` talks to Redis; this module holds the source and its 
 bus can send EVALSHA and fall back to SCRIPT LOAD on NOSCRIPT. The key layout and the
 payload formats are described in `broker/bus/redis.py`.
 
-Calling convention of every script: ARGV[1] is the replication id of the server the caller
-is connected to (`master_replid`), put there by the bus at send time; the script's own
-arguments follow. A script that keeps a topic position makes a new epoch (and drops the
-topic's history) when the meta hash is missing or was made under another replication id.
+Calling convention of every script (one for all, so the bus fills the same two values in
+at send time, from INFO fetched on each (re)connection of its publisher):
+    ARGV[1]  the server's replication id (`master_replid` from INFO replication);
+    ARGV[2]  '1' when a change of replication id means a restart that kept every
+             acknowledged write: `master_replid2` is all zeros (the server did not take
+             over another master's history) and `aof_enabled:1` (INFO persistence); else ''.
+The script's own arguments follow, from ARGV[3] on.
+
+Epochs. A script that keeps a topic position (`position` below) reads the topic's meta hash
+(`o` offset, `e` epoch, `r` the replication id of the epoch's last write) and:
+- keeps the epoch when `r` is the server's replication id (nothing happened since);
+- keeps it and records the new id in `r` when the id changed and ARGV[2] is '1' (a restart
+  with AOF: history is what was acknowledged);
+- otherwise makes a new epoch, offset 0, and DELetes the topic's stream: the meta hash is
+  missing (Redis came back empty, FLUSHALL, the meta expired), or the id changed on a
+  server promoted from a replica (`master_replid2` set: writes the old master acknowledged
+  may be missing), or on a restart without AOF (an RDB snapshot may be older than
+  acknowledged writes).
 """
 
 from __future__ import annotations
@@ -34,6 +48,10 @@ local function position(meta, stream, replid, candidate, meta_ttl)
   if m[2] and m[3] == replid then
     return tonumber(m[1]), m[2]
   end
+  if m[2] and ARGV[2] == '1' then  -- a restart that kept every acknowledged write
+    redis.call('HSET', meta, 'r', replid)
+    return tonumber(m[1]), m[2]
+  end
   redis.call('DEL', stream)
   redis.call('HSET', meta, 'o', 0, 'e', candidate, 'r', replid)
   if meta_ttl > 0 then
@@ -49,8 +67,8 @@ end
 """
 
 # KEYS: meta, stream[, idempotency key]
-# ARGV: replid, channel, envelope, epoch candidate, history_size, history_ttl_ms (0: none),
-#       meta_ttl_ms (0: none), idempotency_ttl_ms
+# ARGV: replid, trusted restart, channel, envelope, epoch candidate, history_size,
+#       history_ttl_ms (0: none), meta_ttl_ms (0: none), idempotency_ttl_ms
 # Returns {offset, epoch, duplicate (0/1)}.
 PUBLISH = Script(
     "publish",
@@ -58,15 +76,17 @@ PUBLISH = Script(
         _POSITION
         + """
 local meta, stream, key = KEYS[1], KEYS[2], KEYS[3]
-local replid, channel, envelope, candidate = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local size, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
-local meta_ttl, key_ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
+local replid, channel, envelope, candidate = ARGV[1], ARGV[3], ARGV[4], ARGV[5]
+local size, ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
+local meta_ttl, key_ttl = tonumber(ARGV[8]), tonumber(ARGV[9])
 
 if key then
   local first = redis.call('GET', key)
   if first then
     local o, e = string.match(first, '^(%d+):(.*)$')
-    return {tonumber(o), e, 1}
+    if o then  -- (a key left by a plain-topic publish, before a rule change, is ignored)
+      return {tonumber(o), e, 1}
+    end
   end
 end
 
@@ -101,8 +121,8 @@ return {offset, epoch, 0}
 )
 
 # KEYS: meta, stream
-# ARGV: replid, epoch candidate, after ('' for the position only), the reader's epoch, limit,
-#       history_ttl_ms (0: none), meta_ttl_ms (0: none)
+# ARGV: replid, trusted restart, epoch candidate, after ('' for the position only), the
+#       reader's epoch, limit, history_ttl_ms (0: none), meta_ttl_ms (0: none)
 # Returns {offset, epoch, complete (0/1), {payload, ...}}: the payloads of the entries after
 # `after`, in offset order; complete when they are exactly after+1 .. offset.
 HISTORY = Script(
@@ -111,8 +131,8 @@ HISTORY = Script(
         _POSITION
         + """
 local meta, stream = KEYS[1], KEYS[2]
-local replid, candidate, after, reader_epoch = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local limit, ttl, meta_ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local replid, candidate, after, reader_epoch = ARGV[1], ARGV[3], ARGV[4], ARGV[5]
+local limit, ttl, meta_ttl = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 
 local offset, epoch = position(meta, stream, replid, candidate, meta_ttl)
 if after == '' then
@@ -154,33 +174,34 @@ local function leave_event(client, value)
 end
 """
 
-# KEYS: presence hash.  ARGV: replid, client id, value, channel, join event ('' for none)
+# KEYS: presence hash.
+# ARGV: replid, trusted restart, client id, value, channel, join event ('' for none)
 # Returns 1 when the client was not present before.
 PRESENCE_ADD = Script(
     "presence_add",
     b"""
-local added = redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
-if added == 1 and ARGV[5] ~= '' then
-  redis.call('PUBLISH', ARGV[4], ARGV[5])
+local added = redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
+if added == 1 and ARGV[6] ~= '' then
+  redis.call('PUBLISH', ARGV[5], ARGV[6])
 end
 return added
 """,
 )
 
-# KEYS: presence hash.  ARGV: replid, client id, channel, announce ('1' or '')
+# KEYS: presence hash.  ARGV: replid, trusted restart, client id, channel, announce ('1' or '')
 # Returns 1 when the client was present.
 PRESENCE_REMOVE = Script(
     "presence_remove",
     (
         _LEAVE
         + """
-local value = redis.call('HGET', KEYS[1], ARGV[2])
+local value = redis.call('HGET', KEYS[1], ARGV[3])
 if not value then
   return 0
 end
-redis.call('HDEL', KEYS[1], ARGV[2])
-if ARGV[4] == '1' then
-  redis.call('PUBLISH', ARGV[3], leave_event(ARGV[2], value))
+redis.call('HDEL', KEYS[1], ARGV[3])
+if ARGV[5] == '1' then
+  redis.call('PUBLISH', ARGV[4], leave_event(ARGV[3], value))
 end
 return 1
 """
@@ -188,7 +209,8 @@ return 1
 )
 
 # KEYS: presence hash.
-# ARGV: replid, worker key prefix, channel, announce ('1' or ''), list ('1' or '')
+# ARGV: replid, trusted restart, worker key prefix, channel, announce ('1' or ''),
+#       list ('1' or '')
 # Entries whose worker key is gone are removed (and, with announce, a `leave` is published
 # for each: HDEL inside the script, so only one caller ever announces one entry).
 # Returns {removed, {client, value, ...}} (the live entries when `list` is '1').
@@ -200,8 +222,8 @@ PRESENCE_LIST = Script(
     (
         _LEAVE
         + """
-local hash, worker_prefix, channel = KEYS[1], ARGV[2], ARGV[3]
-local announce, list = ARGV[4] == '1', ARGV[5] == '1'
+local hash, worker_prefix, channel = KEYS[1], ARGV[3], ARGV[4]
+local announce, list = ARGV[5] == '1', ARGV[6] == '1'
 local all = redis.call('HGETALL', hash)
 local alive, out, removed = {}, {}, 0
 for i = 1, #all, 2 do
@@ -233,4 +255,19 @@ return {removed, out}
     ).encode(),
 )
 
-SCRIPTS = (PUBLISH, HISTORY, PRESENCE_ADD, PRESENCE_REMOVE, PRESENCE_LIST)
+# A keyed publish on a topic without history: the key is taken (SET NX) or the publish is a
+# duplicate and publishes nothing.
+# KEYS: idempotency key.  ARGV: replid, trusted restart, channel, envelope, idempotency_ttl_ms
+# Returns 1 when it published, 0 for a duplicate.
+PUBLISH_KEYED = Script(
+    "publish_keyed",
+    b"""
+if not redis.call('SET', KEYS[1], '-', 'NX', 'PX', tonumber(ARGV[5])) then
+  return 0
+end
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+""",
+)
+
+SCRIPTS = (PUBLISH, HISTORY, PRESENCE_ADD, PRESENCE_REMOVE, PRESENCE_LIST, PUBLISH_KEYED)

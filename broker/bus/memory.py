@@ -4,7 +4,8 @@ Buses sharing one `MemoryNetwork` hear each other (as workers sharing one Redis 
 A publish is queued on the network; once per event-loop iteration (`loop.call_soon`) the
 network hands each subscribed bus everything published to its topics since, as one batch,
 in publish order. The payload object itself is handed over: nothing is copied or encoded.
-Always healthy.
+Always healthy. It has no reconnections, so `wanted_topics` is never read; `subscribe`
+and `unsubscribe` follow the contract (an unsubscribe of a topic not subscribed is harmless).
 
 The network also holds what Redis holds for RedisBus, with the same semantics: each
 history topic's position, epoch and kept messages (ages from `time.monotonic`), the
@@ -75,7 +76,8 @@ class MemoryNetwork:
         self._publishers: set[MemoryBus] = set()
         self._scheduled = False
         self.histories: dict[str, _History] = {}
-        self.keys: dict[tuple[str, str], tuple[int, str, float]] = {}  # -> offset, epoch, expiry
+        # (topic, key) -> offset, epoch (None on a topic without history), expiry
+        self.keys: dict[tuple[str, str], tuple[int | None, str | None, float]] = {}
         self.presence: dict[str, dict[str, tuple[MemoryBus, dict[str, Any]]]] = {}
 
     def forget(self) -> None:
@@ -137,7 +139,9 @@ class MemoryNetwork:
             h.entries.popleft()
         return message
 
-    def first_publish(self, topic: str, key: str, now: float) -> tuple[int, str] | None:
+    def first_publish(
+        self, topic: str, key: str, now: float
+    ) -> tuple[int | None, str | None] | None:
         keys = self.keys
         while keys:  # drop expired keys, oldest first
             oldest = next(iter(keys))
@@ -205,10 +209,6 @@ class MemoryBus(Bus):
         self._check_open()
         check_key(key)
         rule = self.settings.rule_for(message.topic)
-        if rule is None or rule.history_size == 0:
-            self.network.send(self, message)
-            self.published += 1
-            return Published()
         net = self.network
         now = time.monotonic()
         if key is not None:
@@ -216,6 +216,13 @@ class MemoryBus(Bus):
             if first is not None:
                 self.duplicates += 1
                 return Published(first[0], first[1], duplicate=True)
+        if rule is None or rule.history_size == 0:
+            if key is not None:
+                expiry = now + self.settings.idempotency_ttl_s
+                net.keys[(message.topic, key)] = (None, None, expiry)
+            net.send(self, message)
+            self.published += 1
+            return Published()
         h = net.position(message.topic, rule, now)
         message = net.append(h, message, now)
         if key is not None:

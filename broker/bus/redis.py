@@ -10,48 +10,63 @@ Theory of operation.
   lazily and silently loses what was published meanwhile. A session runs three tasks:
     reader  reads replies; every message already buffered (at most `bus_read_batch`) goes
             to `on_messages` as one list before it yields to the loop;
-    sender  turns changes of the wanted channel set into SUBSCRIBE / UNSUBSCRIBE commands
-            of at most `bus_resubscribe_batch` channels. Changes made within one loop
-            iteration go out together: that is how concurrent `subscribe` calls coalesce;
+    sender  turns changes of the session's channel set into SUBSCRIBE / UNSUBSCRIBE
+            commands of at most `bus_resubscribe_batch` channels. Changes made within one
+            loop iteration go out together: that is how concurrent `subscribe` calls
+            coalesce;
     prober  when nothing arrived for `bus_probe_interval_s`, publishes a probe on the
             private channel; if it is not back within `bus_probe_timeout_s` (or PUBLISH
             says nobody listens) the subscription is wedged and the session ends.
   A session ends on any connection error, a wedge, or a resubscribe not confirmed within
   `bus_connect_timeout_s`. The bus then reconnects with exponential backoff and jitter
-  (`bus_reconnect_min_s` .. `bus_reconnect_max_s`), resubscribes to exactly the wanted set,
-  and reports `on_gap(those topics)` once Redis confirmed them all.
-- Per-channel bookkeeping in a session: `server` holds channels whose last command sent was
+  (`bus_reconnect_min_s` .. `bus_reconnect_max_s`), subscribes exactly the owner's
+  `wanted_topics()` (the bus keeps no wanted set of its own), and reports
+  `on_gap(those topics)` once Redis confirmed them all.
+- Per-channel bookkeeping in a session (`_Session`, pure): `topics` maps the channels asked
+  of this session to their topics (only those are routed to `on_messages`; `subscribe`
+  adds, `unsubscribe` removes at once), `server` holds channels whose last command sent was
   SUBSCRIBE, `inflight` counts commands sent and not yet confirmed, `dirty` holds channels
   changed since the sender last ran. A channel is *settled* when it is neither dirty nor
-  in flight; `subscribe` / `unsubscribe` return when all their channels are settled.
+  in flight; `subscribe` / `unsubscribe` return when all their channels are settled. When
+  the session ends, waiting subscribes fail with BusUnavailable and the next session
+  starts from `wanted_topics()` again: a failed subscribe leaves nothing behind.
 - Publisher. Publishes are queued; one task sends up to `bus_publish_batch` of them as one
   pipeline (one write, replies read in order, no transaction) on its own connection, and
   resolves each caller's future with its command's result. Batches go one at a time, so
   messages leave in publish order. A connection error or `bus_publish_timeout_s` fails the
-  batch and everything queued behind it with BusUnavailable; the next batch reconnects.
+  batch: before its write started, with BusUnavailable; after, each command whose reply
+  did not come with BusOutcomeUnknown (those answered keep their results); everything
+  queued behind it with BusUnavailable (never sent). The next batch reconnects. Commands
+  whose caller gave up (future cancelled) before their batch was written are dropped. Any
+  other exception fails only its batch (logged) and the loop goes on; each caller's wait is
+  bounded anyway (publish timeout + connect timeout + 1 s).
 - `healthy` = the session is live, the last probe (if one is out) is not overdue, and the
   last publish batch worked. Each flip is reported through `on_health`.
 - Scripts. History and presence commands are Lua scripts (`broker/bus/lua.py`) queued on
   the publisher like PUBLISH, so everything a bus sends leaves in call order, batched. They
   go as EVALSHA; on NOSCRIPT (SCRIPT FLUSH, a restart, a failover) the publisher loads every
   script and sends the refused commands again, in order, before the next batch. Each script
-  gets the server's replication id (`master_replid` from INFO replication, fetched on every
-  (re)connection of the publisher) as ARGV[1], filled in when the batch is written.
+  gets two values about the server as ARGV[1] and ARGV[2] (see broker/bus/lua.py), from
+  INFO replication and INFO persistence fetched on every (re)connection of the publisher,
+  filled in when the batch is written. A keyed publish on a topic without history is a
+  script too (SET NX of the key, then PUBLISH).
 
 History, offsets and epochs (topics whose rule has `history_size > 0`). Keys are hash-tagged
 with the topic, so a Redis Cluster would keep one topic's keys in one slot (P is
 `channel_prefix`, T the topic):
     P{T}:m      hash: `o` last offset, `e` epoch (16 hex chars), `r` the replication id
-                the epoch was made under. No expiry without `history_ttl_s`; with it,
+                of the epoch's last write. No expiry without `history_ttl_s`; with it,
                 expires max(10 x ttl, 3600 s) after the last publish.
     P{T}:h      stream: one entry per message, ID `<offset>-0`, fields `t` (server time in
                 ms, from TIME) and `d` (the exact channel payload). XADD MAXLEN history_size
                 (exact); with `history_ttl_s`, each publish trims expired entries from the
                 head and PEXPIREs the stream to the ttl; reads skip older entries anyway.
-    P{T}:k:K    string "offset:epoch": idempotency key K, PX idempotency_ttl_s.
-A publish runs one script: read the meta hash (a new epoch and a DELeted stream when it is
-missing or its `r` is not the server's replication id: after a restart, FLUSHALL, expiry or
-failover the offsets kept there cannot be trusted), HINCRBY `o`, XADD, PUBLISH. So offsets,
+    P{T}:k:K    string "offset:epoch" (history topics) or "-" (others): idempotency key K,
+                PX idempotency_ttl_s.
+A publish runs one script: read the meta hash (a new epoch and a DELeted stream when history
+may have lost entries: the hash is missing, or its `r` is not the server's replication id
+and the change is not a restart with AOF; exact rule in broker/bus/lua.py), HINCRBY `o`,
+XADD, PUBLISH. So offsets,
 history and broadcast agree: nobody can receive a message history lacks. The epoch is made
 by the caller (`secrets.token_hex(8)`) and used only when the script needs a new one. A
 history read is one script too: the position (made the same way when missing, so a position
@@ -117,17 +132,19 @@ from broker.bus.lua import (
     PRESENCE_LIST,
     PRESENCE_REMOVE,
     PUBLISH,
+    PUBLISH_KEYED,
     SCRIPTS,
     Script,
 )
 from broker.envelope import BusMessage, pack, unpack
-from broker.errors import BusError, BusUnavailable, ConfigError, EnvelopeError
+from broker.errors import BusError, BusOutcomeUnknown, BusUnavailable, ConfigError, EnvelopeError
 from broker.settings import Settings, TopicRule
 
 log = logging.getLogger("redwire.bus")
 
 _IO_ERRORS = (RedisError, OSError)  # asyncio's TimeoutError is the builtin, an OSError
 _PUBLISHED = Published()
+_DUPLICATE = Published(duplicate=True)
 _MALFORMED_LOG_EVERY_S = 10.0  # log a malformed envelope at most this often (all are counted)
 _MAX_BACKOFF_DOUBLINGS = 30
 _TAG_HISTORY = ord("H")  # first byte of a history topic's channel payload
@@ -233,33 +250,73 @@ def _reject(future: asyncio.Future[Any], error: BaseException) -> None:
 
 # --- publisher -------------------------------------------------------------------------------
 
+_ZERO_REPLID = b"0" * 40
+_OUTER_MARGIN_S = 1.0  # publish()'s outer bound: publish timeout + connect timeout + this
+
 
 @dataclass(slots=True, eq=False)
 class _Command:
     """One queued command. For a script, `args` are its KEYS (the first `keys`) then its
-    ARGV after the replication id, which is filled in when the command is sent."""
+    ARGV after the two server values (see broker/bus/lua.py), filled in when it is sent."""
 
     args: tuple[Any, ...]
     future: asyncio.Future[Any]
     script: Script | None = None
     keys: int = 0
+    sent: bool = False  # its bytes went (or started to go) to Redis: it may have run
 
 
-async def _replication_id(conn: AbstractConnection) -> bytes:
-    """The server's `master_replid` (INFO replication); b"" when Redis will not say."""
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """What the scripts need to know about the server (INFO, on each publisher connection)."""
+
+    replid: bytes = b""  # master_replid
+    replid2: bytes = _ZERO_REPLID  # master_replid2: all zeros unless promoted from a replica
+    aof: bool = False  # aof_enabled:1
+
+    @property
+    def trusted_restart(self) -> bytes:
+        """ARGV[2] of every script: b"1" when a new replication id means a restart that
+        kept every acknowledged write (not promoted, AOF on), else b""."""
+        return b"1" if self.aof and self.replid2.strip(b"0") == b"" else b""
+
+
+def parse_server_info(text: bytes) -> ServerInfo:
+    """The ServerInfo in the text of INFO replication + INFO persistence."""
+
+    def field(name: bytes) -> bytes | None:
+        found = re.search(rb"^" + name + rb":(\w+)", text, re.MULTILINE)
+        return found.group(1) if found else None
+
+    return ServerInfo(
+        replid=field(b"master_replid") or b"",
+        replid2=field(b"master_replid2") or _ZERO_REPLID,
+        aof=field(b"aof_enabled") == b"1",
+    )
+
+
+async def _server_info(conn: AbstractConnection) -> ServerInfo:
+    """The server's ServerInfo; an empty one (no trust) when Redis will not say."""
     await conn.send_command("INFO", "replication", check_health=False)
-    try:
-        info = await conn.read_response(disable_decoding=True, timeout=math.inf)
-    except ResponseError as exc:
-        log.warning("bus: INFO replication refused (%s): epochs cannot follow failovers", exc)
-        return b""
-    found = re.search(rb"^master_replid:(\w+)", info, re.MULTILINE)
-    return found.group(1) if found else b""
+    await conn.send_command("INFO", "persistence", check_health=False)
+    text = b""
+    for _ in range(2):
+        try:
+            text += await conn.read_response(disable_decoding=True, timeout=math.inf)
+        except ResponseError as exc:
+            log.warning("bus: INFO refused (%s): epochs rotate on every reconnection", exc)
+    return parse_server_info(text)
 
 
 class _Publisher:
     """A queue of commands (PUBLISH, scripts, ...) flushed as pipelines over one connection,
-    in order; scripts go as EVALSHA, re-sent after SCRIPT LOAD when Redis answers NOSCRIPT."""
+    in order; scripts go as EVALSHA, re-sent after SCRIPT LOAD when Redis answers NOSCRIPT.
+
+    Outcomes: a batch that fails before a byte was written fails with BusUnavailable; once
+    the write started, each command whose reply did not come gets BusOutcomeUnknown (those
+    answered keep their results) and everything queued behind gets BusUnavailable. Commands
+    whose future is already done (the caller gave up) are dropped, never sent. A non-I/O
+    exception fails only its batch; the loop goes on."""
 
     def __init__(
         self,
@@ -270,6 +327,9 @@ class _Publisher:
         self._connect = connect
         self._batch = settings.bus_publish_batch
         self._timeout_s = settings.bus_publish_timeout_s
+        self.bound_s = (
+            settings.bus_publish_timeout_s + settings.bus_connect_timeout_s + _OUTER_MARGIN_S
+        )
         self._on_change = on_change
         self._conn: AbstractConnection | None = None
         self._queue: deque[_Command] = deque()
@@ -277,9 +337,11 @@ class _Publisher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.ok = True  # the last batch worked (or none was sent yet)
-        self.replid = b""  # master_replid of the server, fetched on each (re)connection
+        self.server = ServerInfo()  # fetched on each (re)connection
         self.batches = 0
         self.script_loads = 0
+        self.dropped = 0  # commands whose caller gave up before they were sent
+        self.internal_errors = 0
 
     @property
     def running(self) -> bool:
@@ -290,30 +352,55 @@ class _Publisher:
 
     async def close(self) -> None:
         task, self._task = self._task, None
+        sending = self._sending
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._fail_batch(sending, "the bus was closed")
         self._fail_all(BusUnavailable("the bus is closed"))
         await self._drop_connection()
 
     def send(self, *args: Any) -> asyncio.Future[Any]:
         """Queue one command; the future gets Redis' reply, or a BusError."""
-        return self._enqueue(_Command(args, self._new_future()))
+        return self._enqueue(_Command(args, self._new_future())).future
 
     def run(self, script: Script, keys: Sequence[Any], argv: Sequence[Any]) -> asyncio.Future[Any]:
         """Queue one script call (see `_Command`); the future gets its reply, or a BusError."""
-        return self._enqueue(_Command((*keys, *argv), self._new_future(), script, len(keys)))
+        return self._enqueue(self._script(script, keys, argv)).future
+
+    async def call(self, *args: Any) -> Any:
+        """`send` and wait for the reply, bounded by `bound_s` (see `_wait`)."""
+        return await self._wait(self._enqueue(_Command(args, self._new_future())))
+
+    async def call_script(self, script: Script, keys: Sequence[Any], argv: Sequence[Any]) -> Any:
+        """`run` and wait for the reply, bounded by `bound_s` (see `_wait`)."""
+        return await self._wait(self._enqueue(self._script(script, keys, argv)))
+
+    def _script(self, script: Script, keys: Sequence[Any], argv: Sequence[Any]) -> _Command:
+        return _Command((*keys, *argv), self._new_future(), script, len(keys))
+
+    async def _wait(self, command: _Command) -> Any:
+        """The command's reply. Past `bound_s` (the publisher misbehaves: it should have
+        failed the command by then) the future is cancelled, so an unsent command is never
+        sent: BusOutcomeUnknown when it was sent, else BusUnavailable."""
+        try:
+            async with asyncio.timeout(self.bound_s):
+                return await command.future
+        except TimeoutError:
+            if command.sent:
+                raise BusOutcomeUnknown("no reply from Redis in time: it may have run") from None
+            raise BusUnavailable("the bus did not send it in time; not sent") from None
 
     def _new_future(self) -> asyncio.Future[Any]:
         if self._task is None:
             raise BusUnavailable("the bus is not running")
         return asyncio.get_running_loop().create_future()
 
-    def _enqueue(self, command: _Command) -> asyncio.Future[Any]:
+    def _enqueue(self, command: _Command) -> _Command:
         self._queue.append(command)
         self._wake.set()
-        return command.future
+        return command
 
     async def _run(self) -> None:
         queue = self._queue
@@ -321,15 +408,33 @@ class _Publisher:
             await self._wake.wait()
             self._wake.clear()
             while queue:
-                self._sending = [queue.popleft() for _ in range(min(len(queue), self._batch))]
-                await self._flush(self._sending)
-                self._sending = []
+                batch: list[_Command] = []
+                while queue and len(batch) < self._batch:
+                    command = queue.popleft()
+                    if command.future.done():  # its caller gave up: never send it
+                        self.dropped += 1
+                    else:
+                        batch.append(command)
+                if not batch:
+                    continue
+                self._sending = batch
+                try:
+                    await self._flush(batch)
+                except Exception as exc:  # a bug: fail this batch only, keep the loop
+                    self.internal_errors += 1
+                    log.exception("bus: publisher batch failed (%d so far)", self.internal_errors)
+                    reason = f"internal error in the bus: {exc!r}"
+                    self._fail_batch(batch, reason, BusError(reason))
+                    await self._drop_connection()  # replies may be left unread on it
+                finally:
+                    self._sending = []
 
     async def _flush(self, batch: list[_Command]) -> None:
         self.batches += 1
         try:
             async with asyncio.timeout(self._timeout_s):
                 conn = await self._connection()
+                batch = [c for c in batch if not c.future.done()]  # gave up while connecting
                 retry = await self._pipeline(conn, (), batch, retry_noscript=True)
                 if retry:
                     # SCRIPT FLUSH, a restart or a failover emptied the script cache. Load
@@ -341,14 +446,24 @@ class _Publisher:
                     await self._pipeline(conn, loads, retry, retry_noscript=False)
         except _IO_ERRORS as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
-            error = BusUnavailable(f"Redis publish failed: {reason or type(exc).__name__}")
-            for command in batch:
-                _reject(command.future, error)
-            self._fail_all(error)  # queued during the outage: refuse rather than pile up
+            reason = f"Redis publish failed: {reason or type(exc).__name__}"
+            self._fail_batch(batch, reason)
+            # queued during the outage: refuse rather than pile up (never sent: a retry is safe)
+            self._fail_all(BusUnavailable(f"{reason}; not sent"))
             await self._drop_connection()
             self._set_ok(False)
         else:
             self._set_ok(True)
+
+    @staticmethod
+    def _fail_batch(batch: list[_Command], reason: str, unsent: BusError | None = None) -> None:
+        """Fail what is left of `batch`: BusOutcomeUnknown for the commands that were sent,
+        `unsent` (default BusUnavailable) for the others."""
+        unknown = BusOutcomeUnknown(f"{reason} after it was sent; it may have run")
+        if unsent is None:
+            unsent = BusUnavailable(f"{reason}; not sent")
+        for command in batch:
+            _reject(command.future, unknown if command.sent else unsent)
 
     async def _connection(self) -> AbstractConnection:
         conn = self._conn
@@ -358,15 +473,16 @@ class _Publisher:
         if conn is None:
             conn = self._conn = self._connect()
             await conn.connect()
-            self.replid = await _replication_id(conn)
+            self.server = await _server_info(conn)
         return conn
 
     def _encode(self, command: _Command) -> tuple[Any, ...]:
         script, args = command.script, command.args
         if script is None:
             return args
-        n = command.keys
-        return (b"EVALSHA", script.sha, n, *args[:n], self.replid, *args[n:])
+        n, server = command.keys, self.server
+        return (b"EVALSHA", script.sha, n, *args[:n], server.replid, server.trusted_restart,
+                *args[n:])  # fmt: skip
 
     async def _pipeline(
         self,
@@ -379,6 +495,8 @@ class _Publisher:
         """Send `prefix` then `commands` as one write and resolve each command's future with
         its reply; returns the scripts Redis did not know (when `retry_noscript`)."""
         packed = conn.pack_commands([*prefix, *(self._encode(c) for c in commands)])
+        for command in commands:
+            command.sent = True
         await conn.send_packed_command(packed, check_health=False)
         read = conn.read_response
         for _ in prefix:
@@ -392,6 +510,7 @@ class _Publisher:
                 result = await read(disable_decoding=True, timeout=math.inf)
             except NoScriptError as exc:  # not run: safe to send again
                 if retry_noscript:
+                    command.sent = False
                     retry.append(command)
                 else:
                     _reject(command.future, BusError(f"Redis lost the script again: {exc}"))
@@ -403,8 +522,7 @@ class _Publisher:
         return retry
 
     def _fail_all(self, error: BusError) -> None:
-        for command in self._sending:
-            _reject(command.future, error)
+        """Fail everything queued (never sent)."""
         while self._queue:
             _reject(self._queue.popleft().future, error)
 
@@ -431,11 +549,18 @@ class _Waiter:
 
 
 class _Session:
-    """One subscriber connection and what was asked of it; see the module docstring."""
+    """One subscriber connection and what was asked of it; see the module docstring.
 
-    def __init__(self, conn: AbstractConnection) -> None:
+    Pure bookkeeping (no I/O): `touch` marks channels changed, `reconcile` turns the dirty
+    ones into commands, `confirmed_by_redis` takes Redis' confirmations, `wait` gives a
+    future done when channels are settled, `end` resolves every waiter when the connection
+    is gone."""
+
+    def __init__(self, conn: AbstractConnection | None) -> None:
         self.conn = conn
         self.live = False  # the initial (re)subscribe was confirmed
+        self.topics: dict[bytes, str] = {}  # asked of this session: channel -> topic
+        self.initial: frozenset[str] = frozenset()  # wanted_topics() when it started
         self.server: set[bytes] = set()
         self.confirmed: set[bytes] = set()
         self.inflight: dict[bytes, int] = {}
@@ -448,7 +573,8 @@ class _Session:
         self.wake.set()
 
     def wait(self, channels: Iterable[bytes], *, subscribing: bool) -> asyncio.Future[None]:
-        """A future done when every one of `channels` is settled."""
+        """A future done when every one of `channels` is settled (a subscribing one fails
+        with the error given to `end` if the connection goes first)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         pending = {ch for ch in channels if ch in self.dirty or ch in self.inflight}
         if not pending:
@@ -535,7 +661,6 @@ class RedisBus(Bus):
         self._presence_dirty: set[tuple[str, str]] = set()  # not (yet) written as wanted
         self._presence_used = False
         self._presence_task: asyncio.Task[None] | None = None
-        self._topics: dict[bytes, str] = {}  # the wanted set: channel -> topic
         self._session: _Session | None = None
         self._task: asyncio.Task[None] | None = None
         self._started: asyncio.Future[None] | None = None
@@ -619,14 +744,22 @@ class RedisBus(Bus):
 
     async def _session_once(self, failures: int) -> bool:
         """One subscriber connection, from connect to loss. True if it went live."""
-        s = _Session(self._new_connection())
+        conn = self._new_connection()
+        s = _Session(conn)
         tasks: list[asyncio.Task[None]] = []
         ready: asyncio.Future[None] | None = None
         try:
             async with asyncio.timeout(self.settings.bus_connect_timeout_s):
-                await s.conn.connect()
+                await conn.connect()
             self._session = s
-            channels = [*self._topics, self.probe_channel]
+            try:
+                wanted = list(self.wanted_topics())
+            except Exception:
+                log.exception("bus: wanted_topics() failed; subscribing nothing")
+                wanted = []
+            s.topics = {self.channel(topic): topic for topic in wanted}
+            s.initial = frozenset(wanted)
+            channels = [*s.topics, self.probe_channel]
             s.touch(channels)
             ready = s.wait(channels, subscribing=True)
             loop = asyncio.get_running_loop()
@@ -683,7 +816,8 @@ class RedisBus(Bus):
             ready.exception()  # retrieved: the session ending is reported above
         self._probe_sent_at = None
         with contextlib.suppress(*_IO_ERRORS):
-            await s.conn.disconnect(nowait=True)
+            if s.conn is not None:
+                await s.conn.disconnect(nowait=True)
         self._update_health()
 
     def _went_live(self, s: _Session, channels: list[bytes]) -> None:
@@ -693,10 +827,12 @@ class RedisBus(Bus):
             self.reconnects += 1
             log.info("bus: subscription live again (%d topics)", len(channels) - 1)
         self._live_sessions += 1
+        # No gap on the connection start() waits for: nothing was delivered before it.
+        first = self._started is not None and not self._started.done()
         if self._started is not None:
             _resolve(self._started, None)
-        gap = frozenset(self._topics[ch] for ch in channels if ch in self._topics)
-        if gap:
+        gap = frozenset(t for t in s.initial if self.channel(t) in s.topics)
+        if gap and not first:
             self.gaps += 1
             self._call(self.on_gap, gap)
         self._update_health()
@@ -704,9 +840,10 @@ class RedisBus(Bus):
     # --- session tasks ---------------------------------------------------------------------
 
     async def _read_loop(self, s: _Session) -> None:
+        assert s.conn is not None
         read = s.conn.read_response
         can_read = s.conn.can_read
-        topics = self._topics
+        topics = s.topics  # only what this session subscribed is routed
         probe_channel = self.probe_channel
         limit = self.settings.bus_read_batch
         forever = math.inf
@@ -768,16 +905,14 @@ class RedisBus(Bus):
         while True:
             await s.wake.wait()
             s.wake.clear()
-            commands = s.reconcile(self._wanted, batch)
+            commands = s.reconcile(lambda ch: ch in s.topics or ch == self.probe_channel, batch)
             if not commands:
                 continue
+            assert s.conn is not None
             if not s.conn.is_connected:  # never let redis-py reconnect behind our back
                 raise RedisConnectionError("subscriber connection closed")
             self.subscribe_commands += sum(1 for c in commands if c[0] == b"SUBSCRIBE")
             await s.conn.send_packed_command(s.conn.pack_commands(commands), check_health=False)
-
-    def _wanted(self, channel: bytes) -> bool:
-        return channel in self._topics or channel == self.probe_channel
 
     async def _probe_loop(self, s: _Session) -> None:
         interval = self.settings.bus_probe_interval_s
@@ -827,24 +962,24 @@ class RedisBus(Bus):
     async def subscribe(self, topics: Collection[str]) -> None:
         if self._task is None:
             raise BusUnavailable("the bus is not running")
+        s = self._session
+        if s is None:
+            raise BusUnavailable("not connected to Redis; not subscribed")
         channels = []
         for topic in topics:
             channel = self.channel(topic)
-            self._topics[channel] = topic
+            s.topics[channel] = topic
             channels.append(channel)
-        s = self._session
-        if s is None:
-            raise BusUnavailable("not connected to Redis; subscribing when it is back")
         s.touch([ch for ch in channels if ch not in s.server])
         await s.wait(channels, subscribing=True)
 
     async def unsubscribe(self, topics: Collection[str]) -> None:
-        channels = [self.channel(topic) for topic in topics]
-        for channel in channels:
-            self._topics.pop(channel, None)
         s = self._session
         if s is None:
-            return
+            return  # nothing is subscribed without a connection
+        channels = [self.channel(topic) for topic in topics]
+        for channel in channels:
+            s.topics.pop(channel, None)  # no message on it is routed from now on
         s.touch([ch for ch in channels if ch in s.server])
         await s.wait(channels, subscribing=False)
 
@@ -854,11 +989,16 @@ class RedisBus(Bus):
         rule = self.settings.rule_for(topic)
         data = pack(message)
         try:
-            if rule is None or rule.history_size == 0:
-                await self._publisher.send(b"PUBLISH", self.channel(topic), data)
+            if rule is not None and rule.history_size > 0:
+                result = await self._publish_history(topic, rule, data, key)
+            elif key is None:
+                await self._publisher.call(b"PUBLISH", self.channel(topic), data)
                 result = _PUBLISHED
             else:
-                result = await self._publish_history(topic, rule, data, key)
+                argv = (self.channel(topic), data, _ms(self.settings.idempotency_ttl_s))
+                keys = (self.key(topic, "k:" + key),)
+                published = await self._publisher.call_script(PUBLISH_KEYED, keys, argv)
+                result = _PUBLISHED if published else _DUPLICATE
         except BusError:
             self.publish_errors += 1
             raise
@@ -883,7 +1023,7 @@ class RedisBus(Bus):
             _ms(meta_ttl_s(rule)),
             _ms(self.settings.idempotency_ttl_s),
         )
-        offset, epoch, duplicate = await self._publisher.run(PUBLISH, keys, argv)
+        offset, epoch, duplicate = await self._publisher.call_script(PUBLISH, keys, argv)
         return Published(offset, epoch.decode(), bool(duplicate))
 
     async def history(
@@ -903,7 +1043,8 @@ class RedisBus(Bus):
         )
         keys = (self.key(topic, "m"), self.key(topic, "h"))
         self.history_reads += 1
-        offset, top_epoch, complete, entries = await self._publisher.run(HISTORY, keys, argv)
+        reply = await self._publisher.call_script(HISTORY, keys, argv)
+        offset, top_epoch, complete, entries = reply
         messages = []
         for data in entries:
             try:
@@ -966,10 +1107,10 @@ class RedisBus(Bus):
                 event = ('P{"k":"join","c":' + client + ',"i":' + text + "}").encode()
             value = _presence_value(self.instance, text)
             argv: tuple[Any, ...] = (client_id, value, channel, event)
-            await self._publisher.run(PRESENCE_ADD, (hash_key,), argv)
+            await self._publisher.call_script(PRESENCE_ADD, (hash_key,), argv)
         else:
             argv = (client_id, channel, b"1" if announce else b"")
-            await self._publisher.run(PRESENCE_REMOVE, (hash_key,), argv)
+            await self._publisher.call_script(PRESENCE_REMOVE, (hash_key,), argv)
         if self._present.get(topic, {}).get(client_id) == text:  # no newer change since
             self._presence_dirty.discard(entry)
 
@@ -1009,10 +1150,14 @@ class RedisBus(Bus):
                 await self._sweep()
             except BusError as exc:
                 log.debug("bus: presence upkeep failed: %s", exc)
+            except Exception:  # a bug: say so, and keep the presence alive
+                log.exception("bus: presence upkeep failed")
 
     async def _sweep(self) -> None:
         rule_for = self.settings.rule_for
-        topics = {t for t in self._topics.values() if (r := rule_for(t)) and r.presence}
+        s = self._session
+        subscribed = s.topics.values() if s is not None else ()
+        topics = {t for t in subscribed if (r := rule_for(t)) and r.presence}
         topics.update(self._present)
         futures = [self._run_presence_list(t, listing=False) for t in topics]
         for future in futures:
@@ -1051,7 +1196,9 @@ class RedisBus(Bus):
             "publish_errors": self.publish_errors,
             "subscribe_commands": self.subscribe_commands,
             "subscribed_channels": subscribed,
-            "wanted_topics": len(self._topics),
+            "session_topics": 0 if s is None else len(s.topics),
+            "publish_dropped": self._publisher.dropped,
+            "publish_internal_errors": self._publisher.internal_errors,
             "probes": self.probes,
             "probe_timeouts": self.probe_timeouts,
             "last_probe_rtt_s": self.last_probe_rtt_s,

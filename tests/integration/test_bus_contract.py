@@ -355,17 +355,25 @@ async def test_idempotency_key_publishes_once(harness: Harness) -> None:
     assert [p.duplicate for p in concurrent] == [False, True, True, True, True]
 
 
-async def test_keys_are_ignored_and_offsets_absent_without_history(harness: Harness) -> None:
-    bus = await harness.bus()
-    inbox = Inbox(bus)
-    await bus.subscribe(["plain"])
-    assert await bus.publish(_msg("plain", 1), key="k") == Published()
-    assert await bus.publish(_msg("plain", 2), key="k") == Published()
-    received = await inbox.fence(bus, "plain")
-    assert [(m.payload, m.offset, m.epoch) for m in received] == [
-        (b'{"n":1}', None, None),
-        (b'{"n":2}', None, None),
+async def test_keys_work_on_plain_topics_without_offsets(harness: Harness) -> None:
+    a, b = await harness.bus("w1"), await harness.bus("w2")
+    inbox = Inbox(b)
+    await b.subscribe(["plain", "plain2"])
+    assert await a.publish(_msg("plain", 1), key="k") == Published()
+    assert await b.publish(_msg("plain", 2), key="k") == Published(duplicate=True)  # any bus
+    assert await a.publish(_msg("plain2", 3), key="k") == Published()  # keys are per topic
+    assert await a.publish(_msg("plain", 4)) == Published()  # no key: always published
+    retries = await asyncio.gather(*(a.publish(_msg("plain", 5), key="burst") for _ in range(4)))
+    assert [p.duplicate for p in retries] == [False, True, True, True]
+    received = await inbox.fence(a, "plain")
+    assert [(m.topic, m.payload, m.offset, m.epoch) for m in received] == [
+        ("plain", b'{"n":1}', None, None),
+        ("plain2", b'{"n":3}', None, None),
+        ("plain", b'{"n":4}', None, None),
+        ("plain", b'{"n":5}', None, None),
     ]
+    assert a.stats()["duplicates"] + b.stats()["duplicates"] == 4
+    bus = a
     assert await bus.history("plain", after=None, epoch=None) == NO_HISTORY
     assert await bus.history("plain", after=3, epoch="x") == NO_HISTORY
 
@@ -488,14 +496,18 @@ async def test_channel_names(redis_harness: Harness) -> None:
 async def test_callback_errors_do_not_stop_the_bus(redis_harness: Harness) -> None:
     bus = await redis_harness.bus()
     calls: list[int] = []
+    called = asyncio.Event()
 
     def broken(batch: list[BusMessage]) -> None:
         calls.append(len(batch))
+        called.set()
         raise RuntimeError("hub bug")
 
     await bus.subscribe(["t"])
     bus.on_messages = broken
     await bus.publish(BusMessage("t", b"1", ENCODING_JSON))
+    # publish() returns on Redis' reply; the subscriber connection delivers it later
+    await asyncio.wait_for(called.wait(), 5)
     inbox = Inbox(bus)
     assert await inbox.fence(bus, "t") == []
     assert calls == [1]
@@ -522,3 +534,141 @@ def test_make_bus_chooses_by_url(tmp_path: Any) -> None:
     assert isinstance(make_bus(SETTINGS.replace(redis_url="memory://"), "w"), MemoryBus)
     for url in ("redis://127.0.0.1:1/0", f"unix://{tmp_path}/redis.sock"):
         assert isinstance(make_bus(SETTINGS.replace(redis_url=url), "w"), RedisBus)
+
+
+# --- the owner owns the topic set; honest publish outcomes ---------------------------------------
+
+
+async def test_unsubscribe_of_what_is_not_subscribed_is_harmless(harness: Harness) -> None:
+    bus = await harness.bus()
+    inbox = Inbox(bus)
+    await bus.unsubscribe(["never"])
+    await bus.subscribe(["s"])
+    await bus.unsubscribe(["s", "never"])
+    await bus.unsubscribe(["s"])
+    await bus.subscribe(["s"])
+    assert await inbox.fence(bus, "s") == []
+    assert bus.stats()["subscribed_channels"] == 1
+
+
+async def test_wanted_topics_are_resubscribed_after_a_connection_kill(
+    redis_harness: Harness,
+) -> None:
+    wanted = {"keep.a", "keep.b"}
+    bus = await redis_harness.bus()
+    assert isinstance(bus, RedisBus)
+    bus.wanted_topics = lambda: sorted(wanted)
+    inbox = Inbox(bus)
+    await bus.subscribe(["keep.a", "keep.b", "dropped"])  # "dropped": not the owner's
+    async with redis_harness.redis() as r:
+        assert await r.client_kill_filter(_type="pubsub") >= 1
+    await inbox.until(lambda: inbox.gaps)
+    assert inbox.gaps == [frozenset(wanted)]
+    assert await _topic_channels(redis_harness) == {bus.channel(t) for t in wanted}
+    await inbox.receive(bus, "keep.a", "keep.b")
+    inbox.messages.clear()
+    await bus.publish(_msg("dropped", 0))
+    assert [m.topic for m in await inbox.fence(bus, "keep.a")] == []
+    assert bus.stats()["reconnects"] == 1
+
+
+async def test_default_wanted_topics_resubscribe_nothing(redis_harness: Harness) -> None:
+    bus = await redis_harness.bus()
+    inbox = Inbox(bus)
+    await bus.subscribe(["t1"])
+    async with redis_harness.redis() as r:
+        await r.client_kill_filter(_type="pubsub")
+    await inbox.until(lambda: bus.stats()["reconnects"] == 1 and bus.healthy)
+    assert inbox.gaps == [] and await _topic_channels(redis_harness) == set()
+
+
+async def test_a_failed_subscribe_leaves_nothing_behind(redis_url: str) -> None:
+    from support.tcp_proxy import TcpProxy, subscriber_link
+
+    from broker.errors import BusUnavailable
+
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    async with TcpProxy(port) as proxy:
+        bus = RedisBus(proxy.url, SETTINGS.replace(bus_reconnect_min_s=0.02), "w1")
+        bus.wanted_topics = lambda: ["kept"]
+        inbox = Inbox(bus)
+        await bus.start()
+        try:
+            assert proxy.freeze(subscriber_link) == 1  # Redis' confirmations get lost
+            subscribing = asyncio.ensure_future(bus.subscribe(["failed"]))
+            proxy.cut()  # the connection goes before the confirmation came
+            with pytest.raises(BusUnavailable):
+                await subscribing
+            await inbox.until(lambda: inbox.gaps and bus.healthy)
+            assert inbox.gaps == [frozenset({"kept"})]
+            async with aredis.from_url(redis_url) as r:
+                channels = set(await r.pubsub_channels(SETTINGS.channel_prefix + "t:*"))
+            assert channels == {bus.channel("kept")}
+            async with aredis.from_url(redis_url) as r:
+                await r.publish(bus.channel("failed"), pack(_msg("failed", 1)))
+                await r.publish(bus.channel("kept"), pack(_msg("kept", 2)))
+            await inbox.until(lambda: inbox.messages)
+            assert [m.topic for m in inbox.messages] == ["kept"]
+        finally:
+            await bus.close()
+
+
+async def test_a_publish_given_up_before_it_was_sent_is_never_sent(
+    redis_harness: Harness,
+) -> None:
+    from support.waiting import eventually
+
+    bus = await redis_harness.bus()
+    assert isinstance(bus, RedisBus)
+    inbox = Inbox(bus)
+    await bus.subscribe(["c"])
+    async with redis_harness.redis() as r:
+        await r.execute_command("CLIENT", "PAUSE", 400, "ALL")  # the first batch waits
+    batches = bus.stats()["publish_batches"]
+    first = asyncio.ensure_future(bus.publish(_msg("c", 1)))
+
+    async def in_flight() -> bool:
+        return bus.stats()["publish_batches"] > batches
+
+    await eventually(in_flight, timeout_s=5, interval_s=0.005)
+    doomed = asyncio.ensure_future(bus.publish(_msg("c", 2)))  # queued behind it
+
+    async def queued() -> bool:
+        return len(bus._publisher._queue) == 1
+
+    await eventually(queued, timeout_s=5, interval_s=0.005)
+    doomed.cancel()  # its caller gave up (a client's connection closed)
+    await first
+    assert [m.payload for m in await inbox.fence(bus, "c")] == [_msg("c", 1).payload]
+    assert doomed.cancelled() and bus.stats()["publish_dropped"] == 1
+
+
+async def test_the_publisher_survives_a_bug_and_publish_is_bounded(
+    redis_harness: Harness,
+) -> None:
+    from broker.errors import BusError, BusOutcomeUnknown, BusUnavailable
+
+    bus = await redis_harness.bus(bus_publish_timeout_s=0.2, bus_connect_timeout_s=0.3)
+    assert isinstance(bus, RedisBus)
+    inbox = Inbox(bus)
+    await bus.subscribe(["b"])
+    publisher = bus._publisher
+    encode = publisher._encode
+
+    def broken(command: Any) -> Any:
+        publisher._encode = encode  # once
+        raise RuntimeError("bus bug")
+
+    publisher._encode = broken  # type: ignore[method-assign]
+    with pytest.raises(BusError) as failed:
+        await bus.publish(_msg("b", 1))
+    assert not isinstance(failed.value, BusUnavailable | BusOutcomeUnknown)
+    assert await bus.publish(_msg("b", 2)) == Published()  # the loop goes on
+    assert [m.payload for m in await inbox.fence(bus, "b")] == [_msg("b", 2).payload]
+    assert bus.stats()["publish_internal_errors"] == 1
+
+    task = publisher._task
+    assert task is not None
+    task.cancel()  # a publisher task that stopped working: callers still get an answer
+    with pytest.raises(BusUnavailable, match="not sent"):
+        await asyncio.wait_for(bus.publish(_msg("b", 3)), publisher.bound_s + 2)
