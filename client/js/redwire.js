@@ -31,15 +31,23 @@
  *   topic in it is subscribed after each `welcome`, so a reconnect resubscribes everything.
  *   Several local subscriptions to one topic share one subscription on the wire.
  * - Every request carries an integer `id`; `pending` maps it to what waits for the reply
- *   (`ack` or `error`). When the socket goes, publishes in flight are rejected with
- *   `connection_lost` (the server may or may not have published them: resending could
- *   duplicate), subscriptions stay in the table.
+ *   (`ack` or `error`). When the socket goes, subscriptions stay in the table; a publish in
+ *   flight without a `key` is rejected with `outcome_unknown` (the server may or may not have
+ *   published it: resending could duplicate); one with a `key` goes back to the front of the
+ *   queue and is sent again, with the same key, after the next `welcome`.
+ * - Publish outcomes: a rejection's `.code` is the wire code. `unavailable`: NOT published,
+ *   a retry is safe; `outcome_unknown`: it may have been published, retry only with the same
+ *   `key`. Nothing is retried without a key; a publish with a key is retried (same key) after
+ *   `unavailable` / `outcome_unknown` with backoff, at most `maxPublishRetries` times.
  * - Publishes made while not open are queued (up to `maxQueuedPublishes`, then rejected with
- *   `queue_full`) and sent after the resubscriptions, once `welcome` arrives.
+ *   `queue_full`) and sent after the resubscriptions, once `welcome` arrives: they were never
+ *   written, so sending them later cannot duplicate.
  * - Reconnect delay: "full jitter", random(0, min(maxDelayMs, minDelayMs * 2^attempt)); the
- *   attempt count resets once a connection has stayed open for `healthyAfterMs`. Close 1001
- *   (the worker is draining) reconnects at once; 1000, 1002, 1007, 1008 and 1009 never
- *   reconnect (a retry cannot help); anything else backs off.
+ *   attempt count resets once a connection has stayed open for `healthyAfterMs`. What a close
+ *   code means is one table, `CLOSE_CODE_POLICY` (docs/protocol.md, "Close codes"; the Python
+ *   client exports the same): 1001 (the worker is draining) reconnects at once; 1000, 1002,
+ *   1003, 1007, 1008, 1009 and 1010 never reconnect (a retry cannot help); anything else
+ *   (1011, 1012, 1013, 1006, ...) backs off.
  * - Heartbeat: browsers cannot send protocol pings, so after `welcome` the client sends
  *   `{"op":"ping"}` every `heartbeat.interval` s; if no frame at all arrives within
  *   `heartbeat.timeout` s after a ping, the socket is abandoned and a reconnect follows. A
@@ -48,21 +56,24 @@
  *
  * Recovery (topics with history; others have no offsets and none of this applies)
  *
- * - Each TopicState keeps `position`, the last `{offset, epoch}` seen: from the subscribe ack
- *   (the topic's position when the subscription took effect) and from every `message`. A
- *   subscription may start from a stored position (`since` in the subscribe options; it only
- *   counts when it creates the topic's wire subscription).
+ * - Each TopicState keeps `position`, `{offset, epoch}`: every subscribe ack sets it (the
+ *   ack says where the subscription starts from), every `message` moves it, a `gap` frame with
+ *   `to` moves it to `{offset: to, epoch}`; a gap without `to` leaves it (the messages that
+ *   follow carry the new epoch). A subscription may start from a stored position (`since` in
+ *   the subscribe options; it only counts when it creates the topic's wire subscription).
  * - Every (re)subscription of a topic with a known position carries `"since": position`. The
- *   server replays what was missed and acks `recovered: true` (the position stays: the replayed
- *   messages advance it), or acks `recovered: false` (another epoch, or history no longer
- *   reaches back): then the ack's position becomes the topic's and a gap is reported with
- *   reason "not_recovered", before any message that follows it.
+ *   server replays what was missed and acks `recovered: true` with the position asked for, or
+ *   acks `recovered: false` (another epoch, or history no longer reaches back).
+ * - Every break is surfaced: after a reconnect, a topic without history (its ack has no
+ *   position), and any topic whose resubscription (or `since`) was not recovered exactly from
+ *   its position, reports a gap with reason "not_recovered", before any message that follows.
  * - A `message` whose offset is <= the position's in the same epoch was seen already: it is
  *   dropped and counted (`client.stats.duplicatesDropped`); the server should never send one.
- *   A message in another epoch starts the topic over at its offset.
- * - A `gap` frame (missing messages the server could not fill) is reported with reason
- *   "server" and its `from`/`to` (null when unknown); a known `to` moves the position past the
- *   hole, so that the next recovery does not ask for it again.
+ *   Nothing above the position is ever dropped. A message in another epoch starts the topic
+ *   over at its offset.
+ * - A `gap` frame (missing messages the server could not fill: `{topic, epoch, from, to}`, or
+ *   just `{topic}` on a topic without history) is reported with reason "server" and its
+ *   `epoch`/`from`/`to` (null when not given).
  * - Gaps and presence changes (`join` / `leave` frames) go to the `onGap` / `onPresence` of
  *   every local subscription of the topic, then to the "gap" / "presence" events. Frames for a
  *   topic not in the table (left over after an unsubscribe) are ignored, like messages.
@@ -79,9 +90,11 @@
  *   "error"        (RedwireError)  server errors no promise receives (an error frame without a
  *                  known id, a failed (re)subscription: `.topic` is set), unreadable frames, and
  *                  a close that stops reconnecting (`.code` "closed", `.closeCode` set)
- *   "gap"          ({topic, reason, from?, to?})  messages of `topic` may be missing: reason
- *                  "not_recovered" (a resubscription could not replay them) or "server" (a
- *                  `gap` frame; `from`/`to` are the missing offsets, null when unknown)
+ *   "gap"          ({topic, reason, epoch?, from?, to?})  messages of `topic` may be missing:
+ *                  reason "not_recovered" (a reconnect on a topic without history, or a
+ *                  resubscription that could not replay them) or "server" (a `gap` frame;
+ *                  `epoch`/`from`/`to` say which offsets, null when not given; no `to`: the
+ *                  epoch ended)
  *   "presence"     ({type, topic, client, info})  `type` "join" or "leave", on topics with
  *                  `join_leave`
  * A listener that throws is reported (`reportError`) and does not disturb the others.
@@ -96,10 +109,35 @@ export const DEFAULTS = Object.freeze({
   healthyAfterMs: 5_000,
   connectTimeoutMs: 10_000,
   maxQueuedPublishes: 1000,
+  maxPublishRetries: 5,
 });
 
-/** Close codes after which reconnecting cannot help (docs/protocol.md, "Close codes"). */
-export const NO_RECONNECT_CLOSE_CODES = Object.freeze([1000, 1002, 1007, 1008, 1009]);
+/**
+ * What the client does after the server closed with a code (docs/protocol.md, "Close
+ * codes"; client/pubsub.py `CLOSE_CODE_POLICY` is the same table): "never" reconnect,
+ * reconnect "now", or after a "backoff". Codes not listed (1006, 1005, 4xxx...) back off.
+ * @type {Readonly<Record<number, "never" | "now" | "backoff">>}
+ */
+export const CLOSE_CODE_POLICY = Object.freeze({
+  1000: "never", // normal closure
+  1001: "now", // the server drains or restarts: another worker takes us at once
+  1002: "never", // we broke RFC 6455
+  1003: "never", // we sent data it cannot accept
+  1007: "never", // invalid UTF-8
+  1008: "never", // policy: too many bad requests, or the application refused
+  1009: "never", // a message over the limit
+  1010: "never", // a mandatory extension missing
+  1011: "backoff", // server error
+  1012: "backoff", // service restart
+  1013: "backoff", // slow consumer / try again later
+});
+
+/** Close codes after which reconnecting cannot help (derived from `CLOSE_CODE_POLICY`). */
+export const NO_RECONNECT_CLOSE_CODES = Object.freeze(
+  Object.entries(CLOSE_CODE_POLICY)
+    .filter(([, policy]) => policy === "never")
+    .map(([code]) => Number(code)),
+);
 /** The worker is shutting down or restarting: another one takes the connection at once. */
 export const CLOSE_GOING_AWAY = 1001;
 /** What the client reports when it abandons a socket that went silent (like the browser). */
@@ -123,8 +161,8 @@ const EVENTS = new Set([
  *   offset/epoch: on topics with history
  * @typedef {(data: unknown, meta: MessageMeta) => void} MessageHandler
  * @typedef {{offset: number, epoch: string}} Position  a place in a topic's history
- * @typedef {{topic: string, reason: "not_recovered" | "server", from?: number | null,
- *   to?: number | null}} GapInfo  from/to: only for reason "server"
+ * @typedef {{topic: string, reason: "not_recovered" | "server", epoch?: string | null,
+ *   from?: number | null, to?: number | null}} GapInfo  epoch/from/to: only for "server"
  * @typedef {{type: "join" | "leave", topic: string, client: string, info: unknown}}
  *   PresenceEvent
  *
@@ -151,28 +189,36 @@ const EVENTS = new Set([
  * @property {string[]} [protocols]        WebSocket subprotocols (default ["redwire.json"])
  * @property {ReconnectOptions} [reconnect]
  * @property {number} [maxQueuedPublishes] publishes held while disconnected (default 1000)
+ * @property {number} [maxPublishRetries]  resends of a publish with a `key` (default 5)
+ *
+ * @typedef {object} PublishOptions
+ * @property {string} [key] an idempotency key (1..64 characters): the publish lands once,
+ *   and the client may resend it (same key) when its outcome is unknown
  * @property {number} [connectTimeoutMs]   no welcome this long after opening: retry (10000)
  * @property {typeof WebSocket} [WebSocketImpl] a WebSocket class (default: the global one)
  *
  * @typedef {{topic: string, subs: Set<Subscription>, waiting: Set<Subscription>,
  *   acked: boolean, retries: number, retryTimer: ReturnType<typeof setTimeout> | null,
  *   position: Position | null}} TopicState
- * @typedef {{kind: "publish", resolve: () => void, reject: (err: RedwireError) => void}
- *   | {kind: "subscribe", state: TopicState, since: Position | null}
+ * @typedef {{kind: "publish", item: QueuedRequest & {kind: "publish"}}
+ *   | {kind: "subscribe", state: TopicState, since: Position | null, resubscribe: boolean}
  *   | {kind: "unsubscribe", resolve: () => void, reject: (err: RedwireError) => void}
  *   | {kind: "presence", resolve: (clients: Record<string, unknown>) => void,
  *      reject: (err: RedwireError) => void}}
  *   Pending
- * @typedef {{kind: "publish", topic: string, json: string, resolve: () => void,
+ * @typedef {{kind: "publish", topic: string, json: string, key: string | undefined,
+ *   sent: boolean, attempts: number, resolve: () => void,
  *   reject: (err: RedwireError) => void}
  *   | {kind: "presence", topic: string, resolve: (clients: Record<string, unknown>) => void,
  *      reject: (err: RedwireError) => void}} QueuedRequest
  */
 
 /**
- * An error from the server (`code` and `reason` of its error frame) or from the client
- * itself: `queue_full`, `connection_lost`, `closed`, `bad_request` (data that is not JSON),
- * `bad_frame` (the server sent something unreadable).
+ * An error from the server (`code` and `reason` of its error frame: `unavailable` = not
+ * published, `outcome_unknown` = may have been published, ...) or from the client itself:
+ * `outcome_unknown` (a publish sent on a connection that closed before its answer),
+ * `queue_full`, `connection_lost` (a presence request), `closed`, `bad_request` (data that
+ * is not JSON, a bad key), `bad_frame` (the server sent something unreadable).
  */
 export class RedwireError extends Error {
   /**
@@ -213,9 +259,7 @@ export function backoffDelay(attempt, minDelayMs, maxDelayMs, random = Math.rand
  * @returns {"never" | "now" | "backoff"}
  */
 export function reconnectPolicy(code) {
-  if (NO_RECONNECT_CLOSE_CODES.includes(code)) return "never";
-  if (code === CLOSE_GOING_AWAY) return "now";
-  return "backoff";
+  return Object.hasOwn(CLOSE_CODE_POLICY, code) ? CLOSE_CODE_POLICY[code] : "backoff";
 }
 
 /**
@@ -344,6 +388,11 @@ export class Client {
       options.maxQueuedPublishes,
       DEFAULTS.maxQueuedPublishes,
     );
+    this._maxPublishRetries = nonNegative(
+      "maxPublishRetries",
+      options.maxPublishRetries,
+      DEFAULTS.maxPublishRetries,
+    );
     const impl = options.WebSocketImpl ?? globalThis.WebSocket;
     if (typeof impl !== "function") throw new TypeError("redwire: no WebSocket implementation");
     this._WebSocket = impl;
@@ -360,6 +409,8 @@ export class Client {
     this._pending = new Map();
     /** @type {QueuedRequest[]} publishes (and presence requests) waiting for `open` */
     this._queue = [];
+    /** @type {Map<ReturnType<typeof setTimeout>, QueuedRequest>} keyed publishes to retry */
+    this._retries = new Map();
     this._nextId = 1;
     this._attempt = 0;
     this._welcomeAt = 0;
@@ -496,14 +547,21 @@ export class Client {
 
   /**
    * Publish `data` (any JSON value) to `topic`. Resolves when the server accepted it;
-   * rejects with a RedwireError (`.code`, `.reason`): the server's error, `queue_full`,
-   * `connection_lost` (outcome unknown), `closed` or `bad_request` (not JSON).
+   * rejects with a RedwireError (`.code`, `.reason`): the server's error (`unavailable`:
+   * not published, a retry is safe), `outcome_unknown` (sent, no answer: it may have been
+   * published; retry only with the same key), `queue_full`, `closed` or `bad_request`.
+   * With `options.key` the client itself resends it (same key) when the outcome is unknown.
    * @param {string} topic
    * @param {unknown} data
+   * @param {PublishOptions} [options]
    * @returns {Promise<void>}
    */
-  publish(topic, data) {
+  publish(topic, data, options = {}) {
     if (this._closed) return Promise.reject(closedError());
+    const key = options.key;
+    if (key !== undefined && (typeof key !== "string" || key.length < 1 || key.length > 64)) {
+      return Promise.reject(new RedwireError("bad_request", "key must be 1..64 characters"));
+    }
     let json;
     try {
       json = JSON.stringify(data);
@@ -514,7 +572,7 @@ export class Client {
       return Promise.reject(new RedwireError("bad_request", "data must be a JSON value"));
     }
     return new Promise((resolve, reject) => {
-      this._request({ kind: "publish", topic, json, resolve, reject });
+      this._request({ kind: "publish", topic, json, key, sent: false, attempts: 0, resolve, reject });
     });
   }
 
@@ -660,16 +718,26 @@ export class Client {
     this._dropSocket(code, reason);
     this.worker = this.clientId = null;
     this.heartbeat = null;
-    const lost = new RedwireError(
-      "connection_lost",
+    const unknown = new RedwireError(
+      "outcome_unknown",
       "the connection closed before the server answered; the publish may or may not have happened",
     );
+    const lost = new RedwireError("connection_lost", "the connection closed before the answer");
     const pending = [...this._pending.values()];
     this._pending.clear();
+    /** @type {QueuedRequest[]} */
+    const resend = [];
     for (const p of pending) {
-      if (p.kind === "publish" || p.kind === "presence") p.reject(lost);
+      if (p.kind === "publish") {
+        // With a key, sending it again is safe: it goes first once connected again.
+        if (p.item.key !== undefined && p.item.attempts < this._maxPublishRetries) {
+          p.item.attempts++;
+          resend.push(p.item);
+        } else p.item.reject(unknown);
+      } else if (p.kind === "presence") p.reject(lost);
       else if (p.kind === "unsubscribe") p.resolve(); // the subscription went with the socket
     }
+    this._queue.unshift(...resend);
     this._afterSocket(code, reason);
   }
 
@@ -711,11 +779,21 @@ export class Client {
 
   /** @param {RedwireError} err */
   _failEverything(err) {
-    for (const item of this._queue.splice(0)) item.reject(err);
+    for (const [timer, item] of this._retries) {
+      clearTimeout(timer);
+      item.reject(new RedwireError("outcome_unknown", `sent, then ${err.reason}`, err));
+    }
+    this._retries.clear();
+    for (const item of this._queue.splice(0)) {
+      if (item.kind === "publish" && item.sent) {
+        item.reject(new RedwireError("outcome_unknown", `sent, then ${err.reason}`, err));
+      } else item.reject(err);
+    }
     const pending = [...this._pending.values()];
     this._pending.clear();
     for (const p of pending) {
-      if (p.kind !== "subscribe") p.reject(err);
+      if (p.kind === "publish") p.item.reject(err);
+      else if (p.kind !== "subscribe") p.reject(err);
     }
     for (const state of this._topics.values()) {
       clearTimeout(state.retryTimer);
@@ -859,36 +937,35 @@ export class Client {
       if (current) state.acked = true;
       for (const sub of state.waiting) sub._settle();
       state.waiting.clear();
-      if (current) this._subscribed(state, p.since, frame);
+      if (current) this._subscribed(state, p, frame);
     } else if (p.kind === "presence") {
       p.resolve(frame.clients ?? {});
+    } else if (p.kind === "publish") {
+      p.item.resolve();
     } else {
       p.resolve();
     }
   }
 
   /**
-   * A subscribe ack: where the topic stands now (docs/protocol.md, "History, recovery and
-   * presence"). It arrives before any message it covers.
+   * A subscribe ack: the position the subscription starts from (docs/protocol.md, "History,
+   * recovery and presence"); it arrives before any message it covers. A resubscription, or
+   * one with `since`, that did not recover exactly from where it asked is a break: a gap.
    * @param {TopicState} state
-   * @param {Position | null} since what the request asked for
+   * @param {{since: Position | null, resubscribe: boolean}} request what was asked
    * @param {Record<string, any>} ack
    */
-  _subscribed(state, since, ack) {
+  _subscribed(state, { since, resubscribe }, ack) {
     const now = framePosition(ack);
-    if (since === null) {
-      // A fresh subscription: the ack's position is what we have seen (unless messages
-      // that raced ahead of it already went further).
-      const last = state.position;
-      if (now && !(last && last.epoch === now.epoch && last.offset > now.offset)) {
-        state.position = now;
-      }
-    } else if (ack.recovered !== true) {
-      // Missed messages cannot be replayed: start over from here and tell the application.
-      state.position = now;
-      this._gap(state, { topic: state.topic, reason: "not_recovered" });
-    }
-    // recovered: true — the replay that follows advances the position from `since`.
+    state.position = now;
+    if (since === null && !resubscribe) return; // a first subscription: nothing was missed
+    const recovered =
+      since !== null &&
+      ack.recovered === true &&
+      now !== null &&
+      now.epoch === since.epoch &&
+      now.offset === since.offset;
+    if (!recovered) this._gap(state, { topic: state.topic, reason: "not_recovered" });
   }
 
   /** @param {Record<string, any>} frame */
@@ -898,10 +975,13 @@ export class Client {
     const from = Number.isSafeInteger(frame.from) ? frame.from : null;
     const to = Number.isSafeInteger(frame.to) ? frame.to : null;
     const last = state.position;
-    if (last && to !== null && to > last.offset && (frame.epoch ?? last.epoch) === last.epoch) {
-      state.position = { offset: to, epoch: last.epoch };
+    const epoch = typeof frame.epoch === "string" ? frame.epoch : (last?.epoch ?? null);
+    // What follows continues at to + 1 (never moved backwards within an epoch). Without
+    // `to` the position stays: the epoch ended and the next messages carry the new one.
+    if (to !== null && epoch !== null && !(last && last.epoch === epoch && to <= last.offset)) {
+      state.position = { offset: to, epoch };
     }
-    this._gap(state, { topic: state.topic, reason: "server", from, to });
+    this._gap(state, { topic: state.topic, reason: "server", epoch, from, to });
   }
 
   /**
@@ -938,9 +1018,33 @@ export class Client {
       this._emit("error", err);
     } else if (p.kind === "subscribe") {
       this._subscribeFailed(p.state, err);
+    } else if (p.kind === "publish") {
+      this._publishFailed(p.item, err);
     } else {
       p.reject(err);
     }
+  }
+
+  /**
+   * A publish refused by the server. With a key, a bus error (`unavailable`: not published;
+   * `outcome_unknown`: may have been) is retried with the same key after a backoff.
+   * @param {QueuedRequest & {kind: "publish"}} item
+   * @param {RedwireError} err
+   */
+  _publishFailed(item, err) {
+    const retryable = err.code === "unavailable" || err.code === "outcome_unknown";
+    if (item.key === undefined || !retryable || item.attempts >= this._maxPublishRetries) {
+      item.reject(err);
+      return;
+    }
+    const delay = backoffDelay(item.attempts++, this._minDelayMs, this._maxDelayMs);
+    const timer = setTimeout(() => {
+      this._retries.delete(timer);
+      if (this._closed) item.reject(closedError());
+      else if (this._state === "open") this._sendQueued(item);
+      else this._queue.unshift(item); // never over the bound: it was accepted already
+    }, delay);
+    this._retries.set(timer, item);
   }
 
   /**
@@ -993,7 +1097,8 @@ export class Client {
   _sendSubscribe(state) {
     const id = this._id();
     const since = state.position && { ...state.position };
-    this._pending.set(id, { kind: "subscribe", state, since });
+    // Acked on an earlier connection: this is a resubscription, after a break.
+    this._pending.set(id, { kind: "subscribe", state, since, resubscribe: state.acked });
     this._send(JSON.stringify(subscribeRequest(state.topic, id, since)));
   }
 
@@ -1006,9 +1111,11 @@ export class Client {
       this._send(`{"op":"presence","id":${id},"topic":${topic}}`);
       return;
     }
-    this._pending.set(id, { kind: "publish", resolve: item.resolve, reject: item.reject });
+    this._pending.set(id, { kind: "publish", item });
+    item.sent = true;
+    const key = item.key === undefined ? "" : `,"key":${JSON.stringify(item.key)}`;
     // `data` was serialised once, at publish() time.
-    this._send(`{"op":"publish","id":${id},"topic":${topic},"data":${item.json}}`);
+    this._send(`{"op":"publish","id":${id},"topic":${topic}${key},"data":${item.json}}`);
   }
 
   /**

@@ -13,6 +13,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from client.pubsub import CLOSE_CODE_POLICY, reconnect_policy
+
 CLIENT = Path(__file__).resolve().parents[2] / "client" / "js" / "redwire.js"
 
 HARNESS = """
@@ -97,6 +99,47 @@ def test_backoff_is_full_jitter_under_a_capped_exponential() -> None:
     assert result["low"] == [0, 0, 0, 0]
     assert result["high"] == [99, 199, 399, 799, 3199, 4999, 4999, 4999]
     assert result["mid"] == 200
+
+
+# The contract's close-code table (docs/protocol.md, "Close codes"): both clients follow it.
+CLOSE_CODE_TABLE = {
+    1000: "never",
+    1001: "now",
+    1002: "never",
+    1003: "never",
+    1005: "backoff",
+    1006: "backoff",
+    1007: "never",
+    1008: "never",
+    1009: "never",
+    1010: "never",
+    1011: "backoff",
+    1012: "backoff",
+    1013: "backoff",
+    1014: "backoff",
+    4000: "backoff",
+}
+
+
+def test_both_clients_follow_one_close_code_table() -> None:
+    codes = json.dumps(sorted(CLOSE_CODE_TABLE))
+    result = run_js(
+        f"""
+        const codes = {codes};
+        return {{ policy: codes.map((c) => [c, rw.reconnectPolicy(c)]),
+                 table: rw.CLOSE_CODE_POLICY, never: rw.NO_RECONNECT_CLOSE_CODES,
+                 frozen: Object.isFrozen(rw.CLOSE_CODE_POLICY) }};
+        """
+    )
+    js = {int(code): policy for code, policy in result["policy"]}
+    python = {code: reconnect_policy(code) for code in CLOSE_CODE_TABLE}
+    assert js == python == CLOSE_CODE_TABLE
+    # The exported constants are one table, the same in both clients.
+    assert {int(c): p for c, p in result["table"].items()} == dict(CLOSE_CODE_POLICY)
+    assert sorted(result["never"]) == sorted(
+        c for c, p in CLOSE_CODE_POLICY.items() if p == "never"
+    )
+    assert result["frozen"] is True
 
 
 def test_close_code_policy_and_url_resolution() -> None:
@@ -262,7 +305,7 @@ def test_reconnect_resubscribes_and_rejects_publishes_in_flight() -> None:
     assert result["again"] == {"worker": "1", "clientId": "1-1", "reconnected": True}
     assert result["order"] == ["subscribe:a", "subscribe:b", "publish:a"]
     assert result["got"] == [["b", "after"]]
-    assert result["inFlight"]["code"] == "connection_lost"
+    assert result["inFlight"]["code"] == "outcome_unknown"  # sent, no answer, no key
     assert result["queued"] == "resolved"
     assert result["url"] == "ws://test.invalid/ws"
 
@@ -271,7 +314,7 @@ def test_close_codes_that_forbid_reconnecting_end_the_client() -> None:
     result = run_js(
         """
         const out = {};
-        for (const code of [1000, 1002, 1007, 1008, 1009]) {
+        for (const code of [1000, 1002, 1003, 1007, 1008, 1009, 1010]) {
           const before = FakeSocket.all.length;
           const client = open();
           const ws = FakeSocket.all.at(-1);
@@ -469,8 +512,8 @@ def test_resubscribe_sends_since_the_last_message_and_a_recovery_replays_without
         const ws2 = await next;
         ws2.welcome();
         const resub = ws2.sent.find((f) => f.op === "subscribe");
-        // The ack's offset is the topic's head; the replay of 7..8 follows it.
-        ws2.deliver({ op: "ack", id: resub.id, offset: 8, epoch: "e1", recovered: true });
+        // The ack's offset is where the subscription starts from; the replay of 7..8 follows.
+        ws2.deliver({ op: "ack", id: resub.id, offset: 6, epoch: "e1", recovered: true });
         const afterRecoveredAck = client.position("feed.a");
         ws2.deliver({ op: "message", topic: "feed.a", offset: 7, epoch: "e1", data: "seven" });
         ws2.deliver({ op: "message", topic: "feed.a", offset: 8, epoch: "e1", data: "eight" });
@@ -592,8 +635,8 @@ def test_a_server_gap_frame_is_reported_and_moves_the_position_past_the_hole() -
         """
     )
     assert result["events"] == [
-        {"topic": "feed.d", "reason": "server", "from": 6, "to": 9},
-        {"topic": "feed.d", "reason": "server", "from": None, "to": None},
+        {"topic": "feed.d", "reason": "server", "epoch": "e", "from": 6, "to": 9},
+        {"topic": "feed.d", "reason": "server", "epoch": "e", "from": None, "to": None},
     ]
     assert result["onGap"] == result["events"]
     assert result["afterGap"] == {"offset": 9, "epoch": "e"}
@@ -610,7 +653,7 @@ def test_since_from_the_options_starts_the_first_subscription_and_is_checked() -
         const before = client.position("feed.e");
         ws.welcome();
         const req = ws.sent.find((f) => f.op === "subscribe");
-        ws.deliver({ op: "ack", id: req.id, offset: 50, epoch: "stored", recovered: true });
+        ws.deliver({ op: "ack", id: req.id, offset: 41, epoch: "stored", recovered: true });
         await sub.ready;
         const bad = [{ offset: -1, epoch: "e" }, { offset: 1.5, epoch: "e" }, { offset: 1 },
                      "1", { offset: 0, epoch: "e", extra: 1 }].map((since) => {
@@ -690,3 +733,205 @@ def test_join_and_leave_reach_on_presence_and_the_presence_event() -> None:
     ]
     assert result["handler"] == result["events"]
     assert result["reported"] == ["bug", "bug"]
+
+
+# --- every break surfaced; positions never move past messages not received --------------------
+
+
+def test_a_topic_without_history_reports_a_gap_after_every_reconnect() -> None:
+    result = run_js(
+        """
+        const client = open();
+        const log = [];
+        client.on("gap", (g) => log.push(["event", g]));
+        const ws1 = FakeSocket.all[0];
+        ws1.welcome();
+        client.subscribe("plain", (d) => log.push(["message", d]),
+                         { onGap: (g) => log.push(["onGap", g]) });
+        ws1.ackAll("subscribe");
+        ws1.deliver({ op: "message", topic: "plain", data: "before" });
+        for (const code of [1006, 1001]) {
+          const next = nextSocket();
+          FakeSocket.all.at(-1).serverClose(code, "");
+          const ws = await next;
+          ws.welcome();
+          const resub = ws.sent.find((f) => f.op === "subscribe");
+          log.push(["since" in resub ? "since!" : "resubscribed"]);
+          ws.deliver({ op: "ack", id: resub.id });
+          ws.deliver({ op: "message", topic: "plain", data: `after ${code}` });
+        }
+        return { log, position: client.position("plain") };
+        """
+    )
+    gap = {"topic": "plain", "reason": "not_recovered"}
+    assert result["log"] == [
+        ["message", "before"],
+        ["resubscribed"],
+        ["onGap", gap],
+        ["event", gap],
+        ["message", "after 1006"],
+        ["resubscribed"],
+        ["onGap", gap],
+        ["event", gap],
+        ["message", "after 1001"],
+    ]
+    assert result["position"] is None
+
+
+def test_a_recovered_ack_that_is_not_where_it_asked_is_a_gap() -> None:
+    result = run_js(
+        """
+        const client = open();
+        const ws1 = FakeSocket.all[0];
+        ws1.welcome();
+        const gaps = [];
+        client.on("gap", (g) => gaps.push(g));
+        client.subscribe("feed.g", () => {});
+        ws1.deliver({ op: "ack", id: ws1.sent[0].id, offset: 3, epoch: "e" });
+        const next = nextSocket();
+        ws1.serverClose(1012, "");
+        const ws2 = await next;
+        ws2.welcome();
+        const resub = ws2.sent.find((f) => f.op === "subscribe");
+        ws2.deliver({ op: "ack", id: resub.id, offset: 7, epoch: "e", recovered: true });
+        return { since: resub.since, gaps, position: client.position("feed.g") };
+        """
+    )
+    assert result["since"] == {"offset": 3, "epoch": "e"}
+    assert result["gaps"] == [{"topic": "feed.g", "reason": "not_recovered"}]
+    assert result["position"] == {"offset": 7, "epoch": "e"}
+
+
+def test_messages_queued_behind_a_gap_frame_are_delivered_not_dropped() -> None:
+    result = run_js(
+        """
+        const client = open();
+        const ws = FakeSocket.all[0];
+        ws.welcome();
+        const log = [];
+        client.subscribe("feed.h", (data, meta) => log.push([data, meta.offset, meta.epoch]),
+                         { onGap: (g) => log.push(["gap", g.epoch, g.from, g.to]) });
+        ws.deliver({ op: "ack", id: ws.sent[0].id, offset: 5, epoch: "e" });
+        const m = (offset, epoch, data) =>
+          ws.deliver({ op: "message", topic: "feed.h", offset, epoch, data });
+        ws.deliver({ op: "gap", topic: "feed.h", epoch: "e", from: 6, to: 9 });
+        m(10, "e", "10"); m(11, "e", "11"); m(11, "e", "11 again"); m(8, "e", "in the hole");
+        const afterHole = client.position("feed.h");
+        // The epoch ended: no `to`; the position stays until the new epoch's messages come.
+        ws.deliver({ op: "gap", topic: "feed.h", epoch: "e", from: 12 });
+        const afterEnd = client.position("feed.h");
+        // The new epoch's history lacks 1..2: a gap with `to` in it moves the position there.
+        ws.deliver({ op: "gap", topic: "feed.h", epoch: "f", from: 1, to: 2 });
+        const inNew = client.position("feed.h");
+        m(3, "f", "3f");
+        return { log, afterHole, afterEnd, inNew, dropped: client.stats.duplicatesDropped,
+                 position: client.position("feed.h") };
+        """
+    )
+    assert result["log"] == [
+        ["gap", "e", 6, 9],
+        ["10", 10, "e"],
+        ["11", 11, "e"],
+        ["gap", "e", 12, None],
+        ["gap", "f", 1, 2],
+        ["3f", 3, "f"],
+    ]
+    assert result["afterHole"] == result["afterEnd"] == {"offset": 11, "epoch": "e"}
+    assert result["inNew"] == {"offset": 2, "epoch": "f"}
+    assert result["dropped"] == 2
+    assert result["position"] == {"offset": 3, "epoch": "f"}
+
+
+# --- publish outcomes ---------------------------------------------------------------------------
+
+
+def test_publish_errors_keep_the_wire_code_and_are_not_retried_without_a_key() -> None:
+    result = run_js(
+        """
+        const client = open();
+        const ws = FakeSocket.all[0];
+        ws.welcome();
+        const out = {};
+        for (const code of ["unavailable", "outcome_unknown", "too_large"]) {
+          const p = settle(client.publish("t", code));
+          const req = ws.sent.at(-1);
+          ws.deliver({ op: "error", id: req.id, code, reason: "r" });
+          out[code] = await p;
+        }
+        const badKey = await settle(client.publish("t", 1, { key: "" }));
+        const longKey = await settle(client.publish("t", 1, { key: "k".repeat(65) }));
+        return { out, publishes: ws.sent.filter((f) => f.op === "publish").length,
+                 badKey: badKey.code, longKey: longKey.code,
+                 keys: ws.sent.filter((f) => "key" in f).length };
+        """
+    )
+    for code in ("unavailable", "outcome_unknown", "too_large"):
+        assert result["out"][code]["code"] == code
+        assert result["out"][code]["name"] == "RedwireError"
+    assert result["publishes"] == 3  # one each: nothing retried
+    assert result["badKey"] == result["longKey"] == "bad_request"
+    assert result["keys"] == 0
+
+
+def test_a_keyed_publish_is_resent_first_after_a_reconnect_and_retried_after_bus_errors() -> None:
+    result = run_js(
+        """
+        const client = open();
+        const ws1 = FakeSocket.all[0];
+        ws1.welcome();
+        const keyed = settle(client.publish("t", "once", { key: "k-1" }));
+        const plain = settle(client.publish("t", "maybe"));
+        const sent1 = ws1.sent.filter((f) => f.op === "publish");
+        const next = nextSocket();
+        ws1.serverClose(1006, "");
+        const lost = await plain;
+        const later = settle(client.publish("t", "later"));  // queued while disconnected
+        const ws2 = await next;
+        ws2.welcome();
+        const order = ws2.sent.map((f) => [f.op, f.data, f.key ?? null]);
+        const resent = ws2.sent.find((f) => f.key === "k-1");
+        const retried = deadline(new Promise((resolve) => {
+          ws2.onSend = (f) => { if (f.key === "k-1") resolve(f); };
+        }), "the keyed retry");
+        ws2.deliver({ op: "error", id: resent.id, code: "unavailable", reason: "bus down" });
+        const again = await retried;
+        ws2.deliver({ op: "ack", id: again.id, duplicate: true });
+        ws2.ackAll("publish");
+        return { sent1: sent1.map((f) => [f.data, f.key ?? null]), lost, order,
+                 keyed: await keyed, later: await later, again: [again.data, again.key] };
+        """
+    )
+    assert result["sent1"] == [["once", "k-1"], ["maybe", None]]
+    assert result["lost"]["code"] == "outcome_unknown"
+    assert result["order"] == [["publish", "once", "k-1"], ["publish", "later", None]]
+    assert result["again"] == ["once", "k-1"]
+    assert result["keyed"] == result["later"] == "resolved"
+
+
+def test_keyed_retries_are_bounded_and_a_final_close_makes_them_unknown() -> None:
+    result = run_js(
+        """
+        const client = open({ maxPublishRetries: 2 });
+        const ws = FakeSocket.all[0];
+        ws.welcome();
+        const p = settle(client.publish("t", 1, { key: "k" }));
+        let refusals = 0;
+        ws.onSend = (f) => {
+          if (f.op === "publish") {
+            refusals++;
+            queueMicrotask(() =>
+              ws.deliver({ op: "error", id: f.id, code: "outcome_unknown", reason: "r" }));
+          }
+        };
+        ws.deliver({ op: "error", id: ws.sent[0].id, code: "outcome_unknown", reason: "r" });
+        const exhausted = await p;
+        // A keyed publish sent on a socket that the server then closes for good.
+        ws.onSend = null;
+        const q = settle(client.publish("t", 2, { key: "k2" }));
+        ws.serverClose(1008, "too many errors");
+        return { exhausted, refusals, final: await q };
+        """
+    )
+    assert result["exhausted"]["code"] == "outcome_unknown"
+    assert result["refusals"] == 2  # the first send and two retries: three refusals in all
+    assert result["final"]["code"] == "outcome_unknown"
