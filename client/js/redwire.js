@@ -572,7 +572,8 @@ export class Client {
       return Promise.reject(new RedwireError("bad_request", "data must be a JSON value"));
     }
     return new Promise((resolve, reject) => {
-      this._request({ kind: "publish", topic, json, key, sent: false, attempts: 0, resolve, reject });
+      const item = { kind: "publish", topic, json, key, sent: false, attempts: 0 };
+      this._request(/** @type {QueuedRequest} */ ({ ...item, resolve, reject }));
     });
   }
 

@@ -21,7 +21,7 @@ from support.redis_server import RedisServer
 from broker.settings import Settings
 from client.publisher import AsyncPublisher
 from client.pubsub import PubSubClient, Subscription, connect
-from client.subscriber import Gap
+from client.subscriber import Gap, Message
 
 TOPIC = "feed.orders"
 RATE = 2000
@@ -161,3 +161,34 @@ async def test_history_too_short_is_reported_not_silent(own_redis: RedisServer) 
             assert c.gaps, f"{len(missing)} offsets missing without a gap"
             told += 1
     assert told > 0, "no subscriber needed recovery: the fault was not exercised"
+
+
+async def test_plain_topic_subscribers_are_told_when_their_worker_dies(
+    own_redis: RedisServer,
+) -> None:
+    """A topic without history cannot be recovered: the clients whose worker was killed
+    get a `Gap` before what follows their reconnect; nobody else does."""
+    server = _serve(own_redis, history_size=100)
+    clients: list[PubSubClient] = []
+    try:
+        for _ in range(12):
+            clients.append(await connect(server.url, min_delay_s=0.05, max_delay_s=0.5))
+        subs = [await c.subscribe("plain.events") for c in clients]
+        victim = clients[0].worker
+        assert victim is not None
+        hit = [i for i, c in enumerate(clients) if c.worker == victim]
+        os.kill(worker_pids(server.proc.pid)[victim], signal.SIGKILL)
+        for i in hit:
+            item = await subs[i].get(timeout_s=30)
+            assert isinstance(item, Gap), item
+            assert item.topics == {"plain.events"}
+        publisher = clients[-1] if clients[-1].worker != victim else clients[hit[-1]]
+        await publisher.publish("plain.events", "after")
+        for i, sub in enumerate(subs):
+            item = await sub.get(timeout_s=30)
+            assert isinstance(item, Message) and item.data == "after", (i, item)
+        assert all(clients[i].disconnects == 1 for i in hit)
+    finally:
+        for c in clients:
+            await c.close()
+        server.stop()
