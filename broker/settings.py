@@ -86,6 +86,7 @@ class Settings:
 
     # --- pub/sub protocol ---
     max_topic_bytes: int = 200
+    max_data_depth: int = 64  # published data nested deeper (arrays/objects) is refused
     max_subscriptions_per_connection: int = 1000
     max_queued_requests: int = 256  # requests waiting behind a slow one; more: stop reading
     max_errors_per_window: int = 20  # more error replies than this in the window: close 1008
@@ -109,7 +110,9 @@ class Settings:
     topics: tuple[TopicRule, ...] = ()  # first matching rule wins; none: plain pub/sub
     idempotency_ttl_s: float = 300.0  # a publish key is remembered this long
     presence_ttl_s: float = 10.0  # a dead worker's clients leave presence within this
-    history_read_limit: int = 10000  # most messages one history read (recovery) returns
+    history_read_limit: int = 10000  # most messages one history read returns (bus default)
+    history_page_size: int = 200  # a replay or gap repair reads history in pages of this many
+    max_held_messages: int = 10000  # live messages kept while a topic's gap is repaired
 
     # --- supervisor ---
     drain_timeout_s: float = 10.0  # SIGTERM: clients get close 1001, workers exit within this
@@ -349,7 +352,9 @@ def _validate(s: Settings) -> None:
     )
     for name in ("idempotency_ttl_s", "presence_ttl_s"):
         need(getattr(s, name) > 0, f"{name} must be > 0")
-    need(s.history_read_limit >= 1, "history_read_limit must be >= 1")
+    for name in ("history_read_limit", "history_page_size", "max_held_messages"):
+        need(getattr(s, name) >= 1, f"{name} must be >= 1")
+    need(1 <= s.max_data_depth <= 512, "max_data_depth must be 1..512")
     need(isinstance(s.topics, tuple), "topics must be a tuple of TopicRule")
     for i, rule in enumerate(s.topics):
         need(isinstance(rule, TopicRule), f"topics[{i}] must be a TopicRule")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from typing import Any
 
 from broker.bus import Bus, make_bus
@@ -39,6 +40,19 @@ class BrokerApp:
         self.metrics = Metrics(worker_id, self.stats, self.bus.stats)
         self.sessions: set[ClientSession] = set()
         self._metrics_timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run `coro` in the background, kept referenced; a failure is logged, never lost."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
 
     async def start(self) -> None:
         await self.bus.start()
@@ -51,7 +65,10 @@ class BrokerApp:
         await self.bus.close()
 
     def _tick_metrics(self) -> None:
-        self.metrics.sync()
+        try:
+            self.metrics.sync()
+        except Exception:  # e.g. OSError writing the metrics files: the timer must go on
+            log.exception("metrics sync failed")
         self._metrics_timer = asyncio.get_running_loop().call_later(1.0, self._tick_metrics)
 
     # --- ServerApp ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from broker.envelope import ENCODING_JSON, BusMessage
 from broker.errors import BusError, ClientError
 from broker.handshake import Request, http_response
 from worker import wire
+from worker.session import bus_error
 
 if TYPE_CHECKING:
     from worker.broker_app import BrokerApp
@@ -115,7 +116,7 @@ async def _publish(app: BrokerApp, request: Request) -> bytes:
     if not hmac.compare_digest(given.encode(), key.encode()):
         return _json(401, {"error": "unauthorized", "reason": "missing or wrong API key"})
     try:
-        body = json.loads(request.body)
+        body = wire.loads_json(request.body)  # 64-bit integers, no NaN: as WebSocket publishes
     except ValueError as exc:
         return _json(400, {"error": wire.BAD_REQUEST, "reason": f"invalid JSON: {exc}"})
     if not isinstance(body, dict) or "data" not in body:
@@ -124,9 +125,11 @@ async def _publish(app: BrokerApp, request: Request) -> bytes:
         None,
         max_topic_bytes=app.settings.max_topic_bytes,
         max_data_bytes=app.settings.max_data_bytes,
+        max_data_depth=app.settings.max_data_depth,
     )
     try:
         topic = wire.check_topic(body.get("topic"), app.settings.max_topic_bytes)
+        wire.check_data(body["data"], app.settings.max_data_depth, finite=False)
         payload = codec.encode_data(body["data"])
     except ClientError as exc:
         status = 413 if exc.code == wire.TOO_LARGE else 400
@@ -140,7 +143,8 @@ async def _publish(app: BrokerApp, request: Request) -> bytes:
         )
     except BusError as exc:
         app.stats.publish_errors += 1
-        return _json(503, {"error": wire.UNAVAILABLE, "reason": str(exc)})
+        error = bus_error(exc, "not published")
+        return _json(503, {"error": error.code, "reason": error.reason})
     app.stats.publishes += 1
     reply: dict[str, object] = {"ok": True}
     if published.offset is not None:

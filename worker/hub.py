@@ -1,28 +1,51 @@
-"""The local topic hub: topic → this worker's subscribers, the fan-out, and gap repair.
+"""The local topic hub: the one owner of this worker's topic set and of delivery order.
 
-Membership. The first local subscriber of a topic subscribes the worker to it on the bus;
-the last one to leave unsubscribes it. A subscriber is first *joining* (its subscribe is
-not answered yet: messages for it are kept aside) and then *live*.
+Theory of operation.
 
-Fan-out. A batch of bus messages is turned into frames once per variant (JSON or msgpack,
-compressed or not) and the same bytes are queued to every live subscriber. Each
-subscriber's pending frames go out in one `transport.write` (coalesced writes): at once
-when the hub was idle, else at most once per `coalesce_window_s`. A subscriber whose
-unsent bytes exceed `max_send_buffer_bytes` is a slow consumer: it is closed with 1013.
+Topics. `topics` maps each topic with a local subscriber (or one joining) to its
+`TopicState`. The bus subscribes exactly this set: the first local subscriber subscribes
+the worker to the topic, the last one out unsubscribes it, and after a reconnection the bus
+asks `topic_names()` what to subscribe again (a failed subscribe leaves nothing behind).
 
-Order and gaps (topics with history). Messages carry per-topic offsets; the hub remembers
-the last offset it delivered per topic. When the next one is not last + 1 (the bus
-missed some, e.g. across a Redis reconnection), or the bus reports a gap, the topic is
-*repaired*: live messages are held, the missing ones are read from history and delivered
-first, then the held ones, with duplicates dropped by offset. Whatever history can no
-longer give is announced to subscribers with a `gap` frame. Topics without history get a
-`gap` frame after a bus interruption.
+Fan-out. A message from the bus is encoded once per variant (JSON or msgpack, compressed
+or not) and the same bytes are queued to the outbox of every live subscriber
+(`worker.outbox`): one ordered queue per session, so a `gap` or `join` never overtakes a
+message queued before it. Encoding one message for one variant may fail (data JSON cannot
+carry, nesting too deep): that message is skipped for that variant only, counted, logged
+at most once per interval.
+
+Plain topics (no history) are at most once: a subscriber is live as soon as the bus has
+the topic; after a bus interruption each live subscriber gets `{"op":"gap","topic":T}`.
+
+History topics. Every message has (epoch, offset). Each subscription has a position: the
+last (epoch, offset) written to it (or told in its subscribe ack). Invariants:
+  1. a message at or below a subscription's position is never written to it;
+  2. a subscription gets every message after its position, in offset order, except ranges
+     announced by a gap frame `{"op":"gap","topic","epoch","from","to"?}`, sent only when
+     history lacks them (no `to`: that epoch ended; the new one is replayed from its start);
+  3. the ack of a subscribe is queued before any message it covers.
+The *live group* (`state.live`) is the subscriptions whose position is the topic's
+`position`: a pub/sub message at position + 1 goes to all of them at once. A message
+further ahead, a new epoch, or a bus interruption starts a *repair* of the group: live
+messages are held (at most `max_held_messages`; past that they are dropped, history has
+them), history is read in pages of `history_page_size` after the position and written to
+the group, holes announced, then the held messages, until the group is back in step with
+the bus. A subscription that joins — with `since`, or at the topic's current position — is
+a *replay*: it reads history from its own position in pages, written only as fast as its
+socket takes them (`Outbox.drained`), until its position equals the group's; then it
+*merges* into the group. A replay ahead of the group (history was read past what pub/sub
+has delivered) is *parked* at its position and merges when the group reaches it. A group
+that changes epoch wakes the parked replays of other epochs to read again. With no live
+group, the first replay to finish becomes the group (it *adopts* the topic).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from broker import errors
@@ -31,6 +54,7 @@ from broker.connection import encode_broadcast
 from broker.envelope import BusMessage
 from broker.frames import Opcode
 from broker.settings import Settings
+from worker.outbox import Flusher
 from worker.stats import WorkerStats
 from worker.wire import message_frame_body
 
@@ -41,37 +65,69 @@ log = logging.getLogger("redwire.hub")
 
 # A frame variant: (binary protocol?, deflate window bits or None).
 Variant = tuple[bool, int | None]
+_LOG_EVERY_S = 10.0  # a recurring failure (a message no variant can carry) is logged this often
+_RETRY_MIN_S, _RETRY_MAX_S = 0.1, 2.0  # a history read that failed is retried with backoff
+
+
+class Replay:
+    """One subscription catching up from its own position; see the module docstring."""
+
+    __slots__ = ("ended", "epoch", "interruptions", "offset", "page", "session", "task", "top")
+
+    def __init__(self, session: ClientSession, epoch: str, offset: int) -> None:
+        self.session = session
+        self.epoch = epoch
+        self.offset = offset
+        self.page: list[BusMessage] | None = None  # a first page already read, else None
+        self.top = offset  # the topic's top offset when `page` was read
+        self.ended: tuple[str, int] | None = None  # (epoch, from): announce that epoch ended
+        self.interruptions = 0  # the topic's bus interruptions when history was last read
+        self.task: asyncio.Task[None] | None = None
 
 
 class TopicState:
-    """One topic's local subscribers and its delivery position."""
+    """One topic's local subscribers, and on history topics the live group's position."""
 
     __slots__ = (
+        "epoch",
         "held",
+        "held_dropped",
         "history",
+        "interruptions",
         "joining",
-        "last_epoch",
-        "last_offset",
         "live",
         "name",
+        "offset",
+        "parked",
         "ready",
-        "repairing",
+        "repair",
+        "replays",
+        "seen",
     )
 
     def __init__(self, name: str, history: bool) -> None:
         self.name = name
         self.history = history
-        self.live: set[ClientSession] = set()
-        self.joining: dict[ClientSession, list[BusMessage]] = {}
         self.ready: asyncio.Future[None] | None = None  # the bus subscription, once made
-        self.last_offset: int | None = None
-        self.last_epoch: str | None = None
-        self.repairing = False
+        self.joining: set[ClientSession] = set()  # subscribes not answered yet
+        self.live: set[ClientSession] = set()
+        # history topics only
+        self.epoch: str | None = None  # the live group's position (None: no live group)
+        self.offset = 0
+        self.repair: asyncio.Task[None] | None = None
         self.held: list[BusMessage] = []
+        self.held_dropped = False
+        self.replays: dict[ClientSession, Replay] = {}
+        self.parked: dict[tuple[str, int], list[Replay]] = {}
+        # While there is no live group: the last numbered message pub/sub brought, and how
+        # often the bus was interrupted. A replay adopts the topic only when it has read
+        # past both (else messages published after its last read would wait for the next).
+        self.seen: tuple[str, int] | None = None
+        self.interruptions = 0
 
     @property
     def empty(self) -> bool:
-        return not self.live and not self.joining
+        return not self.live and not self.joining and not self.replays
 
 
 class Hub:
@@ -80,35 +136,51 @@ class Hub:
         self.settings = settings
         self.stats = stats
         self.topics: dict[str, TopicState] = {}
-        self._dirty: list[ClientSession] = []
-        self._last_flush = 0.0
-        self._flush_timer: asyncio.TimerHandle | None = None
+        self.flusher = Flusher(settings.coalesce_window_s)
         self._loop = asyncio.get_event_loop()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._failures_logged_at = -math.inf
+        self._failures = 0
         bus.on_messages = self.deliver
         bus.on_gap = self._on_gap
         bus.on_presence = self._on_presence
+        bus.wanted_topics = self.topic_names
+
+    def topic_names(self) -> list[str]:
+        """The topics this worker wants from the bus (the bus resubscribes exactly these)."""
+        return list(self.topics)
 
     # --- membership --------------------------------------------------------------------------
 
-    async def join(self, session: ClientSession, topic: str) -> TopicState:
-        """Add `session` as joining; returns once the worker receives the topic from the bus.
+    async def subscribe(
+        self, session: ClientSession, topic: str, since: tuple[int, str] | None
+    ) -> dict[str, Any] | None:
+        """Make `session` a subscriber of `topic`; returns the subscribe ack's fields.
 
-        Messages arriving from then on are kept for the session until `go_live`.
+        The caller queues the ack before anything else can run (this coroutine returns
+        without yielding to the loop after the replay is registered), so the ack precedes
+        every message it covers. None when the session went away meanwhile. BusError when
+        the bus cannot subscribe or read history: then nothing is left behind.
         """
         state = self.topics.get(topic)
         if state is None:
             rule = self.settings.rule_for(topic)
             state = self.topics[topic] = TopicState(topic, bool(rule and rule.history_size))
-        state.joining[session] = []
-        if state.ready is None:
-            state.ready = self._loop.create_future()
-            self._loop.create_task(self._bus_subscribe(state))
+        state.joining.add(session)
         try:
+            if state.ready is None:
+                state.ready = self._loop.create_future()
+                self._spawn(self._bus_subscribe(state))
             await asyncio.shield(state.ready)
-        except BaseException:
-            self.leave(session, topic)
-            raise
-        return state
+            if not session.live or self.topics.get(topic) is not state:
+                return None
+            if not state.history:
+                state.live.add(session)
+                return {} if since is None else {"recovered": False}
+            return await self._join_history(state, session, since)
+        finally:
+            state.joining.discard(session)
+            self._drop_if_empty(state)
 
     async def _bus_subscribe(self, state: TopicState) -> None:
         ready = state.ready
@@ -120,51 +192,36 @@ class Hub:
                 del self.topics[state.name]
             ready.set_exception(exc)
             ready.exception()  # retrieved: the joining sessions re-raise it themselves
+            # A subscribe cut by a lost connection may have reached Redis: undo it.
+            self._spawn(self._bus_unsubscribe(state.name))
             return
         ready.set_result(None)
-        if state.empty:  # everyone left while the bus was subscribing
-            self._drop(state)
+        self._drop_if_empty(state)  # everyone left while the bus was subscribing
 
-    def go_live(
-        self,
-        session: ClientSession,
-        state: TopicState,
-        after: int | None = None,
-        epoch: str | None = None,
-    ) -> None:
-        """Move a joining session to live, first sending what was kept for it (> `after`).
-
-        `after`/`epoch` is the position the session was told (its subscribe ack).
-        """
-        kept = state.joining.pop(session, None)
-        if kept is None:
-            return
-        if state.history and state.last_offset is None and after is not None:
-            state.last_offset, state.last_epoch = after, epoch
-        for message in kept:
-            if after is None or message.offset is None or message.offset > after:
-                self.queue(session, message)
-        state.live.add(session)
-        if session.pending and session not in self._dirty:
-            self._dirty.append(session)
-        self._schedule_flush()
-
-    def leave(self, session: ClientSession, topic: str) -> bool:
+    def unsubscribe(self, session: ClientSession, topic: str) -> None:
         """Remove a subscriber; the last one out unsubscribes the worker."""
         state = self.topics.get(topic)
         if state is None:
-            return False
-        found = session in state.live or session in state.joining
+            return
         state.live.discard(session)
-        state.joining.pop(session, None)
-        if state.empty and state.ready is not None and state.ready.done():
-            self._drop(state)
-        return found
+        replay = state.replays.pop(session, None)
+        if replay is not None:
+            self._unpark(state, replay)
+            if replay.task is not None and replay.task is not asyncio.current_task():
+                replay.task.cancel()
+        if state.history and not state.live:
+            self._forget_position(state)
+        self._drop_if_empty(state)
 
-    def _drop(self, state: TopicState) -> None:
+    def _drop_if_empty(self, state: TopicState) -> None:
+        if not state.empty or state.ready is None or not state.ready.done():
+            return
         if self.topics.get(state.name) is state:
             del self.topics[state.name]
-            self._loop.create_task(self._bus_unsubscribe(state.name))
+            if state.repair is not None:
+                state.repair.cancel()
+            if not state.ready.cancelled() and state.ready.exception() is None:
+                self._spawn(self._bus_unsubscribe(state.name))
 
     async def _bus_unsubscribe(self, topic: str) -> None:
         if topic in self.topics:  # someone subscribed again meanwhile
@@ -174,57 +231,242 @@ class Hub:
         except errors.BusError as exc:
             log.info("unsubscribe %s deferred: %s", topic, exc)
 
+    # --- history topics: joining ---------------------------------------------------------------
+
+    async def _join_history(
+        self, state: TopicState, session: ClientSession, since: tuple[int, str] | None
+    ) -> dict[str, Any] | None:
+        page = self.settings.history_page_size
+        interruptions = state.interruptions
+        if since is None:
+            read = await self.bus.history(state.name, after=None, epoch=None)
+        else:
+            read = await self.bus.history(state.name, after=since[0], epoch=since[1], limit=page)
+        if not session.live or self.topics.get(state.name) is not state:
+            return None
+        fields: dict[str, Any]
+        if since is None:
+            replay = Replay(session, read.epoch, read.offset)
+            replay.page, replay.top = [], read.offset  # nothing to read: merge at once
+            fields = {"offset": read.offset, "epoch": read.epoch}
+        else:
+            after, epoch = since
+            if read.epoch == epoch and after <= read.offset:
+                replay = Replay(session, epoch, after)
+                replay.page, replay.top = read.messages, read.offset
+                recovered = _no_hole(read.messages, after) and (
+                    read.complete or len(read.messages) >= page
+                )
+            elif read.epoch == epoch:  # the client claims offsets history never had
+                replay = Replay(session, epoch, read.offset)
+                recovered = False
+            else:  # the client's epoch ended: replay the new one from its start
+                replay = Replay(session, read.epoch, 0)
+                replay.ended = (epoch, after + 1)
+                recovered = False
+            fields = {"offset": replay.offset, "epoch": replay.epoch, "recovered": recovered}
+            if recovered:
+                self.stats.recoveries += 1
+            else:
+                self.stats.recoveries_failed += 1
+        replay.interruptions = interruptions
+        state.replays[session] = replay
+        replay.task = self._spawn(self._run_replay(state, replay))
+        return fields
+
+    async def _run_replay(self, state: TopicState, replay: Replay) -> None:
+        """Write history after the replay's position to its session until it can merge."""
+        try:
+            await self._replay(state, replay)
+        except Exception:  # a bug: this client reconnects and recovers, nothing is silent
+            log.exception("replay of %s failed", state.name)
+            replay.session.fail()
+
+    async def _replay(self, state: TopicState, replay: Replay) -> None:
+        session = replay.session
+        page = self.settings.history_page_size
+        delay = _RETRY_MIN_S
+        if replay.ended is not None:
+            epoch, first = replay.ended
+            replay.ended = None
+            self._send_gap(session, state.name, epoch, first, None)
+        messages, top = replay.page, replay.top
+        replay.page = None
+        while session.live and state.replays.get(session) is replay:
+            if messages is None:
+                replay.interruptions = state.interruptions
+                try:
+                    read = await self.bus.history(
+                        state.name, after=replay.offset, epoch=replay.epoch, limit=page
+                    )
+                except errors.BusError as exc:
+                    log.info("replay of %s waits for the bus: %s", state.name, exc)
+                    await asyncio.sleep(delay)  # backoff before reading again
+                    delay = min(delay * 2, _RETRY_MAX_S)
+                    continue
+                delay = _RETRY_MIN_S
+                if not session.live or state.replays.get(session) is not replay:
+                    return
+                if state.seen is not None and state.seen[0] != read.epoch:
+                    state.seen = None  # a late message of an epoch Redis has left
+                if read.epoch != replay.epoch:  # that epoch ended: say so, replay the new one
+                    self._send_gap(session, state.name, replay.epoch, replay.offset + 1, None)
+                    replay.epoch, replay.offset = read.epoch, 0
+                    continue
+                messages, top = read.messages, read.offset
+            cut = len(messages) >= page
+            await self._write_replay(state, replay, messages)
+            messages = None
+            if not session.live or state.replays.get(session) is not replay:
+                return
+            if not cut and replay.offset < top:  # history ends below its own top: lost
+                self._send_gap(session, state.name, replay.epoch, replay.offset + 1, top)
+                replay.offset = top
+            if not cut and self._merge(state, replay):
+                return
+
+    async def _write_replay(
+        self, state: TopicState, replay: Replay, messages: list[BusMessage]
+    ) -> None:
+        session = replay.session
+        outbox = session.outbox
+        budget = min(self.settings.write_buffer_high_bytes, outbox.limit // 2)
+        for message in messages:
+            offset = message.offset
+            assert offset is not None
+            if message.epoch != replay.epoch or offset <= replay.offset:
+                continue
+            frame = self._encode_or_skip(message, session.variant)
+            queued = outbox.bytes
+            if queued and (queued >= budget or queued + len(frame) > outbox.limit):
+                await outbox.drained()  # as fast as the client reads, no faster
+                if not session.live or state.replays.get(session) is not replay:
+                    return
+            if offset > replay.offset + 1:
+                self._send_gap(session, state.name, replay.epoch, replay.offset + 1, offset - 1)
+            if frame and outbox.push(frame):
+                self.stats.deliveries += 1
+            replay.offset = offset
+
+    def _merge(self, state: TopicState, replay: Replay) -> bool:
+        """Move a caught-up replay into the live group; False when it must read more."""
+        position = (replay.epoch, replay.offset)
+        if state.epoch is None:  # no live group: this subscription becomes it
+            seen = state.seen
+            if replay.interruptions != state.interruptions or (
+                seen is not None and (seen[0] != replay.epoch or seen[1] > replay.offset)
+            ):
+                return False  # pub/sub went past (or may have lost) what it read: read more
+            state.epoch, state.offset = position
+            state.seen = None
+        elif state.epoch == replay.epoch and state.offset < replay.offset:
+            state.parked.setdefault(position, []).append(replay)  # ahead: wait for the group
+            return True
+        elif state.epoch != replay.epoch:
+            state.parked.setdefault(position, []).append(replay)  # the group changes epoch
+            return True
+        elif state.offset > replay.offset:
+            return False
+        del state.replays[replay.session]
+        state.live.add(replay.session)
+        return True
+
+    def _unpark(self, state: TopicState, replay: Replay) -> None:
+        position = (replay.epoch, replay.offset)
+        parked = state.parked.get(position)
+        if parked is not None and replay in parked:
+            parked.remove(replay)
+            if not parked:
+                del state.parked[position]
+
+    def _merge_parked(self, state: TopicState) -> None:
+        """The live group moved: parked replays at its new position join it."""
+        parked = state.parked.pop((state.epoch, state.offset), None)  # type: ignore[arg-type]
+        if parked:
+            for replay in parked:
+                if state.replays.get(replay.session) is replay and replay.session.live:
+                    del state.replays[replay.session]
+                    state.live.add(replay.session)
+
+    def _wake_parked(self, state: TopicState, *, other_epochs: bool) -> None:
+        """Parked replays read again (the group changed epoch, or there is no group)."""
+        for position in list(state.parked):
+            if other_epochs and position[0] == state.epoch:
+                continue
+            for replay in state.parked.pop(position):
+                if state.replays.get(replay.session) is replay:
+                    replay.task = self._spawn(self._run_replay(state, replay))
+
+    def _forget_position(self, state: TopicState) -> None:
+        """Nobody is live on a history topic: stop repairing; the next replay adopts it."""
+        if state.repair is not None:
+            state.repair.cancel()
+            state.repair = None
+        state.held = []
+        state.held_dropped = False
+        state.epoch = None
+        state.offset = 0
+        state.seen = None
+        self._wake_parked(state, other_epochs=False)
+
     # --- fan-out -----------------------------------------------------------------------------
 
     def deliver(self, batch: list[BusMessage]) -> None:
-        """Called by the bus with every message it has read."""
+        """Called by the bus with every message it has read, in arrival order."""
         topics = self.topics
         for message in batch:
             state = topics.get(message.topic)
             if state is None:
                 continue
-            if message.offset is not None and not self._in_order(state, message):
-                continue
-            self._dispatch(state, message)
+            try:
+                if message.offset is None:
+                    if not state.history:
+                        self._dispatch(state, message)
+                else:
+                    self._on_numbered(state, message)
+            except Exception:  # a bug must not cost the other topics their messages
+                self._failed("delivering a message on %s failed", message.topic, exc_info=True)
         self.stats.messages_in += len(batch)
-        self._schedule_flush()
 
-    def _in_order(self, state: TopicState, message: BusMessage) -> bool:
-        """Check a history message's offset; False when it is held, dropped or repairing."""
-        if state.repairing:
-            state.held.append(message)
-            return False
-        last = state.last_offset
+    def _on_numbered(self, state: TopicState, message: BusMessage) -> None:
+        if not state.history:
+            return
+        if state.epoch is None:  # no live group: joining replays read history instead
+            if state.replays:
+                state.seen = (message.epoch or "", message.offset or 0)
+            return
+        if state.repair is not None:
+            self._hold(state, message)
+            return
         offset = message.offset
         assert offset is not None
-        if message.epoch != state.last_epoch:
-            if state.last_epoch is not None:  # the epoch changed: history restarted, say so
-                self._announce_gap(state, None, None)
-            state.last_offset, state.last_epoch = offset, message.epoch
-            return True
-        if last is None:
-            state.last_offset = offset
-            return True
-        if offset <= last:
-            return False  # already delivered (e.g. seen again after a resubscription)
-        if offset == last + 1:
-            state.last_offset = offset
-            return True
-        state.held.append(message)
+        if message.epoch == state.epoch:
+            if offset <= state.offset:
+                return  # already delivered (e.g. seen again after a resubscription)
+            if offset == state.offset + 1:
+                self._dispatch(state, message)
+                state.offset = offset
+                if state.parked:
+                    self._merge_parked(state)
+                return
+        self._hold(state, message)  # ahead of the group, or a new epoch: repair first
         self._start_repair(state)
-        return False
+
+    def _hold(self, state: TopicState, message: BusMessage) -> None:
+        held = state.held
+        if len(held) >= self.settings.max_held_messages:
+            held.clear()  # history has them; the repair reads past what was dropped
+            state.held_dropped = True
+        held.append(message)
 
     def _dispatch(self, state: TopicState, message: BusMessage) -> None:
-        for kept in state.joining.values():
-            kept.append(message)
-        live = state.live
-        if not live:
-            return
+        """Queue one message to every live subscriber, encoded once per variant."""
         frames: dict[Variant, bytes] = {}
-        dirty = self._dirty
+        flusher = self.flusher
         delivered = 0
-        for session in live:
-            if not session.live:
+        for session in state.live:
+            outbox = session.outbox
+            if outbox.closed:
                 continue
             variant = session.variant
             frame = frames.get(variant)
@@ -232,29 +474,31 @@ class Hub:
                 frame = frames[variant] = self._encode_or_skip(message, variant)
             if not frame:
                 continue
-            pending = session.pending
-            if not pending:
-                dirty.append(session)
-            pending.append(frame)
+            size = len(frame)
+            if outbox.bytes and outbox.bytes + size > outbox.limit:
+                outbox.overflow()  # slow consumer: backlog dropped, 1013 now
+                continue
+            outbox.frames.append(frame)
+            outbox.bytes += size
+            if not outbox.dirty:
+                outbox.dirty = True
+                flusher.add(outbox)
             delivered += 1
         self.stats.deliveries += delivered
 
-    def queue(self, session: ClientSession, message: BusMessage) -> None:
-        """Queue one message to one session (a replay from history or from what was kept)."""
-        frame = self._encode_or_skip(message, session.variant)
-        if frame:
-            session.pending.append(frame)
-            self.stats.deliveries += 1
-
     def _encode_or_skip(self, message: BusMessage, variant: Variant) -> bytes:
-        """The frame, or b"" when these subscribers' encoding cannot carry the data (e.g.
-        NaN from an SDK publisher to JSON clients): skipped for them, logged, not fatal."""
+        """The frame, or b"" when it cannot be built for this variant (data JSON cannot
+        carry, nesting too deep, ...): skipped for these subscribers only, counted."""
         try:
             return self._encode(message, variant)
-        except ValueError as exc:
+        except Exception as exc:  # RecursionError included: one message, one variant
             self.stats.undeliverable += 1
-            log.warning("message on %s cannot be sent as %s: %s", message.topic,
-                        "msgpack" if variant[0] else "JSON", exc)  # fmt: skip
+            self._failed(
+                "message on %s cannot be sent as %s (%s)",
+                message.topic,
+                "msgpack" if variant[0] else "JSON",
+                type(exc).__name__,
+            )
             return b""
 
     def _encode(self, message: BusMessage, variant: Variant) -> bytes:
@@ -277,38 +521,16 @@ class Hub:
         )
 
     def _on_presence(self, topic: str, kind: str, client_id: str, info: dict[str, Any]) -> None:
-        """A join or leave on a topic: tell its subscribers when the topic wants that."""
+        """A join or leave on a topic: tell its live subscribers, in order with messages."""
         state = self.topics.get(topic)
         rule = self.settings.rule_for(topic)
         if state is None or rule is None or not rule.join_leave:
             return
         frame = {"op": kind, "topic": topic, "client": client_id, "info": info}
         for session in state.live:
-            if session.live:
-                session.send(session.codec.encode(frame))
+            session.send_control(frame)
 
-    def _schedule_flush(self) -> None:
-        if not self._dirty or self._flush_timer is not None:
-            return
-        # Coalesce: at most one write per subscriber per `coalesce_window_s`. An idle hub
-        # writes at once; a busy one gathers what arrives within the window.
-        now = self._loop.time()
-        wait = self._last_flush + self.settings.coalesce_window_s - now
-        if wait <= 0:
-            self.flush()
-        else:
-            self._flush_timer = self._loop.call_at(now + wait, self.flush)
-
-    def flush(self) -> None:
-        self._flush_timer = None
-        self._last_flush = self._loop.time()
-        dirty, self._dirty = self._dirty, []
-        out_bytes = 0
-        for session in dirty:
-            out_bytes += session.flush()
-        self.stats.bytes_out += out_bytes
-
-    # --- gaps --------------------------------------------------------------------------------
+    # --- gaps and repairs ----------------------------------------------------------------------
 
     def _on_gap(self, topics: frozenset[str]) -> None:
         """The bus subscription was interrupted: these topics may have missed messages."""
@@ -316,53 +538,141 @@ class Hub:
             state = self.topics.get(topic)
             if state is None:
                 continue
-            if state.history and state.last_offset is not None:
+            if not state.history:
+                self.stats.gaps_announced += 1
+                for session in state.live:
+                    session.send_control({"op": "gap", "topic": topic})
+            elif state.epoch is not None:
                 self._start_repair(state)
-            elif not state.history:
-                self._announce_gap(state, None, None)
+            else:
+                state.interruptions += 1
 
     def _start_repair(self, state: TopicState) -> None:
-        if not state.repairing:
-            state.repairing = True
-            self._loop.create_task(self._repair(state))
+        if state.repair is None:
+            state.repair = self._spawn(self._repair(state))
 
     async def _repair(self, state: TopicState) -> None:
-        """Fill the topic's gap from history, then deliver what was held, in offset order."""
+        """Bring the live group back in step: history after its position, then what was held."""
         self.stats.gap_repairs += 1
-        last = state.last_offset
+        page = self.settings.history_page_size
+        delay = _RETRY_MIN_S
         try:
-            read: HistoryRead | None = await self.bus.history(
-                state.name, after=last, epoch=state.last_epoch
-            )
-        except errors.BusError as exc:
-            log.warning("gap repair of %s failed: %s", state.name, exc)
-            read = None
-        state.repairing = False
-        held, state.held = state.held, []
-        if self.topics.get(state.name) is not state:
-            return
-        messages = [*(read.messages if read is not None else ()), *held]
-        if read is None or not read.complete:
-            # What history cannot give is lost: say so, and carry on from what is there.
-            first = messages[0].offset if messages else None
-            if read is not None and read.epoch != state.last_epoch:
-                self._announce_gap(state, None, None)
-                state.last_epoch = read.epoch
-            else:
-                self._announce_gap(state, (last or 0) + 1, None if first is None else first - 1)
-            state.last_offset = None if first is None else first - 1
-        for message in messages:
-            if self._in_order(state, message):
-                self._dispatch(state, message)
-        self._schedule_flush()
+            while state.live and state.epoch is not None:
+                try:
+                    read = await self.bus.history(
+                        state.name, after=state.offset, epoch=state.epoch, limit=page
+                    )
+                except errors.BusError as exc:
+                    log.info("gap repair of %s waits for the bus: %s", state.name, exc)
+                    await asyncio.sleep(delay)  # backoff before reading again
+                    delay = min(delay * 2, _RETRY_MAX_S)
+                    continue
+                delay = _RETRY_MIN_S
+                if self.topics.get(state.name) is not state or state.epoch is None:
+                    return
+                if self._repair_page(state, read, page):
+                    return
+        except Exception:  # a bug: these clients reconnect and recover, nothing is silent
+            log.exception("gap repair of %s failed", state.name)
+            for session in list(state.live):
+                session.fail()
+        finally:
+            if state.repair is asyncio.current_task():
+                state.repair = None
+            # Caught up: nothing is held. Cancelled or failed: nobody is left to receive it.
+            state.held = []
+            state.held_dropped = False
 
-    def _announce_gap(self, state: TopicState, first: int | None, last: int | None) -> None:
-        self.stats.gaps_announced += 1
-        frame: dict[str, object] = {"op": "gap", "topic": state.name}
-        if first is not None:
-            frame["from"] = first
-        if last is not None and first is not None and last >= first:
-            frame["to"] = last
+    def _repair_page(self, state: TopicState, read: HistoryRead, page: int) -> bool:
+        """Write one page of history to the live group; True when it is back in step."""
+        assert state.epoch is not None
+        if read.epoch != state.epoch:  # the epoch ended: announce, replay the new one
+            self._gap_live(state, state.epoch, state.offset + 1, None)
+            state.epoch, state.offset = read.epoch, 0
+            self._wake_parked(state, other_epochs=True)
+            return False
+        for message in read.messages:
+            self._advance(state, message)
+        cut = len(read.messages) >= page
+        if not cut and state.offset < read.offset:  # history ends below its own top: lost
+            self._gap_live(state, state.epoch, state.offset + 1, read.offset)
+            state.offset = read.offset
+            if state.parked:
+                self._merge_parked(state)
+        if cut:
+            return False
+        if state.held_dropped:
+            state.held_dropped = False  # this read started after the drop: it covered them
+            return False
+        # Then what pub/sub delivered meanwhile, if it follows on.
+        held = state.held
+        taken = 0
+        for message in held:
+            if message.epoch != state.epoch:
+                break
+            assert message.offset is not None
+            if message.offset > state.offset + 1:
+                break
+            self._advance(state, message)
+            taken += 1
+        del held[:taken]
+        return not held and state.offset >= read.offset
+
+    def _advance(self, state: TopicState, message: BusMessage) -> None:
+        """Write one message of the group's epoch to the group, announcing a hole before it."""
+        offset = message.offset
+        assert offset is not None and state.epoch is not None
+        if message.epoch != state.epoch or offset <= state.offset:
+            return
+        if offset > state.offset + 1:
+            self._gap_live(state, state.epoch, state.offset + 1, offset - 1)
+        self._dispatch(state, message)
+        state.offset = offset
+        if state.parked:
+            self._merge_parked(state)
+
+    def _gap_live(self, state: TopicState, epoch: str, first: int, last: int | None) -> None:
         for session in state.live:
-            if session.live:
-                session.send(session.codec.encode(frame))
+            self._send_gap(session, state.name, epoch, first, last)
+
+    def _send_gap(
+        self, session: ClientSession, topic: str, epoch: str, first: int, last: int | None
+    ) -> None:
+        self.stats.gaps_announced += 1
+        frame: dict[str, Any] = {"op": "gap", "topic": topic, "epoch": epoch, "from": first}
+        if last is not None:
+            frame["to"] = last
+        session.send_control(frame)
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """A task the hub keeps (no lost exceptions): a failure is logged, never silent."""
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("hub task failed", exc_info=task.exception())
+
+    def _failed(self, message: str, *args: Any, exc_info: bool = False) -> None:
+        """Log a recurring failure at most once per interval, with how many there were."""
+        self._failures += 1
+        now = time.monotonic()
+        if now - self._failures_logged_at >= _LOG_EVERY_S:
+            self._failures_logged_at = now
+            log.warning(message + " (%d such failures so far)", *args, self._failures,
+                        exc_info=exc_info)  # fmt: skip
+
+
+def _no_hole(messages: list[BusMessage], after: int) -> bool:
+    """True when `messages` are exactly after+1, after+2, ... (none missing)."""
+    expected = after + 1
+    for message in messages:
+        if message.offset != expected:
+            return False
+        expected += 1
+    return True

@@ -5,8 +5,12 @@ application's `http` handler and the connection closes after the response. An up
 request is checked, optionally authorized by the application, answered with 101, and from
 then on bytes go through a `broker.connection.Connection` whose events reach a `Session`.
 This module owns every timer of a connection: handshake timeout, keepalive ping and its
-pong timeout, closing timeout. Writes go straight to `transport.write`; the transport's
-high/low water marks pause reading from a peer we cannot write to fast enough.
+pong timeout, closing timeout. The pub/sub session writes through its ordered outbox
+(`worker.outbox`), which asks `frame` for the bytes and `write_frame` to write them;
+RFC 6455 control frames and the close frame are written here directly. The transport's
+high/low water marks pause reading from a peer we cannot write to fast enough, and call
+`on_writable` when it drains. Anything unexpected raised while a session handles a message
+closes that one connection with 1011 (`_session_failed`), never the worker.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class WebSocket(asyncio.Protocol):
 
     __slots__ = (
         "_close_timer",
+        "_failed",
         "_handshake_timer",
         "_input_holds",
         "_parser",
@@ -76,6 +81,7 @@ class WebSocket(asyncio.Protocol):
         "identity",
         "loop",
         "on_lost",
+        "on_writable",
         "request",
         "session",
         "settings",
@@ -103,8 +109,10 @@ class WebSocket(asyncio.Protocol):
         self.identity: Any = None
         self.compress_key: int | None = None  # window bits when this peer gets compressed frames
         self.write_paused = False
+        self.on_writable: Callable[[], None] | None = None  # the transport drained
         self._paused_reading = False
         self._input_holds: set[str] = set()
+        self._failed = False  # the session raised: close 1011 sent, messages ignored
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._ping_timer: asyncio.TimerHandle | None = None
         self._pong_timer: asyncio.TimerHandle | None = None
@@ -152,6 +160,8 @@ class WebSocket(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self.release_input("write")
+        if self.on_writable is not None:
+            self.on_writable()
 
     def hold_input(self, reason: str) -> None:
         """Stop reading from the peer (back-pressure) until every reason is released."""
@@ -281,8 +291,12 @@ class WebSocket(asyncio.Protocol):
         for event in events:
             kind = type(event)
             if kind is TextMessage or kind is BinaryMessage:
-                if session is not None:
-                    session.on_message(event.data)
+                if session is not None and not self._failed:
+                    try:
+                        session.on_message(event.data)
+                    except Exception:
+                        self._session_failed()
+                        return
             elif kind is Ping:
                 if transport is not None:
                     transport.write(conn.pong(event))
@@ -302,6 +316,20 @@ class WebSocket(asyncio.Protocol):
                 self._linger()
             elif kind is ConnectionLost:
                 self._end(flush=False)
+
+    def _session_failed(self) -> None:
+        """The one place a session's unexpected error ends up: close 1011, this connection
+        only; no internal detail goes on the wire."""
+        log.exception("session failed; closing the connection with 1011")
+        self._failed = True  # later messages are read (for the close reply) and ignored
+        self.close(errors.CLOSE_INTERNAL_ERROR)
+
+    def frame(self, data: str | bytes) -> bytes | None:
+        """One message serialized as a frame to write later (None when we cannot send)."""
+        conn = self.conn
+        if conn is None or not conn.can_send:
+            return None
+        return conn.send_text(data) if isinstance(data, str) else conn.send_binary(data)
 
     def send(self, data: str | bytes) -> None:
         """Send one message (text for str, binary for bytes) if the connection is open."""
@@ -333,6 +361,12 @@ class WebSocket(asyncio.Protocol):
             return
         if frame:
             self.transport.write(frame)
+            # Read again whatever held input (back-pressure, a drain): the peer's close
+            # reply must get through, and nothing else will be answered now.
+            self._input_holds.clear()
+            if self._paused_reading:
+                self._paused_reading = False
+                self.transport.resume_reading()
             if self._close_timer is None:
                 self._close_timer = self.loop.call_later(
                     self.settings.close_timeout_s, self._close_expired

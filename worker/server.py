@@ -59,17 +59,31 @@ class Server:
         return address[0], address[1]
 
     async def drain(self, timeout_s: float | None = None) -> None:
-        """Stop accepting, close every client with 1001, wait, then drop the rest."""
+        """Stop accepting; let sessions answer what they took (publishes in flight get their
+        acks), within half the timeout; close every client with 1001 after what is queued
+        for it; wait for them to go, then drop the rest when the timeout runs out."""
         timeout_s = self.settings.drain_timeout_s if timeout_s is None else timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         if self._server is not None:
             self._server.close()
+        sessions = [ws.session for ws in self.connections if ws.is_open and ws.session]
+        waits = [s.drain() for s in sessions if hasattr(s, "drain")]
+        if waits:
+            try:
+                await asyncio.wait_for(asyncio.gather(*waits), timeout_s / 2)
+            except TimeoutError:
+                log.warning("drain: some requests still unanswered after %.1fs", timeout_s / 2)
         for ws in list(self.connections):
-            if ws.is_open:
+            session = ws.session
+            if ws.is_open and session is not None and hasattr(session, "close"):
+                session.close(errors.CLOSE_GOING_AWAY, "server shutting down")
+            elif ws.is_open:
                 ws.close(errors.CLOSE_GOING_AWAY, "server shutting down")
             elif ws.conn is None:
                 ws.abort()
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            await asyncio.wait_for(self._idle.wait(), max(deadline - loop.time(), 0.0))
         except TimeoutError:
             log.warning("drain timeout: dropping %d connection(s)", len(self.connections))
             for ws in list(self.connections):

@@ -2,8 +2,19 @@
 
 Requests are handled in the order they arrive: one that must wait (a subscribe waiting for
 the bus, an application hook) holds the ones behind it in a small queue, so a client that
-subscribes and then publishes receives its own message. Fan-out frames are queued by the
-hub into `pending` and written by `flush` in one `transport.write`.
+subscribes and then publishes receives its own message. Publishes no hook transforms are
+pipelined: each enters the bus in request order and its ack follows when Redis answers.
+
+Everything the client receives goes through the session's `Outbox` (worker/outbox.py), in
+the order decided here and in the hub; subscribing, recovering and repairing are the hub's
+job (worker/hub.py). Outcomes, in one place each:
+- a request the protocol rejects → an `error` reply; more than `max_errors_per_window` of
+  them within `error_window_s` → close 1008. Bus trouble (`unavailable`, `outcome_unknown`)
+  is not the client's fault: it never counts toward that flood and never closes;
+- an unexpected exception while handling a request → close 1011, this connection only;
+- a client too slow to read → its outbox closes it with 1013;
+- the connection closing → publishes not yet written to Redis are dropped (cancelled), not
+  run later; every subscription leaves the hub.
 """
 
 from __future__ import annotations
@@ -19,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 from broker import errors
 from broker.bus import Published
 from broker.envelope import BusMessage
-from broker.errors import BusError, ClientError
+from broker.errors import BusError, BusOutcomeUnknown, ClientError
 from worker import wire
+from worker.outbox import Outbox
 
 if TYPE_CHECKING:
     from worker.broker_app import BrokerApp
@@ -31,8 +43,18 @@ _ids = itertools.count(1)
 _PROCESS_TAG = secrets.token_hex(3) + "."
 
 
+def bus_error(exc: BusError, what: str) -> ClientError:
+    """The client-facing error for a bus failure: not done, or outcome unknown."""
+    if isinstance(exc, BusOutcomeUnknown):
+        return ClientError(
+            wire.OUTCOME_UNKNOWN, f"{what}: outcome unknown (Redis did not answer in time)"
+        )
+    return ClientError(wire.UNAVAILABLE, f"{what}: the bus is unavailable")
+
+
 class ClientSession:
     __slots__ = (
+        "_drained",
         "_error_times",
         "_inflight",
         "_queue",
@@ -40,7 +62,7 @@ class ClientSession:
         "codec",
         "id",
         "live",
-        "pending",
+        "outbox",
         "topics",
         "variant",
         "ws",
@@ -53,30 +75,39 @@ class ClientSession:
         self.id = f"{app.worker_id}-{_PROCESS_TAG}{next(_ids)}"
         s = app.settings
         self.codec = wire.WireCodec(
-            ws.subprotocol, max_topic_bytes=s.max_topic_bytes, max_data_bytes=s.max_data_bytes
+            ws.subprotocol,
+            max_topic_bytes=s.max_topic_bytes,
+            max_data_bytes=s.max_data_bytes,
+            max_data_depth=s.max_data_depth,
         )
         self.variant = (self.codec.binary, ws.compress_key)
+        self.outbox = Outbox(
+            ws,
+            app.hub.flusher,
+            max_bytes=s.max_send_buffer_bytes,
+            high_water=s.write_buffer_high_bytes,
+            on_overflow=self._slow_consumer,
+        )
+        ws.on_writable = self.outbox.writable
         self.topics: set[str] = set()
-        self.pending: list[bytes] = []
         self.live = True
         self._queue: deque[Any] | None = None
         self._error_times: deque[float] | None = None
-        self._inflight = 0  # pipelined publishes not answered yet
+        self._inflight: set[asyncio.Task[Published]] = set()  # pipelined publishes
+        self._drained: asyncio.Future[None] | None = None
         app.stats.connections += 1
         app.stats.connections_accepted += 1
-        self.send(
-            self.codec.encode(
-                {
-                    "op": "welcome",
-                    "version": wire.PROTOCOL_VERSION,
-                    "client": self.id,
-                    "worker": app.worker_id,
-                    "heartbeat": {
-                        "interval": s.heartbeat_interval_s,
-                        "timeout": s.heartbeat_timeout_s,
-                    },
-                }
-            )
+        self.send_control(
+            {
+                "op": "welcome",
+                "version": wire.PROTOCOL_VERSION,
+                "client": self.id,
+                "worker": app.worker_id,
+                "heartbeat": {
+                    "interval": s.heartbeat_interval_s,
+                    "timeout": s.heartbeat_timeout_s,
+                },
+            }
         )
 
     @property
@@ -87,28 +118,38 @@ class ClientSession:
     # --- writing -----------------------------------------------------------------------------
 
     def send(self, data: str | bytes) -> None:
-        self.ws.send(data)
+        """Queue one message (text for str, binary for bytes) in order."""
+        if self.live:
+            frame = self.ws.frame(data)
+            if frame is not None:
+                self.outbox.push(frame)
 
-    def flush(self) -> int:
-        """Write the frames the hub queued; close a slow consumer. Returns bytes written."""
-        pending = self.pending
-        if not pending:
-            return 0
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        pending.clear()
-        ws = self.ws
-        ws.write_frame(data)
-        if ws.buffered_bytes() > self.app.settings.max_send_buffer_bytes:
-            self.live = False
-            self.app.stats.slow_consumer_closes += 1
-            log.info("closing slow consumer %s (1013)", self.id)
-            ws.close(errors.CLOSE_TRY_AGAIN_LATER, "slow consumer")
-        return len(data)
+    def send_control(self, obj: dict[str, Any]) -> None:
+        """Queue a protocol frame (ack, error, gap, join, ...) in order."""
+        if self.live:
+            self.send(self.codec.encode(obj))
+
+    def _slow_consumer(self) -> None:
+        self.live = False
+        self.app.stats.slow_consumer_closes += 1
+        log.info("closing slow consumer %s (1013)", self.id)
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Write what is queued, then close with `code`."""
+        self.live = False
+        self.outbox.close(code, reason)
+
+    def fail(self) -> None:
+        """Something unexpected happened on our side: close 1011 (no detail on the wire)."""
+        if self.live:
+            self.close(errors.CLOSE_INTERNAL_ERROR)
 
     # --- requests ----------------------------------------------------------------------------
 
     def on_message(self, data: str | bytes) -> None:
         self.app.stats.frames_in += 1
+        if not self.live:
+            return
         queue = self._queue
         if queue is not None:
             queue.append(data)
@@ -125,7 +166,7 @@ class ClientSession:
             return
         op = request.op
         if op == "ping":
-            self.send(self.codec.encode({"op": "pong", "id": request.id}))
+            self.send_control({"op": "pong", "id": request.id})
         elif op == "unsubscribe":
             assert request.topic is not None
             if request.topic in self.topics:
@@ -136,7 +177,8 @@ class ClientSession:
         else:
             # The others may wait (bus, hooks): hold later requests until done.
             self._queue = deque()
-            asyncio.get_running_loop().create_task(self._run_async(request))
+            task = asyncio.get_running_loop().create_task(self._run_async(request))
+            task.add_done_callback(self._async_done)
 
     async def _run_async(self, request: wire.Request) -> None:
         try:
@@ -147,10 +189,7 @@ class ClientSession:
             else:
                 await self._presence(request)
         except ClientError as exc:
-            self._reply_error(request.id, exc)
-        except Exception:
-            log.exception("request %s failed", request.op)
-            self._reply_error(request.id, ClientError(wire.INTERNAL, "internal error"))
+            self._reply_error(request.id, exc, counted=exc.code not in _BUS_CODES)
         queue, self._queue = self._queue, None
         while queue and self._queue is None and self.live:
             self._handle(queue.popleft())
@@ -158,6 +197,12 @@ class ClientSession:
             self._queue.extend(queue)
         if self._queue is None or len(self._queue) < self.app.settings.max_queued_requests:
             self.ws.release_input("requests")
+        self._check_drained()
+
+    def _async_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("request handling failed; closing 1011", exc_info=task.exception())
+            self.fail()
 
     async def _subscribe(self, request: wire.Request) -> None:
         topic = request.topic
@@ -173,46 +218,15 @@ class ClientSession:
         if not self.live:
             return
         try:
-            state = await app.hub.join(self, topic)
+            fields = await app.hub.subscribe(self, topic, since)
         except BusError as exc:
-            raise ClientError(wire.UNAVAILABLE, f"bus unavailable: {exc}") from None
-        if not self.live:  # the client went away while the bus was subscribing
-            app.hub.leave(self, topic)
+            raise bus_error(exc, "not subscribed") from None
+        if fields is None:  # we went away meanwhile
             return
-        reply: dict[str, Any] = {}
-        history: list[BusMessage] = []
-        if state.history:
-            # Subscribed first, then read: anything published in between is both in the
-            # read and kept by the hub; go_live drops the kept ones the read covered.
-            try:
-                read = await app.bus.history(
-                    topic,
-                    after=since[0] if since else None,
-                    epoch=since[1] if since else None,
-                )
-            except BusError as exc:
-                app.hub.leave(self, topic)
-                raise ClientError(wire.UNAVAILABLE, f"history unavailable: {exc}") from None
-            if not self.live:
-                app.hub.leave(self, topic)
-                return
-            reply.update(offset=read.offset, epoch=read.epoch)
-            if since is not None:
-                reply["recovered"] = read.complete
-                if read.complete:
-                    app.stats.recoveries += 1
-                    history = read.messages
-                else:
-                    app.stats.recoveries_failed += 1
-        elif since is not None:
-            reply["recovered"] = False
-            app.stats.recoveries_failed += 1
+        # Nothing ran since the hub registered us: the ack precedes every message it covers.
         self.topics.add(topic)
         app.stats.subscriptions += 1
-        self._ack(request.id, **reply)
-        for message in history:
-            app.hub.queue(self, message)
-        app.hub.go_live(self, state, reply.get("offset"), reply.get("epoch"))
+        self._ack(request.id, **fields)
         rule = app.settings.rule_for(topic)
         if rule is not None and rule.presence:
             await self._presence_add(topic)
@@ -226,11 +240,11 @@ class ClientSession:
 
     def _leave(self, topic: str) -> None:
         self.topics.discard(topic)
-        self.app.hub.leave(self, topic)
+        self.app.hub.unsubscribe(self, topic)
         self.app.stats.subscriptions -= 1
         rule = self.app.settings.rule_for(topic)
         if rule is not None and rule.presence:
-            asyncio.get_running_loop().create_task(self._presence_remove(topic))
+            self.app.spawn(self._presence_remove(topic))
 
     async def _presence_remove(self, topic: str) -> None:
         try:
@@ -247,7 +261,7 @@ class ClientSession:
         try:
             clients = await self.app.bus.presence(topic)
         except BusError as exc:
-            raise ClientError(wire.UNAVAILABLE, f"presence unavailable: {exc}") from None
+            raise bus_error(exc, "no presence") from None
         self._ack(request.id, clients=clients)
 
     def _publish_pipelined(self, request: wire.Request) -> None:
@@ -264,26 +278,29 @@ class ClientSession:
             request.topic, request.payload, self.codec.encoding, self.app.worker_id
         )
         task = asyncio.get_running_loop().create_task(self.app.bus.publish(message, key=key))
-        self._inflight += 1
-        if self._inflight >= self.app.settings.max_queued_requests:
+        inflight = self._inflight
+        inflight.add(task)
+        if len(inflight) >= self.app.settings.max_queued_requests:
             self.ws.hold_input("publishes")
         task.add_done_callback(lambda done: self._published(request.id, done))
 
     def _published(self, req_id: Any, done: asyncio.Task[Published]) -> None:
-        self._inflight -= 1
-        if self._inflight < self.app.settings.max_queued_requests:
+        inflight = self._inflight
+        inflight.discard(done)
+        if len(inflight) < self.app.settings.max_queued_requests:
             self.ws.release_input("publishes")
         if done.cancelled():
             return
         exc = done.exception()
         if isinstance(exc, BusError):
             self.app.stats.publish_errors += 1
-            self._reply_error(req_id, ClientError(wire.UNAVAILABLE, f"not published: {exc}"))
+            self._reply_error(req_id, bus_error(exc, "not published"), counted=False)
         elif exc is not None:
             log.error("publish failed", exc_info=exc)
             self._reply_error(req_id, ClientError(wire.INTERNAL, "internal error"))
         else:
             self._ack_published(req_id, done.result())
+        self._check_drained()
 
     async def _publish(self, request: wire.Request) -> None:
         assert request.topic is not None and request.payload is not None
@@ -294,28 +311,30 @@ class ClientSession:
             published = await self.app.bus.publish(message, key=key)
         except BusError as exc:
             self.app.stats.publish_errors += 1
-            raise ClientError(wire.UNAVAILABLE, f"not published: {exc}") from None
+            raise bus_error(exc, "not published") from None
         self._ack_published(request.id, published)
 
     def _ack_published(self, req_id: Any, published: Published) -> None:
         self.app.stats.publishes += 1
-        if published.offset is None:
-            self._ack(req_id)
-        elif published.duplicate:
-            self._ack(req_id, offset=published.offset, epoch=published.epoch, duplicate=True)
-        else:
-            self._ack(req_id, offset=published.offset, epoch=published.epoch)
+        fields: dict[str, Any] = {}
+        if published.offset is not None:
+            fields.update(offset=published.offset, epoch=published.epoch)
+        if published.duplicate:
+            fields["duplicate"] = True
+        self._ack(req_id, **fields)
 
     def _ack(self, req_id: Any, **fields: Any) -> None:
-        if req_id is not None and self.live:
-            self.send(self.codec.ack(req_id, **fields))
+        if req_id is not None:
+            self.send_control({"op": "ack", "id": req_id, **fields})
 
-    def _reply_error(self, req_id: Any, exc: ClientError) -> None:
+    def _reply_error(self, req_id: Any, exc: ClientError, *, counted: bool = True) -> None:
         if not self.live:
             return
         stats = self.app.stats
         stats.client_errors += 1
         self.send(self.codec.error(req_id, exc.code, exc.reason))
+        if not counted:
+            return
         # Too many errors in a window: the client is broken or hostile (close 1008).
         s = self.app.settings
         now = time.monotonic()
@@ -326,16 +345,41 @@ class ClientSession:
         while times and times[0] < now - s.error_window_s:
             times.popleft()
         if len(times) > s.max_errors_per_window:
-            self.live = False
             stats.error_flood_closes += 1
-            self.ws.close(errors.CLOSE_POLICY_VIOLATION, "too many errors")
+            self.close(errors.CLOSE_POLICY_VIOLATION, "too many errors")
+
+    # --- draining and closing ----------------------------------------------------------------
+
+    async def drain(self) -> None:
+        """Stop taking requests and wait until the ones taken are answered (the caller
+        bounds the wait), so no publish already in flight loses its ack."""
+        self.ws.hold_input("drain")
+        while self.live and (self._inflight or self._queue is not None):
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+
+    def _check_drained(self) -> None:
+        waiter = self._drained
+        if waiter is not None and not self._inflight and self._queue is None:
+            self._drained = None
+            if not waiter.done():
+                waiter.set_result(None)
 
     def on_close(self, code: int, reason: str) -> None:
         self.live = False
+        self.outbox.lost()
         self.app.stats.connections -= 1
+        for task in list(self._inflight):
+            task.cancel()  # not written to Redis yet: dropped, never run later
         for topic in list(self.topics):
             self._leave(topic)
         self.app.sessions.discard(self)
+        waiter = self._drained
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+_BUS_CODES = frozenset((wire.UNAVAILABLE, wire.OUTCOME_UNKNOWN))
 
 
 def _since(options: dict[str, Any] | None) -> tuple[int, str] | None:
@@ -346,7 +390,7 @@ def _since(options: dict[str, Any] | None) -> tuple[int, str] | None:
     if not isinstance(since, dict):
         raise ClientError(wire.BAD_REQUEST, "since must be an object {offset, epoch}")
     offset, epoch = since.get("offset"), since.get("epoch")
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**63:
         raise ClientError(wire.BAD_REQUEST, "since.offset must be an integer >= 0")
     if not isinstance(epoch, str) or len(epoch) > 64:
         raise ClientError(wire.BAD_REQUEST, "since.epoch must be a string")

@@ -56,18 +56,33 @@ def _loads(text: str | bytes) -> Any:
     return json.loads(text, parse_int=_json_int, parse_constant=_json_constant)
 
 
-def _check_finite(data: Any) -> None:
-    """msgpack data that JSON subscribers can receive: no NaN or infinite floats."""
-    stack = [data]
+def loads_json(text: str | bytes) -> Any:
+    """JSON for the broker (the HTTP publish body too): ValueError for anything every
+    subscriber could not receive, nesting too deep for the parser included."""
+    try:
+        return _loads(text)
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+
+
+def check_data(data: Any, max_depth: int, *, finite: bool) -> None:
+    """Published data every subscriber can receive: nested at most `max_depth` arrays or
+    objects deep (converting it between encodings must not overflow a stack) and, when
+    `finite` (msgpack data, which JSON subscribers get converted), no NaN or infinity.
+    ClientError(bad_request) otherwise. Iterative: no input can exhaust our stack."""
+    stack: list[tuple[Any, int]] = [(data, 0)]
     while stack:
-        item = stack.pop()
-        if isinstance(item, float):
+        item, depth = stack.pop()
+        if isinstance(item, list | tuple | dict):
+            if depth >= max_depth:
+                raise ClientError(BAD_REQUEST, f"data nested deeper than {max_depth} levels")
+            values = item.values() if isinstance(item, dict) else item
+            stack.extend((value, depth + 1) for value in values)
+        elif finite and isinstance(item, float):
             if item != item or item in (float("inf"), float("-inf")):
-                raise ValueError("NaN and infinite numbers cannot reach JSON subscribers")
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            stack.extend(item.values())
+                raise ClientError(
+                    BAD_REQUEST, "NaN and infinite numbers cannot reach JSON subscribers"
+                )
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,32 +98,45 @@ class Request:
 class WireCodec:
     """Decode client frames and encode server frames for one encoding."""
 
-    __slots__ = ("binary", "encoding", "max_data_bytes", "max_topic_bytes")
+    __slots__ = ("binary", "encoding", "max_data_bytes", "max_data_depth", "max_topic_bytes")
 
-    def __init__(self, subprotocol: str | None, *, max_topic_bytes: int, max_data_bytes: int):
+    def __init__(
+        self,
+        subprotocol: str | None,
+        *,
+        max_topic_bytes: int,
+        max_data_bytes: int,
+        max_data_depth: int = 64,
+    ):
         self.binary = subprotocol == SUBPROTOCOL_MSGPACK
         self.encoding = ENCODING_MSGPACK if self.binary else ENCODING_JSON
         self.max_topic_bytes = max_topic_bytes
         self.max_data_bytes = max_data_bytes
+        self.max_data_depth = max_data_depth
 
     # --- client -> server --------------------------------------------------------------------
 
     def decode(self, frame: str | bytes) -> Request:
-        """One client frame as a Request; ClientError carries the reply's code and reason."""
+        """One client frame as a Request; ClientError carries the reply's code and reason.
+
+        Every way a frame can be wrong ends here as a ClientError, nesting so deep that the
+        parser gives up (RecursionError) included: nothing else escapes."""
         if self.binary:
             if not isinstance(frame, bytes):
                 raise ClientError(BAD_REQUEST, "text frame on a redwire.msgpack connection")
             try:
                 obj = msgpack_loads(frame)
-            except ValueError as exc:
-                raise ClientError(BAD_REQUEST, f"invalid msgpack: {exc}") from None
+            except (ValueError, RecursionError) as exc:
+                raise ClientError(BAD_REQUEST, f"invalid msgpack: {exc}"[:200]) from None
         else:
             if not isinstance(frame, str):
                 raise ClientError(BAD_REQUEST, "binary frame on a redwire.json connection")
             try:
                 obj = _loads(frame)
+            except RecursionError:
+                raise ClientError(BAD_REQUEST, "invalid JSON: nested too deep") from None
             except ValueError as exc:
-                raise ClientError(BAD_REQUEST, f"invalid JSON: {exc}") from None
+                raise ClientError(BAD_REQUEST, f"invalid JSON: {exc}"[:200]) from None
         if not isinstance(obj, dict):
             raise ClientError(BAD_REQUEST, "a request must be an object")
         req_id = obj.get("id")
@@ -134,11 +162,7 @@ class WireCodec:
             return Request(op, topic, req_id, options=extra)
         if "data" not in obj:
             raise ClientError(BAD_REQUEST, "publish needs data")
-        if self.binary:
-            try:
-                _check_finite(obj["data"])
-            except ValueError as exc:
-                raise ClientError(BAD_REQUEST, str(exc)) from None
+        check_data(obj["data"], self.max_data_depth, finite=self.binary)
         payload = self.encode_data(obj["data"])
         return Request("publish", topic, req_id, payload, self.encoding, extra)
 

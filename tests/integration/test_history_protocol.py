@@ -58,7 +58,8 @@ async def test_subscribe_since_replays_then_goes_live(broker) -> None:
     position = await publisher.publish("hist.b", 5)
     epoch = position["epoch"]
     ack = await late.request(op="subscribe", topic="hist.b", since={"offset": 2, "epoch": epoch})
-    assert ack["op"] == "ack" and ack["recovered"] is True and ack["offset"] == 6
+    # The ack names where the subscription starts: everything after it follows.
+    assert ack["op"] == "ack" and ack["recovered"] is True and ack["offset"] == 2
     replayed = [(await late.next_message())["offset"] for _ in range(4)]
     assert replayed == [3, 4, 5, 6]
     await publisher.publish("hist.b", 6)
@@ -90,7 +91,15 @@ async def test_history_too_short_is_not_recovered(broker) -> None:
     ack = await late.request(
         op="subscribe", topic="hist.short", since={"offset": 1, "epoch": first["epoch"]}
     )
-    assert ack["recovered"] is False and ack["offset"] == 150
+    assert ack["recovered"] is False and ack["offset"] == 1
+    # History keeps 51..150: exactly 2..50 is announced missing, then the rest follows.
+    gap = await late.next_other()
+    assert gap == {"op": "gap", "topic": "hist.short", "epoch": first["epoch"], "from": 2, "to": 50}
+    replayed = [(await late.next_message())["offset"] for _ in range(100)]
+    assert replayed == list(range(51, 151))
+    await publisher.publish("hist.short", 150)
+    assert (await late.next_message())["offset"] == 151
+    assert late.messages.empty() and late.others.empty()
     await publisher.close()
     await late.close()
 
