@@ -99,10 +99,11 @@ class PublishOutcomeUnknown(ClientError):
     timeout): it may have happened. Retry only with the same idempotency `key`."""
 
 
-def _reply_error(code: str, reason: str, request_id: int | str | None = None) -> ClientError:
-    if code == NOT_PUBLISHED_CODE:
+def _reply_error(op: str, code: str, reason: str, request_id: Any = None) -> ClientError:
+    """The exception for an error reply to an `op` request."""
+    if op == "publish" and code == NOT_PUBLISHED_CODE:
         return NotPublished(code, reason, request_id)
-    if code == OUTCOME_UNKNOWN_CODE:
+    if op == "publish" and code == OUTCOME_UNKNOWN_CODE:
         return PublishOutcomeUnknown(code, reason, request_id)
     return ClientError(code, reason, request_id)
 
@@ -305,7 +306,7 @@ class PubSubClient:
         for topic, result in zip(topics, results, strict=True):
             if not isinstance(result, BaseException):
                 continue
-            if isinstance(result, ClientError) and not isinstance(result, NotPublished):
+            if isinstance(result, ClientError) and result.code != NOT_PUBLISHED_CODE:
                 sub = self.subscriptions.pop(topic, None)
                 self.positions.pop(topic, None)
                 if sub is not None:
@@ -511,7 +512,8 @@ class PubSubClient:
             if self._pending.get(pending.id) is pending:
                 del self._pending[pending.id]
         if reply.get("op") == "error":
-            raise _reply_error(str(reply.get("code")), str(reply.get("reason")), reply.get("id"))
+            code, reason = str(reply.get("code")), str(reply.get("reason"))
+            raise _reply_error(str(pending.request.get("op")), code, reason, reply.get("id"))
         return reply
 
     async def _wait_open(self, timeout_s: float) -> WebSocketClient:

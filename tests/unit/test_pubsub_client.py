@@ -19,6 +19,7 @@ from support.waiting import eventually
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from broker.envelope import msgpack_dumps, msgpack_loads
 from broker.errors import ClientError, ConnectionClosedError
 from client import (
     CLOSE_CODE_POLICY,
@@ -602,3 +603,49 @@ def _queued(sub: Any, n: int):
         return sub.queued >= n
 
     return probe
+
+
+async def test_an_unavailable_resubscription_is_retried_on_a_new_connection(
+    server: FakeServer,
+) -> None:
+    client, peer = await open_client(server)
+    try:
+        sub, _ = await subscribe(client, peer, "t")
+        refused = asyncio.ensure_future(client.subscribe("u"))
+        request = await peer.expect("subscribe")
+        await peer.send({"op": "error", "id": request["id"], "code": "unavailable", "reason": ""})
+        with pytest.raises(ClientError) as caught:
+            await refused
+        assert type(caught.value) is ClientError  # NotPublished is for publishes only
+        assert caught.value.code == "unavailable"
+        peer.abort()
+        peer2 = await server.next_peer()
+        await peer2.welcome()
+        resub = await peer2.expect("subscribe")
+        await peer2.send({"op": "error", "id": resub["id"], "code": "unavailable", "reason": ""})
+        peer3 = await server.next_peer()  # the attempt failed as a whole: a new one
+        await peer3.welcome()
+        await peer3.ack(await peer3.expect("subscribe"))
+        await eventually(_is_open(client), timeout_s=WAIT_S)
+        assert list(client.subscriptions) == ["t"]
+        assert isinstance(await sub.get(WAIT_S), Gap)
+    finally:
+        await client.close()
+
+
+async def test_msgpack_encoding(server: FakeServer) -> None:
+    connecting = asyncio.ensure_future(connect(server.url, encoding="msgpack"))
+    peer = await server.next_peer()
+    assert peer.ws.subprotocol == "redwire.msgpack"
+    await peer.ws.send(msgpack_dumps({"op": "welcome", "version": 1, "client": "c", "worker": "0"}))
+    client = await connecting
+    try:
+        subscribing = asyncio.ensure_future(client.subscribe("t"))
+        request = msgpack_loads(await peer.ws.recv())
+        assert request["op"] == "subscribe"
+        await peer.ws.send(msgpack_dumps({"op": "ack", "id": request["id"]}))
+        sub = await subscribing
+        await peer.ws.send(msgpack_dumps({"op": "message", "topic": "t", "data": b"\x00\x01"}))
+        assert await sub.get(WAIT_S) == Message("t", b"\x00\x01")
+    finally:
+        await client.close()
