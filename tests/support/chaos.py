@@ -39,7 +39,7 @@ from typing import Any
 
 import websockets
 
-from support.processes import ServerProcess, free_port, redwire, worker_pids
+from support.processes import REPO, ServerProcess, free_port, redwire, worker_pids
 from support.tcp_proxy import TcpProxy
 
 HISTORY_PREFIX = "chaos.h."  # topics with history: a TOML rule with HISTORY_SIZE
@@ -163,7 +163,10 @@ def start_broker(
         "serve", "--host", "127.0.0.1", "--port", "0", "--workers", "2",
         "--redis", redis_url, "--config", str(path),
     )  # fmt: skip
-    return ServerProcess(argv, env={"REDWIRE_LOG_LEVEL": "WARNING"})
+    # CHAOS_BROKER_ROOT: run the broker from another checkout (e.g. `git archive HEAD`) to
+    # compare a rewrite in progress with what is committed; the clients stay the same.
+    cwd = os.environ.get("CHAOS_BROKER_ROOT") or REPO
+    return ServerProcess(argv, env={"REDWIRE_LOG_LEVEL": "WARNING"}, cwd=cwd)
 
 
 # --- records ----------------------------------------------------------------------------------
@@ -388,6 +391,7 @@ class Subscriber:
         self.subscribed_before_publishing = False
         self.long_lived = True  # subscribed until the end of the run
         self.acked = asyncio.Event()
+        self.last_ack_t = 0.0
         self.workers: list[str] = []
         self.last_seq: dict[str, int] = {}
         self.ws: Any = None
@@ -465,7 +469,8 @@ class Subscriber:
         finally:
             self.ws = None
         code = _close_code(ws)
-        self.events.append(("c", code))
+        if not self._stopping:  # the harness's own final close is no break
+            self.events.append(("c", code))
         self.h.changed.set()
         return code
 
@@ -504,6 +509,7 @@ class Subscriber:
             if frame.get("epoch") is not None and frame.get("offset") is not None:
                 self.position = (frame["epoch"], frame["offset"])
                 self.h.note_epoch(self.kind, frame["epoch"])
+            self.last_ack_t = now()
             self.acked.set()
         elif op == "error" and frame.get("id") in self._sub_ids:
             self.events.append(("e", frame.get("code")))
@@ -754,9 +760,9 @@ class Ctx:
     def worker_pid(self, worker: str) -> int:
         return worker_pids(self.broker.proc.pid)[worker]
 
-    async def at(self, fraction: float) -> None:
-        """Sleep until `fraction` of the run: the scenario's timeline, not synchronisation."""
-        await asyncio.sleep(max(0.0, self.t0 + fraction * self.duration_s - now()))
+    async def at_fault(self) -> None:
+        """Sleep until the fault is due: the scenario's timeline, not synchronisation."""
+        await asyncio.sleep(max(0.0, self.t0 + fault_start(self.duration_s) - now()))
 
     def fault_began(self) -> None:
         self.h.fault_t = now()
@@ -783,26 +789,31 @@ class Scenario:
     during: Callable[[Ctx], Awaitable[None]] | None = None  # the fault / the extra activity
 
     def run_seconds(self, duration_s: float) -> float:
-        """At least the fault, 25 % of the run before it and 2 s after it."""
-        return max(duration_s, (self.fault_s + 2.0) / 0.75)
+        """Stretched to hold the fault and 2 s of publishing after it."""
+        return max(duration_s, fault_start(duration_s) + self.fault_s + 2.0)
+
+
+def fault_start(duration_s: float) -> float:
+    """When a fault begins: a quarter into the run, at most 2 s (the rest shows recovery)."""
+    return min(0.25 * duration_s, 2.0)
 
 
 async def _kill_worker(c: Ctx) -> None:
-    await c.at(0.25)
+    await c.at_fault()
     c.fault_began()
     os.kill(c.worker_pid("0"), signal.SIGKILL)
     c.fault_ended()
 
 
 async def _drain_worker(c: Ctx) -> None:
-    await c.at(0.25)
+    await c.at_fault()
     c.fault_began()
     os.kill(c.worker_pid("0"), signal.SIGTERM)  # that worker drains (1001) and is restarted
     c.fault_ended()
 
 
 async def _redis_kill(c: Ctx) -> None:
-    await c.at(0.25)
+    await c.at_fault()
     c.fault_began()
     await asyncio.to_thread(c.redis.kill)
     await asyncio.sleep(1.0)  # the fault's duration: Redis is down for 1 s
@@ -811,7 +822,7 @@ async def _redis_kill(c: Ctx) -> None:
 
 
 async def _redis_pause(c: Ctx) -> None:
-    await c.at(0.25)
+    await c.at_fault()
     c.fault_began()
     c.redis.signal(signal.SIGSTOP)
     try:
@@ -823,7 +834,7 @@ async def _redis_pause(c: Ctx) -> None:
 
 async def _redis_stall(c: Ctx) -> None:
     assert c.proxy is not None
-    await c.at(0.25)
+    await c.at_fault()
     c.fault_began()
     links = c.proxy.stall()
     c.h.notes.append(f"stalled {links} worker-Redis links")
@@ -840,7 +851,7 @@ def _slow_setup(c: Ctx) -> None:
 
 
 async def _slow_consumer(c: Ctx) -> None:
-    await c.at(0.2)
+    await c.at_fault()
     c.fault_began()
     slow = [s for s in c.h.subscribers if s.role == "slow"]
     for s in slow:
@@ -926,25 +937,25 @@ SCENARIOS: dict[str, Scenario] = {
             "`since`)",
             rate=20, subscribers=2, setup=_churn_setup, during=_churn,
         ),
-        Scenario("kill_worker", "kill -9 worker 0 at 25 %; the supervisor restarts it",
+        Scenario("kill_worker", "kill -9 worker 0; the supervisor restarts it",
                  rate=300, during=_kill_worker),
-        Scenario("redis_kill", "kill -9 Redis (no persistence) at 25 %, restart after 1 s: "
+        Scenario("redis_kill", "kill -9 Redis (no persistence), restart after 1 s: "
                  "it comes back empty", rate=300, fault_s=1.0, during=_redis_kill),
         Scenario("redis_kill_aof", "the same with AOF (appendfsync always): nothing acked is "
                  "lost, the epoch stays", rate=300, aof=True, fault_s=1.0,
                  during=_redis_kill),
-        Scenario("redis_pause", "SIGSTOP Redis for 5 s at 25 %, then SIGCONT", rate=300,
+        Scenario("redis_pause", "SIGSTOP Redis for 5 s, then SIGCONT", rate=300,
                  fault_s=5.0, during=_redis_pause),
         Scenario("redis_stall", "worker-Redis traffic stalled 8 s, sockets open (TCP proxy)",
                  rate=300, proxy=True, fault_s=8.0, during=_redis_stall),
         Scenario(
             "slow_consumer",
-            "one subscriber per topic stops reading (4 KB messages); the others must lose "
+            "one subscriber per topic stops reading (8 KB messages); the others must lose "
             "nothing, it must get close 1013",
-            rate=300, pad=4096, setup=_slow_setup, during=_slow_consumer,
+            rate=300, pad=8192, setup=_slow_setup, during=_slow_consumer,
             settings={"max_send_buffer_bytes": 256 * 1024},
         ),
-        Scenario("drain", "SIGTERM worker 0 at 25 % (drain, close 1001); clients reconnect "
+        Scenario("drain", "SIGTERM worker 0 (drain, close 1001); clients reconnect "
                  "to the other worker", rate=300, during=_drain_worker),
     ]
 }
@@ -970,9 +981,13 @@ def _caught_up(h: Harness) -> bool:
             if rec.outcome == "acked":
                 k = (kind, rec.pub)
                 last[k] = max(last.get(k, -1), rec.seq)
+    last_reply = {k: max((r.reply_t or 0.0 for r in h.records[k].values()), default=0.0)
+                  for k in KINDS}  # fmt: skip
     for sub in h.subscribers:
         if not sub.long_lived or not sub.acked.is_set():
             continue
+        if not sub.history and sub.last_ack_t > last_reply[sub.kind]:
+            continue  # resubscribed after the last publish: nothing more can come
         for (kind, pub), seq in last.items():
             if kind == sub.kind and sub.last_seq.get(pub, -1) < seq:
                 return False
