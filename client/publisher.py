@@ -12,10 +12,25 @@
 Messages are the workers' own envelopes on the workers' own channels (the same
 `broker.bus` code publishes them), so WebSocket subscribers and `client.subscriber`
 consumers get them like any other. Concurrent publishes go out pipelined in batches.
-A publish the bus cannot take (Redis down) is retried with backoff for `retry_timeout_s`,
-then raises BusUnavailable: never dropped silently. Topic rules (history, offsets) come from
-the same settings as the broker's (`REDWIRE_TOPICS`, `REDWIRE_CONFIG`, or `settings=`): a
-publisher must share them, so its messages on history topics get offsets too.
+Topic rules (history, offsets) come from the same settings as the broker's
+(`REDWIRE_TOPICS`, `REDWIRE_CONFIG`, or `settings=`): a publisher must share them, so its
+messages on history topics get offsets too.
+
+Outcomes and retries. A publish is retried automatically, with backoff, for
+`retry_timeout_s`, only when that is safe:
+- after BusUnavailable (it was never written to Redis: nothing happened);
+- after BusOutcomeUnknown (written, no reply: it may have run) only when it has a `key`:
+  the retry with the same key lands at most once; when the first attempt had run, the
+  result says `duplicate=True` (with the first one's offset/epoch on history topics).
+Without a key, BusOutcomeUnknown is raised to the caller: the message may or may not have
+been published, and only the caller can decide (pass `key=` to make retries safe; keys work
+on every topic). When Redis stays away past `retry_timeout_s`: BusUnavailable (not
+published), or BusOutcomeUnknown for a keyed publish whose last attempt was written.
+
+Bounded buffers. At most `max_pending` publishes (default 10,000) are queued or in flight
+per publisher. Past it, `AsyncPublisher.publish` / `publish_many` wait for room,
+`Publisher.publish` and `Publisher.publish_nowait` block the calling thread until there is
+room, and `AsyncPublisher.enqueue` (which cannot wait) raises PublisherFull.
 """
 
 from __future__ import annotations
@@ -31,13 +46,19 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from broker.bus import Bus, Published, make_bus
+from broker.bus import Bus, Published, check_key, make_bus
 from broker.envelope import ENCODING_JSON, ENCODING_MSGPACK, BusMessage, msgpack_dumps
-from broker.errors import BusUnavailable, ClientError
+from broker.errors import BusOutcomeUnknown, BusUnavailable, ClientError
 from broker.settings import Settings
 from broker.topics import check_topic
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+DEFAULT_MAX_PENDING = 10_000
+
+
+class PublisherFull(RuntimeError):
+    """`enqueue` past `max_pending`: await `publish` (it waits for room) instead."""
 
 
 class AsyncPublisher:
@@ -53,9 +74,15 @@ class AsyncPublisher:
         origin: str | None = None,
         encoding: str = "json",
         retry_timeout_s: float = 5.0,
+        max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
         if encoding not in ("json", "msgpack"):
             raise ValueError("encoding must be 'json' or 'msgpack'")
+        if type(max_pending) is not int or max_pending < 1:
+            raise ValueError("max_pending must be an int >= 1")
+        self.max_pending = max_pending
+        self._pending = 0  # queued or in flight: futures not done yet
+        self._room = asyncio.Event()
         # The broker's own settings (REDWIRE_* / REDWIRE_CONFIG) unless given: the topic
         # rules must be the broker's, or history topics would get messages without offsets.
         self.settings = (settings or Settings.load()).replace(redis_url=redis_url)
@@ -105,31 +132,66 @@ class AsyncPublisher:
             raise ClientError("too_large", f"data over {self.settings.max_data_bytes} bytes")
         return payload
 
+    @property
+    def pending(self) -> int:
+        """Publishes queued or in flight."""
+        return self._pending
+
     def enqueue(self, topic: str, data: Any, key: str | None = None) -> asyncio.Future[Published]:
-        """Queue one publish (in order with every other); the future gets its result."""
+        """Queue one publish (in order with every other); the future gets its result.
+
+        PublisherFull when `max_pending` publishes are pending (`publish` waits instead)."""
+        if self._pending >= self.max_pending:
+            raise PublisherFull(f"{self._pending} publishes pending (max_pending)")
+        return self._enqueue(topic, data, key)
+
+    def _enqueue(self, topic: str, data: Any, key: str | None) -> asyncio.Future[Published]:
         if self._wake is None:
             raise BusUnavailable("the publisher is not started")
         check_topic(topic, self.settings.max_topic_bytes)
+        check_key(key)
         message = BusMessage(topic, self.encode(data), self.encoding, self.origin)
         future: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
+        self._pending += 1
+        future.add_done_callback(self._released)
         self._queue.append((message, key, future))
         self._wake.set()
         return future
 
+    def _released(self, _: asyncio.Future[Published]) -> None:
+        self._pending -= 1
+        if self._pending < self.max_pending:
+            self._room.set()
+
+    async def _wait_for_room(self) -> None:
+        while self._pending >= self.max_pending:
+            self._room.clear()
+            await self._room.wait()
+
     async def publish(self, topic: str, data: Any, *, key: str | None = None) -> Published:
         """Publish one message; returns its offset/epoch on topics with history.
 
-        Raises BusUnavailable when Redis stayed away for `retry_timeout_s`. A publish that
-        timed out may still have landed: pass `key` (history topics) to make a retry safe."""
+        Waits for room past `max_pending`. Retried while safe (see the module docstring);
+        raises BusUnavailable (not published) when Redis stayed away for
+        `retry_timeout_s`, BusOutcomeUnknown when it may have been published and there is
+        no `key` to retry it safely with."""
         if self._bus is None:
             await self.start()
-        return await self.enqueue(topic, data, key)
+        await self._wait_for_room()
+        return await self._enqueue(topic, data, key)
 
-    async def publish_many(self, items: Iterable[tuple[str, Any]]) -> list[Published]:
-        """Publish many at once: they share pipelined round trips, in the given order."""
+    async def publish_many(
+        self, items: Iterable[tuple[str, Any] | tuple[str, Any, str | None]]
+    ) -> list[Published]:
+        """Publish many at once: (topic, data) or (topic, data, key) items. They share
+        pipelined round trips, in the given order; waits for room past `max_pending`."""
         if self._bus is None:
             await self.start()
-        futures = [self.enqueue(topic, data) for topic, data in items]
+        futures = []
+        for item in items:
+            await self._wait_for_room()
+            topic, data, *rest = item
+            futures.append(self._enqueue(topic, data, rest[0] if rest else None))
         return list(await asyncio.gather(*futures))
 
     async def _send_loop(self) -> None:
@@ -149,27 +211,40 @@ class AsyncPublisher:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.retry_timeout_s
         delay = 0.05
+        unknown: set[int] = set()  # ids of futures whose last attempt may have run
         while chunk:
+            chunk = [item for item in chunk if not item[2].done()]  # callers that gave up
             results = await asyncio.gather(
                 *(bus.publish(message, key=key) for message, key, _ in chunk),
                 return_exceptions=True,
             )
             retry: list[_Item] = []
             for item, result in zip(chunk, results, strict=True):
+                future = item[2]
                 if isinstance(result, BusUnavailable):
-                    retry.append(item)  # a pipeline fails from one point on: a suffix
+                    retry.append(item)  # never written: safe to send again, in order
+                elif isinstance(result, BusOutcomeUnknown) and item[1] is not None:
+                    unknown.add(id(future))
+                    retry.append(item)  # may have run: the same key makes it land once
                 elif isinstance(result, BaseException):
-                    _fail(item[2], result)
-                elif not item[2].done():
-                    item[2].set_result(result)
+                    _fail(future, result)  # BusOutcomeUnknown without a key: the caller's
+                elif not future.done():
+                    future.set_result(result)
             chunk = retry
             remaining = deadline - loop.time()
             if chunk and remaining <= 0:
                 for _, _, future in chunk:
-                    _fail(future, BusUnavailable("Redis stayed unavailable; not published"))
+                    if id(future) in unknown:
+                        error: Exception = BusOutcomeUnknown(
+                            "Redis did not answer in time; it may have been published "
+                            "(retry with the same key)"
+                        )
+                    else:
+                        error = BusUnavailable("Redis stayed unavailable; not published")
+                    _fail(future, error)
                 return
             if chunk:
-                await asyncio.sleep(min(remaining, delay))
+                await asyncio.sleep(min(remaining, delay))  # backoff between retries
                 delay = min(delay * 2, 1.0)
 
 
@@ -196,12 +271,14 @@ class Publisher:
 
     def __init__(self, redis_url: str, **kwargs: Any) -> None:
         self._async = AsyncPublisher(redis_url, **kwargs)
+        self.max_pending = self._async.max_pending
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="redwire-publisher")  # fmt: skip
         self._thread.start()
         self._outstanding: set[concurrent.futures.Future[Published]] = set()
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # notified as outstanding ones finish
         # publish_nowait hands work to the loop thread in batches: one wake-up per batch.
         self._inbox: list[tuple[str, Any, str | None, concurrent.futures.Future[Published]]] = []
         self._call(self._async.start(), timeout_s=self._async.settings.bus_connect_timeout_s + 5)
@@ -212,15 +289,23 @@ class Publisher:
     def publish(
         self, topic: str, data: Any, *, key: str | None = None, timeout_s: float | None = 30.0
     ) -> Published:
-        """Publish and wait for Redis to take it."""
+        """Publish and wait for Redis to take it (see AsyncPublisher.publish)."""
         return self._call(self._async.publish(topic, data, key=key), timeout_s)
 
     def publish_nowait(
         self, topic: str, data: Any, *, key: str | None = None
     ) -> concurrent.futures.Future[Published]:
-        """Queue a publish and return at once; batched with the others queued meanwhile."""
+        """Queue a publish and return; batched with the others queued meanwhile.
+
+        Blocks the calling thread while `max_pending` of them are outstanding (not done)."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("publish_nowait from the publisher's own loop thread")
         future: concurrent.futures.Future[Published] = concurrent.futures.Future()
         with self._lock:
+            while len(self._outstanding) >= self.max_pending:
+                if not self._thread.is_alive():
+                    raise BusUnavailable("the publisher is closed")
+                self._room.wait(1.0)  # woken by _done; the timeout re-checks the thread
             self._outstanding.add(future)
             wake = not self._inbox
             self._inbox.append((topic, data, key, future))
@@ -236,7 +321,7 @@ class Publisher:
             batch, self._inbox = self._inbox, []
         for topic, data, key, future in batch:
             try:
-                inner = self._async.enqueue(topic, data, key)
+                inner = self._async._enqueue(topic, data, key)  # bounded by publish_nowait
             except Exception as exc:
                 _fail(future, exc)
                 continue
@@ -245,6 +330,7 @@ class Publisher:
     def _done(self, future: concurrent.futures.Future[Published]) -> None:
         with self._lock:
             self._outstanding.discard(future)
+            self._room.notify()
 
     def flush(self, timeout_s: float | None = 30.0) -> None:
         """Wait for every publish_nowait so far; raises the first failure."""

@@ -1,14 +1,20 @@
-"""The Python SDK straight against a real Redis: order under retries, gaps, round trips."""
+"""The Python SDK straight against a real Redis: order under retries, honest outcomes, keys,
+bounded buffers, gaps after a killed subscriber connection and a Redis restart, history
+topics filled from history without duplicates."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
+import pytest
 from support.redis_server import RedisServer
 
+from broker.bus import Published
 from broker.envelope import ENCODING_JSON, BusMessage
+from broker.errors import BusOutcomeUnknown
 from broker.settings import Settings, TopicRule
-from client.publisher import AsyncPublisher, Publisher
+from client.publisher import AsyncPublisher, Publisher, PublisherFull
 from client.subscriber import Gap, Message, Subscriber
 
 HISTORY = Settings(
@@ -18,17 +24,72 @@ HISTORY = Settings(
 )
 
 
-async def test_publish_many_keeps_order_across_a_redis_stall(redis_server: RedisServer) -> None:
-    """Batches that time out while Redis is paused are retried in order, not shuffled."""
-    async with AsyncPublisher(redis_server.url, settings=HISTORY, retry_timeout_s=10) as pub:
+async def test_publish_many_keeps_order_across_a_redis_stall(redis_url: str) -> None:
+    """Keyed batches that time out while Redis is paused are retried in order, once each."""
+    async with AsyncPublisher(redis_url, settings=HISTORY, retry_timeout_s=10) as pub:
         first = await pub.publish("sdk.order", -1)
-        burst = asyncio.ensure_future(pub.publish_many(("sdk.order", n) for n in range(5000)))
-        await asyncio.to_thread(redis_server.command, "CLIENT", "PAUSE", "500", "WRITE")
+        items = (("sdk.order", n, f"order-{n}") for n in range(5000))
+        burst = asyncio.ensure_future(pub.publish_many(items))
+        await asyncio.to_thread(redis_url_command, redis_url, "CLIENT", "PAUSE", "500", "WRITE")
         results = await burst
     offsets = [r.offset for r in results]
     assert all(o is not None for o in offsets)
     assert offsets == sorted(offsets), "messages were reordered by the retries"
+    assert len(set(offsets)) == 5000, "a retried publish landed twice"
     assert offsets[0] > (first.offset or 0)
+
+
+def redis_url_command(url: str, *args: str) -> object:
+    import redis
+
+    with redis.Redis.from_url(url, socket_timeout=5) as client:
+        return client.execute_command(*args)
+
+
+async def test_outcome_unknown_is_raised_without_a_key_and_retried_with_one(
+    redis_url: str,
+) -> None:
+    plain = HISTORY.replace(bus_connect_timeout_s=0.5)
+    async with AsyncPublisher(redis_url, settings=plain, retry_timeout_s=10) as pub:
+        assert await pub.publish("plain.k", 0) == Published()
+        await asyncio.to_thread(redis_url_command, redis_url, "CLIENT", "PAUSE", "700", "ALL")
+        with pytest.raises(BusOutcomeUnknown):
+            await pub.publish("plain.k", 1)  # written, no reply in time: the caller decides
+        await asyncio.to_thread(redis_url_command, redis_url, "CLIENT", "PAUSE", "700", "ALL")
+        keyed = await pub.publish("plain.k", 2, key="k-2")  # retried: it lands once
+        assert keyed.offset is None
+        again = await pub.publish("plain.k", 2, key="k-2")
+        assert again == Published(duplicate=True)
+        history = await pub.publish("sdk.k", 3, key="h-3")
+        assert await pub.publish("sdk.k", 3, key="h-3") == Published(
+            history.offset, history.epoch, duplicate=True
+        )
+
+
+async def test_async_publisher_buffer_is_bounded(redis_url: str) -> None:
+    async with AsyncPublisher(redis_url, settings=HISTORY, max_pending=3) as pub:
+        futures = [pub.enqueue("sdk.b", n) for n in range(3)]
+        with pytest.raises(PublisherFull):
+            pub.enqueue("sdk.b", 3)
+        waiting = asyncio.ensure_future(pub.publish("sdk.b", 4))  # waits for room
+        results = await asyncio.gather(*futures, waiting)
+        assert [r.offset for r in results] == [1, 2, 3, 4] and pub.pending == 0
+        many = await pub.publish_many(("sdk.b", n) for n in range(10))  # 3 at a time
+        assert [r.offset for r in many] == list(range(5, 15))
+
+
+def test_blocking_publisher_blocks_past_max_pending(redis_url: str) -> None:
+    with Publisher(redis_url, settings=HISTORY, max_pending=5) as pub:
+        most = 0
+        futures = []
+        for n in range(200):
+            futures.append(pub.publish_nowait("sdk.nb", n))
+            with pub._lock:
+                most = max(most, len(pub._outstanding))
+        pub.flush(timeout_s=30)
+        assert most <= 5
+        assert [f.result().offset for f in futures] == list(range(1, 201))
+        assert threading.current_thread() is not pub._thread
 
 
 async def test_subscriber_receives_and_reports_overflow_where_it_happened(
@@ -36,6 +97,7 @@ async def test_subscriber_receives_and_reports_overflow_where_it_happened(
 ) -> None:
     settings = Settings(channel_prefix="sdktest2:")
     async with Subscriber(redis_server.url, ["plain.t"], settings=settings, max_queue=3) as sub:
+        assert sub._bus is not None and sub._bus.healthy
         sub._on_messages([BusMessage("plain.t", b"%d" % n, ENCODING_JSON) for n in range(5)])
         got = [await sub.get(1) for _ in range(4)]
         assert [g.data for g in got[:3] if isinstance(g, Message)] == [0, 1, 2]
@@ -52,3 +114,69 @@ def test_blocking_publisher_batches_and_flushes(redis_server: RedisServer) -> No
         offsets = [f.result().offset for f in futures]
         assert offsets == list(range(offsets[0], offsets[0] + 2000))
         assert pub.publish("sdk.sync", "last").offset == offsets[-1] + 1
+
+
+FAST = HISTORY.replace(
+    bus_reconnect_min_s=0.3,  # a window in which the killed subscriber is away
+    bus_reconnect_max_s=0.5,
+    bus_connect_timeout_s=1.0,
+    bus_probe_interval_s=60.0,
+)
+
+
+async def _drain(sub: Subscriber, count: int) -> list[Message | Gap]:
+    return [await sub.get(5) for _ in range(count)]
+
+
+async def test_subscriber_after_its_connection_is_killed(redis_url: str) -> None:
+    """Plain topic: a Gap. History topic: what it missed, from history, in order, once."""
+    async with (
+        Subscriber(redis_url, ["plain.s", "sdk.s"], settings=FAST) as sub,
+        AsyncPublisher(redis_url, settings=FAST) as pub,
+    ):
+        await pub.publish("sdk.s", 0)
+        await pub.publish("plain.s", "before")
+        got = await _drain(sub, 2)
+        assert sorted(str(m.data) for m in got if isinstance(m, Message)) == ["0", "before"]
+        assert redis_url_command(redis_url, "CLIENT", "KILL", "TYPE", "pubsub")
+        for n in range(1, 21):  # while the subscriber is away (and after it is back)
+            await pub.publish("sdk.s", n)
+        events = []
+        while not (
+            any(isinstance(e, Gap) for e in events)
+            and [e.data for e in events if isinstance(e, Message)] == list(range(1, 21))
+        ):
+            events.append(await sub.get(5))
+        gaps = [e for e in events if isinstance(e, Gap)]
+        assert gaps == [Gap(frozenset({"plain.s"}), "bus subscription interrupted")]
+        history = [e for e in events if isinstance(e, Message)]
+        assert [m.offset for m in history] == list(range(2, 22))  # no duplicate, no hole
+        assert sub._bus is not None and sub._bus.stats()["history_reads"] >= 2  # start, repair
+        assert sub._bus.stats()["reconnects"] == 1
+        await pub.publish("plain.s", "after")
+        assert (await sub.get(5)) == Message("plain.s", "after", origin=pub.origin)
+
+
+async def test_subscriber_after_a_redis_restart_without_persistence() -> None:
+    """History lost with Redis: a Gap ends the old epoch, the new one follows from 1."""
+    with RedisServer(docker=False) as server:
+        async with (
+            Subscriber(server.url, ["plain.r", "sdk.r"], settings=FAST) as sub,
+            AsyncPublisher(server.url, settings=FAST, retry_timeout_s=10) as pub,
+        ):
+            old = [await pub.publish("sdk.r", n) for n in range(3)]
+            got = await _drain(sub, 3)
+            assert [m.offset for m in got if isinstance(m, Message)] == [1, 2, 3]
+            await asyncio.to_thread(server.kill)
+            await asyncio.to_thread(server.start)
+            events = [await sub.get(10) for _ in range(2)]
+            assert Gap(frozenset({"plain.r"}), "bus subscription interrupted") in events
+            ended = next(e for e in events if isinstance(e, Gap) and e.epoch is not None)
+            assert (ended.topics, ended.epoch, ended.first, ended.last) == (
+                frozenset({"sdk.r"}), old[0].epoch, 4, None,
+            )  # fmt: skip
+            new = await pub.publish("sdk.r", "new")
+            message = await sub.get(5)
+            assert isinstance(message, Message) and message.data == "new"
+            assert (message.offset, message.epoch) == (new.offset, new.epoch) == (1, new.epoch)
+            assert new.epoch != old[0].epoch
