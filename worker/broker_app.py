@@ -15,6 +15,7 @@ from typing import Any
 from broker.bus import Bus, make_bus
 from broker.handshake import Request
 from broker.settings import Settings
+from broker.tasks import spawn
 from worker import http_routes, wire
 from worker.hooks import Hooks, load_object
 from worker.hub import Hub
@@ -40,19 +41,10 @@ class BrokerApp:
         self.metrics = Metrics(worker_id, self.stats, self.bus.stats)
         self.sessions: set[ClientSession] = set()
         self._metrics_timer: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run `coro` in the background, kept referenced; a failure is logged, never lost."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", exc_info=task.exception())
+        return spawn(coro, name="worker")
 
     async def start(self) -> None:
         await self.bus.start()

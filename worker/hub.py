@@ -54,6 +54,7 @@ from broker.connection import encode_broadcast
 from broker.envelope import BusMessage
 from broker.frames import Opcode
 from broker.settings import Settings
+from broker.tasks import spawn
 from worker.outbox import Flusher
 from worker.stats import WorkerStats
 from worker.wire import message_frame_body
@@ -72,7 +73,17 @@ _RETRY_MIN_S, _RETRY_MAX_S = 0.1, 2.0  # a history read that failed is retried w
 class Replay:
     """One subscription catching up from its own position; see the module docstring."""
 
-    __slots__ = ("ended", "epoch", "interruptions", "offset", "page", "session", "task", "top")
+    __slots__ = (
+        "ended",
+        "epoch",
+        "epoch_changes",
+        "interruptions",
+        "offset",
+        "page",
+        "session",
+        "task",
+        "top",
+    )
 
     def __init__(self, session: ClientSession, epoch: str, offset: int) -> None:
         self.session = session
@@ -82,6 +93,7 @@ class Replay:
         self.top = offset  # the topic's top offset when `page` was read
         self.ended: tuple[str, int] | None = None  # (epoch, from): announce that epoch ended
         self.interruptions = 0  # the topic's bus interruptions when history was last read
+        self.epoch_changes = 0  # and how often its live group had changed epoch by then
         self.task: asyncio.Task[None] | None = None
 
 
@@ -90,6 +102,7 @@ class TopicState:
 
     __slots__ = (
         "epoch",
+        "epoch_changes",
         "held",
         "held_dropped",
         "history",
@@ -124,6 +137,7 @@ class TopicState:
         # past both (else messages published after its last read would wait for the next).
         self.seen: tuple[str, int] | None = None
         self.interruptions = 0
+        self.epoch_changes = 0  # the live group moved to a new epoch this often
 
     @property
     def empty(self) -> bool:
@@ -138,7 +152,6 @@ class Hub:
         self.topics: dict[str, TopicState] = {}
         self.flusher = Flusher(settings.coalesce_window_s)
         self._loop = asyncio.get_event_loop()
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._failures_logged_at = -math.inf
         self._failures = 0
         bus.on_messages = self.deliver
@@ -237,7 +250,7 @@ class Hub:
         self, state: TopicState, session: ClientSession, since: tuple[int, str] | None
     ) -> dict[str, Any] | None:
         page = self.settings.history_page_size
-        interruptions = state.interruptions
+        interruptions, epoch_changes = state.interruptions, state.epoch_changes
         if since is None:
             read = await self.bus.history(state.name, after=None, epoch=None)
         else:
@@ -269,7 +282,7 @@ class Hub:
                 self.stats.recoveries += 1
             else:
                 self.stats.recoveries_failed += 1
-        replay.interruptions = interruptions
+        replay.interruptions, replay.epoch_changes = interruptions, epoch_changes
         state.replays[session] = replay
         replay.task = self._spawn(self._run_replay(state, replay))
         return fields
@@ -295,6 +308,7 @@ class Hub:
         while session.live and state.replays.get(session) is replay:
             if messages is None:
                 replay.interruptions = state.interruptions
+                replay.epoch_changes = state.epoch_changes
                 try:
                     read = await self.bus.history(
                         state.name, after=replay.offset, epoch=replay.epoch, limit=page
@@ -363,7 +377,9 @@ class Hub:
             state.parked.setdefault(position, []).append(replay)  # ahead: wait for the group
             return True
         elif state.epoch != replay.epoch:
-            state.parked.setdefault(position, []).append(replay)  # the group changes epoch
+            if replay.epoch_changes != state.epoch_changes:
+                return False  # the group moved to a newer epoch since we read: read again
+            state.parked.setdefault(position, []).append(replay)  # the group will move here
             return True
         elif state.offset > replay.offset:
             return False
@@ -558,6 +574,7 @@ class Hub:
         delay = _RETRY_MIN_S
         try:
             while state.live and state.epoch is not None:
+                held_before = len(state.held)  # held from before this read
                 try:
                     read = await self.bus.history(
                         state.name, after=state.offset, epoch=state.epoch, limit=page
@@ -570,7 +587,7 @@ class Hub:
                 delay = _RETRY_MIN_S
                 if self.topics.get(state.name) is not state or state.epoch is None:
                     return
-                if self._repair_page(state, read, page):
+                if self._repair_page(state, read, page, held_before):
                     return
         except Exception:  # a bug: these clients reconnect and recover, nothing is silent
             log.exception("gap repair of %s failed", state.name)
@@ -583,12 +600,18 @@ class Hub:
             state.held = []
             state.held_dropped = False
 
-    def _repair_page(self, state: TopicState, read: HistoryRead, page: int) -> bool:
-        """Write one page of history to the live group; True when it is back in step."""
+    def _repair_page(
+        self, state: TopicState, read: HistoryRead, page: int, held_before: int
+    ) -> bool:
+        """Write one page of history to the live group; True when it is back in step.
+
+        `held_before`: how many held messages came before the read. Those of an epoch
+        other than the one it found are late messages of an epoch Redis has left."""
         assert state.epoch is not None
         if read.epoch != state.epoch:  # the epoch ended: announce, replay the new one
             self._gap_live(state, state.epoch, state.offset + 1, None)
             state.epoch, state.offset = read.epoch, 0
+            state.epoch_changes += 1
             self._wake_parked(state, other_epochs=True)
             return False
         for message in read.messages:
@@ -606,6 +629,10 @@ class Hub:
             return False
         # Then what pub/sub delivered meanwhile, if it follows on.
         held = state.held
+        if any(m.epoch != state.epoch for m in held[:held_before]):
+            held = state.held = [
+                m for i, m in enumerate(held) if i >= held_before or m.epoch == state.epoch
+            ]
         taken = 0
         for message in held:
             if message.epoch != state.epoch:
@@ -647,16 +674,8 @@ class Hub:
     # --- helpers -----------------------------------------------------------------------------
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """A task the hub keeps (no lost exceptions): a failure is logged, never silent."""
-        task = self._loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("hub task failed", exc_info=task.exception())
+        """A task kept alive until done, whose failure is logged (broker.tasks)."""
+        return spawn(coro, name="hub")
 
     def _failed(self, message: str, *args: Any, exc_info: bool = False) -> None:
         """Log a recurring failure at most once per interval, with how many there were."""

@@ -37,6 +37,7 @@ from broker.deflate import PerMessageDeflate
 from broker.errors import ConnectionClosedError, HandshakeError
 from broker.handshake import Request, RequestParser, accept_upgrade, error_response
 from broker.settings import Settings
+from broker.tasks import spawn
 
 log = logging.getLogger("redwire.worker")
 
@@ -197,9 +198,9 @@ class WebSocket(asyncio.Protocol):
         self._parser = None
         self.request = request
         if request.is_upgrade:
-            self.loop.create_task(self._upgrade(request, leftover))
+            spawn(self._upgrade(request, leftover), name="upgrade")
         else:
-            self.loop.create_task(self._serve_http(request))
+            spawn(self._serve_http(request), name="http")
 
     async def _serve_http(self, request: Request) -> None:
         try:

@@ -31,6 +31,7 @@ from broker import errors
 from broker.bus import Published
 from broker.envelope import BusMessage
 from broker.errors import BusError, BusOutcomeUnknown, ClientError
+from broker.tasks import spawn
 from worker import wire
 from worker.outbox import Outbox
 
@@ -177,7 +178,7 @@ class ClientSession:
         else:
             # The others may wait (bus, hooks): hold later requests until done.
             self._queue = deque()
-            task = asyncio.get_running_loop().create_task(self._run_async(request))
+            task = spawn(self._run_async(request), name="request")
             task.add_done_callback(self._async_done)
 
     async def _run_async(self, request: wire.Request) -> None:
@@ -200,8 +201,7 @@ class ClientSession:
         self._check_drained()
 
     def _async_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("request handling failed; closing 1011", exc_info=task.exception())
+        if not task.cancelled() and task.exception() is not None:  # logged by spawn
             self.fail()
 
     async def _subscribe(self, request: wire.Request) -> None:
