@@ -793,8 +793,10 @@ export class Client {
     const pending = [...this._pending.values()];
     this._pending.clear();
     for (const p of pending) {
-      if (p.kind === "publish") p.item.reject(err);
-      else if (p.kind !== "subscribe") p.reject(err);
+      // A publish on the wire and not answered: it may have been published.
+      if (p.kind === "publish") {
+        p.item.reject(new RedwireError("outcome_unknown", `sent, then ${err.reason}`, err));
+      } else if (p.kind !== "subscribe") p.reject(err);
     }
     for (const state of this._topics.values()) {
       clearTimeout(state.retryTimer);

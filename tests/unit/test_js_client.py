@@ -929,9 +929,18 @@ def test_keyed_retries_are_bounded_and_a_final_close_makes_them_unknown() -> Non
         ws.onSend = null;
         const q = settle(client.publish("t", 2, { key: "k2" }));
         ws.serverClose(1008, "too many errors");
-        return { exhausted, refusals, final: await q };
+        const final = await q;
+        // close() with a publish on the wire: unknown too; one never sent: closed.
+        const other = open();
+        FakeSocket.all.at(-1).welcome();
+        const onWire = settle(other.publish("t", 3));
+        other.close();
+        const afterClose = await settle(other.publish("t", 4));
+        return { exhausted, refusals, final, onWire: await onWire, afterClose };
         """
     )
     assert result["exhausted"]["code"] == "outcome_unknown"
     assert result["refusals"] == 2  # the first send and two retries: three refusals in all
     assert result["final"]["code"] == "outcome_unknown"
+    assert result["onWire"]["code"] == "outcome_unknown"
+    assert result["afterClose"]["code"] == "closed"

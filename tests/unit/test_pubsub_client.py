@@ -649,3 +649,18 @@ async def test_msgpack_encoding(server: FakeServer) -> None:
         assert await sub.get(WAIT_S) == Message("t", b"\x00\x01")
     finally:
         await client.close()
+
+
+async def test_close_with_a_publish_on_the_wire_is_outcome_unknown(server: FakeServer) -> None:
+    client, peer = await open_client(server)
+    publishing = asyncio.ensure_future(client.publish("t", 1, key="k"))
+    await peer.expect("publish")
+    closing = asyncio.ensure_future(client.close())
+    with pytest.raises(PublishOutcomeUnknown):
+        async with asyncio.timeout(WAIT_S):
+            await publishing
+    await peer.close(1000)
+    async with asyncio.timeout(WAIT_S):
+        await closing
+    with pytest.raises(ConnectionClosedError):
+        await client.publish("t", 2)  # never sent: the client is closed
