@@ -18,10 +18,11 @@ from support.chaos import guarantee_violations, report, run_scenario
 # Seconds of publishing per scenario (a fault's duration stretches it: redis_pause to 8 s,
 # redis_stall to 11 s). Short, because the verdicts are counts, not rates.
 SECONDS = 4.0
+SETTLE_S = 4.0  # the longest wait for subscribers to catch up after publishing (a bound)
 
 
 async def _check(name: str, seconds: float = SECONDS) -> None:
-    result = await run_scenario(name, seconds)
+    result = await run_scenario(name, seconds, settle_s=SETTLE_S)
     violations = guarantee_violations(result)
     assert not violations, f"{name}: " + "; ".join(violations) + "\n" + report(result)
 
@@ -34,7 +35,7 @@ async def test_baseline() -> None:
 async def test_subscribe_while_live() -> None:
     """150 subscribes with `since` at 1000 msg/s while others are live: each gets exactly the
     messages after its `since`, once, in order."""
-    await _check("subscribe_live", 5.0)
+    await _check("subscribe_live")
 
 
 async def test_churn() -> None:
@@ -73,7 +74,7 @@ async def test_redis_traffic_stalled() -> None:
 
 async def test_slow_consumer() -> None:
     """A subscriber that stops reading gets close 1013; the others lose nothing."""
-    await _check("slow_consumer")
+    await _check("slow_consumer", 5.0)
 
 
 async def test_sigterm_drain() -> None:

@@ -45,6 +45,7 @@ from support.tcp_proxy import TcpProxy
 HISTORY_PREFIX = "chaos.h."  # topics with history: a TOML rule with HISTORY_SIZE
 PLAIN_PREFIX = "chaos.p."  # topics without history
 HISTORY_SIZE = 100_000
+MIB = 1024 * 1024
 KINDS = ("history", "plain")
 
 REPLY_SETTLE_S = 12.0  # after publishing stops: the longest wait for outstanding replies
@@ -166,7 +167,8 @@ def start_broker(
     # CHAOS_BROKER_ROOT: run the broker from another checkout (e.g. `git archive HEAD`) to
     # compare a rewrite in progress with what is committed; the clients stay the same.
     cwd = os.environ.get("CHAOS_BROKER_ROOT") or REPO
-    return ServerProcess(argv, env={"REDWIRE_LOG_LEVEL": "WARNING"}, cwd=cwd)
+    level = os.environ.get("CHAOS_LOG_LEVEL", "WARNING")  # INFO: more broker lines in notes
+    return ServerProcess(argv, env={"REDWIRE_LOG_LEVEL": level}, cwd=cwd)
 
 
 # --- records ----------------------------------------------------------------------------------
@@ -561,6 +563,7 @@ class TopicMetrics:
     never_subscribed: int = 0  # subscribers never acked (their losses are not counted)
     slow_close_codes: list[int] = field(default_factory=list)  # role "slow": closes seen
     lost_by_role: dict[str, int] = field(default_factory=dict)
+    closes_by_role: dict[str, dict[int, int]] = field(default_factory=dict)  # breaks by code
     examples: list[str] = field(default_factory=list)  # a few unannounced losses, described
 
     def row(self) -> list[Any]:
@@ -591,6 +594,39 @@ def _breaks(events: list[Event], history: bool) -> list[int]:
         if e[0] in ("c", "e") or (e[0] == "g" and (not history or e[1].get("from") is None)):
             out.append(i)
     return out
+
+
+def _context(
+    events: list[Event], r: PubRecord, by_pub: dict[str, list[tuple[int, int]]], width: int = 12
+) -> str:
+    """The subscriber's frames around a lost message, compressed: runs of consecutive seqs of
+    one publisher as `pub:first-last`, other events by kind (gap frames whole)."""
+    seqs = by_pub.get(r.pub, [])
+    j = bisect.bisect_left(seqs, (r.seq, -1))
+    before = seqs[j - 1][1] if j > 0 else 0
+    out: list[str] = []
+    run: list[Any] | None = None
+    for e in events[max(0, before - 3):]:
+        if e[0] == "m" and run and run[0] == e[1] and e[2] == run[2] + 1:
+            run[2] = e[2]
+            continue
+        if run:
+            out.append(f"{run[0]}:{run[1]}-{run[2]}")
+            run = None
+        if e[0] == "m":
+            run = [e[1], e[2], e[2]]
+        elif e[0] == "g":
+            out.append("gap" + json.dumps({k: v for k, v in e[1].items() if k != "op"}))
+        elif e[0] == "a":
+            out.append(f"ack(since={e[1]}, {e[2].get('epoch')}:{e[2].get('offset')}, "
+                       f"recovered={e[2].get('recovered')})")  # fmt: skip
+        else:
+            out.append(f"{'close' if e[0] == 'c' else 'suberror'}({e[1]})")
+        if len(out) >= width:
+            break
+    if run and len(out) < width:
+        out.append(f"{run[0]}:{run[1]}-{run[2]}")
+    return " ".join(out)
 
 
 def analyse(h: Harness, kind: str) -> TopicMetrics:
@@ -625,6 +661,9 @@ def analyse(h: Harness, kind: str) -> TopicMetrics:
         m.gap_frames += sum(1 for e in events if e[0] == "g")
         if sub.role == "slow":
             m.slow_close_codes.extend(sub.close_codes())
+        for code in sub.close_codes():
+            by_code = m.closes_by_role.setdefault(sub.role, {})
+            by_code[code] = by_code.get(code, 0) + 1
         seen: Counter[tuple[str, int]] = Counter()
         max_seq: dict[str, int] = {}
         first_idx: dict[tuple[str, int], int] = {}
@@ -735,7 +774,7 @@ def analyse(h: Harness, kind: str) -> TopicMetrics:
                     m.examples.append(
                         f"{sub.name} ({sub.role}, workers {sub.workers}, closes "
                         f"{sub.close_codes()}): pub {r.pub} seq {r.seq} offset {r.offset} "
-                        f"epoch {r.epoch}"
+                        f"epoch {r.epoch}; around it: {_context(events, r, by_pub)}"
                     )
     m.false_unavailable = len(false_unavailable)
     m.lost_by_role = dict(lost_by_role)
@@ -865,7 +904,7 @@ async def _slow_consumer(c: Ctx) -> None:
 async def _subscribe_live(c: Ctx, total: int = 150, plain: int = 50) -> None:
     """`total` subscribes with `since` on the history topic (and `plain` plain subscribes)
     spread over the run while the long-lived subscribers are live; each stays until it is
-    50 messages past its ack, then closes."""
+    20 messages past its ack, then closes."""
     live = next(s for s in c.h.subscribers if s.kind == "history" and s.role == "live")
     span = c.duration_s * 0.8
     joins: list[tuple[Subscriber, int]] = []
@@ -882,12 +921,12 @@ async def _subscribe_live(c: Ctx, total: int = 150, plain: int = 50) -> None:
         sub.start()
         await c.h.until(sub.acked.is_set, SUBSCRIBE_TIMEOUT_S)
         ack = next((e[2] for e in sub.events if e[0] == "a"), {})
-        target = (ack.get("offset") or 0) + 50
+        target = (ack.get("offset") or 0) + 20
         if kind == "history":
             await c.h.until(lambda: sub.position is not None and sub.position[1] >= target, 5)
         else:
             count = len(sub.events)
-            await c.h.until(lambda: len(sub.events) >= count + 50, 5)
+            await c.h.until(lambda: len(sub.events) >= count + 20, 5)
         await sub.stop()
 
     plan = [("history", i) for i in range(total)] + [("plain", i) for i in range(plain)]
@@ -952,8 +991,12 @@ SCENARIOS: dict[str, Scenario] = {
             "slow_consumer",
             "one subscriber per topic stops reading (8 KB messages); the others must lose "
             "nothing, it must get close 1013",
-            rate=300, pad=8192, setup=_slow_setup, during=_slow_consumer,
-            settings={"max_send_buffer_bytes": 256 * 1024},
+            rate=300, pad=8192, subscribers=2, setup=_slow_setup, during=_slow_consumer,
+            settings={"max_send_buffer_bytes": 2 * MIB, "write_buffer_high_bytes": 64 * 1024,
+                      "write_buffer_low_bytes": 16 * 1024,
+                      # the stalled reader reads again only when publishing ends: the server
+                      # must not give up on its close handshake (and reset) before that
+                      "close_timeout_s": 30.0},
         ),
         Scenario("drain", "SIGTERM worker 0 (drain, close 1001); clients reconnect "
                  "to the other worker", rate=300, during=_drain_worker),
@@ -994,8 +1037,11 @@ def _caught_up(h: Harness) -> bool:
     return True
 
 
-async def run_scenario(name: str, duration_s: float) -> ScenarioResult:
-    """Run one scenario end to end (its own Redis, broker and clients) and analyse it."""
+async def run_scenario(
+    name: str, duration_s: float, *, settle_s: float = DELIVERY_SETTLE_S
+) -> ScenarioResult:
+    """Run one scenario end to end (its own Redis, broker and clients) and analyse it;
+    `settle_s` bounds the wait for subscribers to catch up once publishing is over."""
     spec = SCENARIOS[name]
     duration_s = spec.run_seconds(duration_s)
     h = Harness(name)
@@ -1038,7 +1084,7 @@ async def run_scenario(name: str, duration_s: float) -> ScenarioResult:
         if spec.during is not None:
             jobs.append(spec.during(ctx))
         await asyncio.gather(*jobs)
-        if not await h.until(lambda: _caught_up(h), DELIVERY_SETTLE_S):
+        if not await h.until(lambda: _caught_up(h), settle_s):
             h.notes.append("subscribers had not caught up when the settle time ran out")
     finally:
         for sub in h.subscribers:
@@ -1052,6 +1098,12 @@ async def run_scenario(name: str, duration_s: float) -> ScenarioResult:
             await proxy.close()
         await asyncio.to_thread(redis.close)
         shutil.rmtree(workdir, ignore_errors=True)
+    if broker is not None:  # what the broker complained about, for the diagnosis
+        logged = [line.rstrip() for line in broker.output
+                  if any(w in line for w in ("INFO", "WARNING", "ERROR", "Traceback"))]  # fmt: skip
+        h.notes.extend(f"broker: {line[:300]}" for line in logged[:30])
+        if len(logged) > 30:
+            h.notes.append(f"broker: ... {len(logged) - 30} more warning/error lines")
     for pub in h.publishers:
         codes = {c: n for c, n in pub.closes.items() if c != 1000}
         if codes:
@@ -1108,7 +1160,7 @@ def report(result: ScenarioResult) -> str:
     lines = [table(rows)]
     for m in rows:
         extra = {k: getattr(m, k) for k in ("subscribers", "reconnects", "gap_frames", "epochs",
-                                             "lost_before_fault", "lost_by_role",
+                                             "lost_before_fault", "lost_by_role", "closes_by_role",
                                              "slow_close_codes", "other_errors")}  # fmt: skip
         lines.append(f"{m.kind}: {extra}")
         lines.extend(f"  unannounced: {x}" for x in m.examples)
