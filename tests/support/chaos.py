@@ -906,7 +906,7 @@ async def _subscribe_live(c: Ctx, total: int = 150, plain: int = 50) -> None:
     spread over the run while the long-lived subscribers are live; each stays until it is
     20 messages past its ack, then closes."""
     live = next(s for s in c.h.subscribers if s.kind == "history" and s.role == "live")
-    span = c.duration_s * 0.8
+    span = c.duration_s * 0.7
     joins: list[tuple[Subscriber, int]] = []
     done: list[asyncio.Task[None]] = []
     rng = random.Random(8)
@@ -922,11 +922,12 @@ async def _subscribe_live(c: Ctx, total: int = 150, plain: int = 50) -> None:
         await c.h.until(sub.acked.is_set, SUBSCRIBE_TIMEOUT_S)
         ack = next((e[2] for e in sub.events if e[0] == "a"), {})
         target = (ack.get("offset") or 0) + 20
+        bound = max(0.5, c.stop_at - now())  # no message comes once publishing is over
         if kind == "history":
-            await c.h.until(lambda: sub.position is not None and sub.position[1] >= target, 5)
+            await c.h.until(lambda: sub.position is not None and sub.position[1] >= target, bound)
         else:
             count = len(sub.events)
-            await c.h.until(lambda: len(sub.events) >= count + 20, 5)
+            await c.h.until(lambda: len(sub.events) >= count + 20, bound)
         await sub.stop()
 
     plan = [("history", i) for i in range(total)] + [("plain", i) for i in range(plain)]
@@ -939,6 +940,7 @@ async def _subscribe_live(c: Ctx, total: int = 150, plain: int = 50) -> None:
         done.append(asyncio.create_task(one(i, kind)))
     del joins
     await asyncio.gather(*done)
+    c.h.notes.append(f"{len(done)} subscribes while live ({total + plain} planned)")
 
 
 def _churn_setup(c: Ctx) -> None:
@@ -1046,6 +1048,7 @@ async def run_scenario(
     duration_s = spec.run_seconds(duration_s)
     h = Harness(name)
     started = now()
+    phases: dict[str, float] = {}
     workdir = tempfile.mkdtemp(prefix="redwire-chaos-")
     redis = await asyncio.to_thread(ChaosRedis, aof=spec.aof)
     proxy: TcpProxy | None = None
@@ -1079,14 +1082,19 @@ async def run_scenario(
             h.notes.append(f"{sum(not s.acked.is_set() for s in subs)} subscribers not acked "
                            "before publishing")  # fmt: skip
         ctx.t0 = now()
+        phases = {"start": ctx.t0 - started}
         ctx.stop_at = ctx.t0 + duration_s
         jobs: list[Awaitable[Any]] = [p.run(ctx.t0, ctx.stop_at) for p in h.publishers]
         if spec.during is not None:
             jobs.append(spec.during(ctx))
         await asyncio.gather(*jobs)
+        phases["publish+replies"] = now() - ctx.t0
+        t = now()
         if not await h.until(lambda: _caught_up(h), settle_s):
             h.notes.append("subscribers had not caught up when the settle time ran out")
+        phases["catch-up"] = now() - t
     finally:
+        t = now()
         for sub in h.subscribers:
             await sub.stop()
         for pub in h.publishers:
@@ -1098,6 +1106,9 @@ async def run_scenario(
             await proxy.close()
         await asyncio.to_thread(redis.close)
         shutil.rmtree(workdir, ignore_errors=True)
+    if "catch-up" in phases:
+        phases["teardown"] = now() - t
+        h.notes.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     if broker is not None:  # what the broker complained about, for the diagnosis
         logged = [line.rstrip() for line in broker.output
                   if any(w in line for w in ("INFO", "WARNING", "ERROR", "Traceback"))]  # fmt: skip
