@@ -434,7 +434,11 @@ class _Publisher:
         try:
             async with asyncio.timeout(self._timeout_s):
                 conn = await self._connection()
-                batch = [c for c in batch if not c.future.done()]  # gave up while connecting
+                sending = [c for c in batch if not c.future.done()]  # gave up meanwhile
+                self.dropped += len(batch) - len(sending)
+                batch = sending
+                if not batch:
+                    return
                 retry = await self._pipeline(conn, (), batch, retry_noscript=True)
                 if retry:
                     # SCRIPT FLUSH, a restart or a failover emptied the script cache. Load
