@@ -74,7 +74,7 @@ async def test_redis_traffic_stalled() -> None:
 
 async def test_slow_consumer() -> None:
     """A subscriber that stops reading gets close 1013; the others lose nothing."""
-    await _check("slow_consumer", 5.0)
+    await _check("slow_consumer")
 
 
 async def test_sigterm_drain() -> None:
