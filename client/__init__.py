@@ -8,7 +8,7 @@
 - `client/js/redwire.js`: the browser client (served by the broker at /redwire.js).
 """
 
-from client.publisher import AsyncPublisher, Publisher
+from client.publisher import AsyncPublisher, Publisher, PublisherFull
 from client.pubsub import (
     CLOSE_CODE_POLICY,
     NotPublished,
@@ -29,6 +29,7 @@ __all__ = [
     "PubSubClient",
     "PublishOutcomeUnknown",
     "Publisher",
+    "PublisherFull",
     "Subscriber",
     "Subscription",
     "connect",
