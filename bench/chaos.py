@@ -51,8 +51,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help=f"comma-separated, from: {', '.join(SCENARIOS)}")  # fmt: skip
-    parser.add_argument("--duration", type=float, default=None,
-                        help="seconds of publishing per scenario (stretched to hold the fault)")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds of publishing per scenario (stretched to hold the fault)",
+    )
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "chaos.json"))
     args = parser.parse_args()
     names = [n.strip() for n in args.scenarios.split(",") if n.strip()]

@@ -620,7 +620,7 @@ def _context(
     before = seqs[j - 1][1] if j > 0 else 0
     out: list[str] = []
     run: list[Any] | None = None
-    for e in events[max(0, before - 3):]:
+    for e in events[max(0, before - 3) :]:
         if e[0] == "m" and run and run[0] == e[1] and e[2] == run[2] + 1:
             run[2] = e[2]
             continue
@@ -714,7 +714,7 @@ def analyse(h: Harness, kind: str) -> TopicMetrics:
                         and (hi is None or key(r.epoch, r.offset) <= hi)]  # fmt: skip
         else:
             got: dict[str, list[int]] = {}
-            for (pub, seq) in seen:
+            for pub, seq in seen:
                 if isinstance(seq, int):
                     got.setdefault(pub, []).append(seq)
             bounds = {p: (min(v), max(v)) for p, v in got.items()}
@@ -751,8 +751,11 @@ def analyse(h: Harness, kind: str) -> TopicMetrics:
             v.sort()
 
         def announced(
-            r: PubRecord, ranges: list[Any] = ranges, unrecovered: list[Any] = unrecovered,
-            by_pub: dict[str, list[tuple[int, int]]] = by_pub, events: list[Event] = events,
+            r: PubRecord,
+            ranges: list[Any] = ranges,
+            unrecovered: list[Any] = unrecovered,
+            by_pub: dict[str, list[tuple[int, int]]] = by_pub,
+            events: list[Event] = events,
             breaks: list[int] = breaks,
         ) -> bool:
             if history:
@@ -994,38 +997,76 @@ SCENARIOS: dict[str, Scenario] = {
             "subscribe_live",
             "1000 msg/s on the history topic; 150 subscribes with `since` (50 plain ones) "
             "while others are live",
-            rate=1000, subscribers=2, during=_subscribe_live,
+            rate=1000,
+            subscribers=2,
+            during=_subscribe_live,
         ),
         Scenario(
             "churn",
-            "200 clients (100 per topic), 50 reconnect+resubscribes/s (history ones with "
-            "`since`)",
-            rate=20, subscribers=2, setup=_churn_setup, during=_churn,
+            "200 clients (100 per topic), 50 reconnect+resubscribes/s (history ones with `since`)",
+            rate=20,
+            subscribers=2,
+            setup=_churn_setup,
+            during=_churn,
         ),
-        Scenario("kill_worker", "kill -9 worker 0; the supervisor restarts it",
-                 rate=300, during=_kill_worker),
-        Scenario("redis_kill", "kill -9 Redis (no persistence), restart after 1 s: "
-                 "it comes back empty", rate=300, fault_s=1.0, during=_redis_kill),
-        Scenario("redis_kill_aof", "the same with AOF (appendfsync always): nothing acked is "
-                 "lost, the epoch stays", rate=300, aof=True, fault_s=1.0,
-                 during=_redis_kill),
-        Scenario("redis_pause", "SIGSTOP Redis for 5 s, then SIGCONT", rate=300,
-                 fault_s=5.0, during=_redis_pause),
-        Scenario("redis_stall", "worker-Redis traffic stalled 8 s, sockets open (TCP proxy)",
-                 rate=300, proxy=True, fault_s=8.0, during=_redis_stall),
+        Scenario(
+            "kill_worker",
+            "kill -9 worker 0; the supervisor restarts it",
+            rate=300,
+            during=_kill_worker,
+        ),
+        Scenario(
+            "redis_kill",
+            "kill -9 Redis (no persistence), restart after 1 s: it comes back empty",
+            rate=300,
+            fault_s=1.0,
+            during=_redis_kill,
+        ),
+        Scenario(
+            "redis_kill_aof",
+            "the same with AOF (appendfsync always): nothing acked is lost, the epoch stays",
+            rate=300,
+            aof=True,
+            fault_s=1.0,
+            during=_redis_kill,
+        ),
+        Scenario(
+            "redis_pause",
+            "SIGSTOP Redis for 5 s, then SIGCONT",
+            rate=300,
+            fault_s=5.0,
+            during=_redis_pause,
+        ),
+        Scenario(
+            "redis_stall",
+            "worker-Redis traffic stalled 8 s, sockets open (TCP proxy)",
+            rate=300,
+            proxy=True,
+            fault_s=8.0,
+            during=_redis_stall,
+        ),
         Scenario(
             "slow_consumer",
             "one subscriber per topic stops reading (and also takes a 3 MB/s ballast topic); "
             "the others must lose nothing, it must get close 1013",
-            rate=300, setup=_slow_setup, during=_slow_consumer,
-            settings={"max_send_buffer_bytes": 2 * MIB, "write_buffer_high_bytes": 64 * 1024,
-                      "write_buffer_low_bytes": 16 * 1024,
-                      # the stalled reader reads again only when publishing ends: the server
-                      # must not give up on its close handshake (and reset) before that
-                      "close_timeout_s": 30.0},
+            rate=300,
+            setup=_slow_setup,
+            during=_slow_consumer,
+            settings={
+                "max_send_buffer_bytes": 2 * MIB,
+                "write_buffer_high_bytes": 64 * 1024,
+                "write_buffer_low_bytes": 16 * 1024,
+                # the stalled reader reads again only when publishing ends: the server
+                # must not give up on its close handshake (and reset) before that
+                "close_timeout_s": 30.0,
+            },
         ),
-        Scenario("drain", "SIGTERM worker 0 (drain, close 1001); clients reconnect "
-                 "to the other worker", rate=300, during=_drain_worker),
+        Scenario(
+            "drain",
+            "SIGTERM worker 0 (drain, close 1001); clients reconnect to the other worker",
+            rate=300,
+            during=_drain_worker,
+        ),
     ]
 }
 
@@ -1097,9 +1138,9 @@ async def run_scenario(
             spec.setup(ctx)
         subs = list(h.subscribers)
         for batch in range(0, len(subs), 50):  # connect in batches: 200 at once is a storm
-            for sub in subs[batch:batch + 50]:
+            for sub in subs[batch : batch + 50]:
                 sub.start()
-            await h.until(lambda b=batch: all(s.acked.is_set() for s in subs[b:b + 50]), 20)
+            await h.until(lambda b=batch: all(s.acked.is_set() for s in subs[b : b + 50]), 20)
         for sub in subs:
             sub.subscribed_before_publishing = sub.acked.is_set()
         if not all(s.acked.is_set() for s in subs):
