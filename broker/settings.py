@@ -80,7 +80,8 @@ class Settings:
     # --- transport back-pressure ---
     write_buffer_high_bytes: int = 256 * KIB
     write_buffer_low_bytes: int = 64 * KIB
-    max_send_buffer_bytes: int = 4 * MIB  # a client further behind is a slow consumer
+    max_send_buffer_bytes: int = 4 * MIB  # a client further behind: slow consumer (1013);
+    # at least 2 x write_buffer_high_bytes
     slow_consumer_policy: str = "close"  # "close" (1013)
     coalesce_window_s: float = 0.002  # a busy hub writes to a subscriber at most this often
 
@@ -320,7 +321,11 @@ def _validate(s: Settings) -> None:
         0 <= s.write_buffer_low_bytes <= s.write_buffer_high_bytes,
         "write_buffer_low_bytes must be <= write_buffer_high_bytes",
     )
-    need(s.max_send_buffer_bytes > 0, "max_send_buffer_bytes must be > 0")
+    need(
+        s.max_send_buffer_bytes >= 2 * s.write_buffer_high_bytes,
+        "max_send_buffer_bytes must be at least twice write_buffer_high_bytes (the transport"
+        " holds up to the high water mark; the rest of the cap queues in the outbox)",
+    )
     need(s.max_data_bytes >= 1, "max_message_bytes must exceed max_topic_bytes + 256")
     need(0 <= s.coalesce_window_s <= 0.1, "coalesce_window_s must be 0..0.1")
     need(s.slow_consumer_policy in ("close",), "slow_consumer_policy must be 'close'")

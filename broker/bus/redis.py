@@ -20,8 +20,9 @@ Theory of operation.
   A session ends on any connection error, a wedge, or a resubscribe not confirmed within
   `bus_connect_timeout_s`. The bus then reconnects with exponential backoff and jitter
   (`bus_reconnect_min_s` .. `bus_reconnect_max_s`), subscribes exactly the owner's
-  `wanted_topics()` (the bus keeps no wanted set of its own), and reports
-  `on_gap(those topics)` once Redis confirmed them all.
+  `wanted_topics()` (the bus keeps no wanted set of its own), and reports `on_gap` for
+  each of those topics as Redis confirms it, from the reader, before any message of the
+  new subscription: a subscriber learns of the break before it sees what came after it.
 - Per-channel bookkeeping in a session (`_Session`, pure): `topics` maps the channels asked
   of this session to their topics (only those are routed to `on_messages`; `subscribe`
   adds, `unsubscribe` removes at once), `server` holds channels whose last command sent was
@@ -565,6 +566,8 @@ class _Session:
         self.live = False  # the initial (re)subscribe was confirmed
         self.topics: dict[bytes, str] = {}  # asked of this session: channel -> topic
         self.initial: frozenset[str] = frozenset()  # wanted_topics() when it started
+        self.unreported: set[str] = set()  # initial topics whose gap is not reported yet
+        self.gaps_due: list[str] = []  # confirmed, to report before the next hand-over
         self.server: set[bytes] = set()
         self.confirmed: set[bytes] = set()
         self.inflight: dict[bytes, int] = {}
@@ -763,6 +766,9 @@ class RedisBus(Bus):
                 wanted = []
             s.topics = {self.channel(topic): topic for topic in wanted}
             s.initial = frozenset(wanted)
+            # No gap on the connection start() waits for: nothing was delivered before it.
+            if self._started is None or self._started.done():
+                s.unreported = set(wanted)
             channels = [*s.topics, self.probe_channel]
             s.touch(channels)
             ready = s.wait(channels, subscribing=True)
@@ -831,15 +837,18 @@ class RedisBus(Bus):
             self.reconnects += 1
             log.info("bus: subscription live again (%d topics)", len(channels) - 1)
         self._live_sessions += 1
-        # No gap on the connection start() waits for: nothing was delivered before it.
-        first = self._started is not None and not self._started.done()
         if self._started is not None:
             _resolve(self._started, None)
-        gap = frozenset(t for t in s.initial if self.channel(t) in s.topics)
-        if gap and not first:
+        self._report_gaps(s)  # (the reader reported them as Redis confirmed each)
+        self._update_health()
+
+    def _report_gaps(self, s: _Session) -> None:
+        """Tell the owner which resubscribed topics may have missed messages."""
+        due, s.gaps_due = s.gaps_due, []
+        gap = frozenset(t for t in due if self.channel(t) in s.topics)
+        if gap:
             self.gaps += 1
             self._call(self.on_gap, gap)
-        self._update_health()
 
     # --- session tasks ---------------------------------------------------------------------
 
@@ -869,7 +878,7 @@ class RedisBus(Bus):
                                 batch.append(parse_tagged(topic, data))
                             elif tag == _TAG_PRESENCE:
                                 kind, client_id, info = parse_presence(data)
-                                batch = self._hand_over(batch)  # keep the topic's order
+                                batch = self._hand_over(s, batch)  # keep the topic's order
                                 self.presence_events += 1
                                 self._call_presence(topic, kind, client_id, info)
                             else:
@@ -886,12 +895,15 @@ class RedisBus(Bus):
                 if count >= limit or not await can_read():
                     break
                 reply = await read(disable_decoding=True, timeout=forever)
-            self._hand_over(batch)
+            self._hand_over(s, batch)
             if count >= limit:
                 await asyncio.sleep(0)  # a backlog: let the hub's writes run
 
-    def _hand_over(self, batch: list[BusMessage]) -> list[BusMessage]:
-        """Give `batch` (if any) to `on_messages`; returns a new empty batch."""
+    def _hand_over(self, s: _Session, batch: list[BusMessage]) -> list[BusMessage]:
+        """Report the gaps confirmed so far, then give `batch` (if any) to `on_messages`;
+        returns a new empty batch. A topic's gap is confirmed before its first message."""
+        if s.gaps_due:
+            self._report_gaps(s)
         if not batch:
             return batch
         self.messages_in += len(batch)
@@ -901,6 +913,11 @@ class RedisBus(Bus):
     def _control(self, s: _Session, reply: Any) -> None:
         if type(reply) is list and len(reply) == 3 and reply[0] in (b"subscribe", b"unsubscribe"):
             s.confirmed_by_redis(reply[0], reply[1])
+            if reply[0] == b"subscribe" and s.unreported:
+                topic = s.topics.get(reply[1])
+                if topic is not None and topic in s.unreported:
+                    s.unreported.discard(topic)
+                    s.gaps_due.append(topic)
         elif not (type(reply) is list and reply and reply[0] == b"pong"):
             log.warning("bus: unexpected reply on the subscriber connection: %.200r", reply)
 

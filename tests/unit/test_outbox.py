@@ -160,7 +160,7 @@ async def test_a_failing_write_aborts_that_client_only() -> None:
 @pytest.mark.parametrize("high_water", [0, 64, 10_000])
 async def test_queued_bytes_never_exceed_the_cap_by_more_than_one_frame(high_water: int) -> None:
     cap = 1000
-    outbox, ws, flusher = make(max_bytes=cap, high_water=high_water)
+    outbox, ws, _ = make(max_bytes=cap, high_water=high_water)
     ws.write_paused = True  # a client that reads nothing
     frame = b"f" * 90
     pushed = 0

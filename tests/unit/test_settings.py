@@ -131,6 +131,19 @@ BAD: list[tuple[str, dict[str, str], str, str]] = [
         "write_buffer_low_bytes = 2000\nwrite_buffer_high_bytes = 1000",
         "write_buffer_low_bytes",
     ),
+    (
+        "send-buffer-under-twice-the-high-water-mark",
+        {"REDWIRE_MAX_SEND_BUFFER_BYTES": "300000"},  # the high water mark is 256 KiB
+        "max_send_buffer_bytes = 300000",
+        "max_send_buffer_bytes",
+    ),
+    ("data-depth-0", {"REDWIRE_MAX_DATA_DEPTH": "0"}, "max_data_depth = 0", "max_data_depth"),
+    (
+        "history-page-0",
+        {"REDWIRE_HISTORY_PAGE_SIZE": "0"},
+        "history_page_size = 0",
+        "history_page_size",
+    ),
     ("bad-bool", {"REDWIRE_COMPRESSION": "maybe"}, 'compression = "maybe"', "compression"),
     ("bad-int", {"REDWIRE_PORT": "eighty"}, 'port = "eighty"', "port"),
     ("bool-for-int", {"REDWIRE_WORKERS": "true"}, "workers = true", "workers"),
@@ -213,6 +226,7 @@ ROUND_TRIP = [
         max_window_bits=9,
         write_buffer_high_bytes=10,
         write_buffer_low_bytes=10,
+        max_send_buffer_bytes=20,
         coalesce_window_s=0.0,
         channel_prefix="app:",
         metrics_dir="/tmp/metrics",

@@ -578,7 +578,7 @@ async def test_error_flood_closes_1008() -> None:
 async def test_slow_consumer_is_closed_1013() -> None:
     settings = BROKER.replace(
         max_send_buffer_bytes=32 * 1024,
-        write_buffer_high_bytes=1024 * 1024,
+        write_buffer_high_bytes=8 * 1024,
         write_buffer_low_bytes=0,
         coalesce_window_s=0.0,
     )
