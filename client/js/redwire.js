@@ -190,12 +190,12 @@ const EVENTS = new Set([
  * @property {ReconnectOptions} [reconnect]
  * @property {number} [maxQueuedPublishes] publishes held while disconnected (default 1000)
  * @property {number} [maxPublishRetries]  resends of a publish with a `key` (default 5)
+ * @property {number} [connectTimeoutMs]   no welcome this long after opening: retry (10000)
+ * @property {typeof WebSocket} [WebSocketImpl] a WebSocket class (default: the global one)
  *
  * @typedef {object} PublishOptions
  * @property {string} [key] an idempotency key (1..64 characters): the publish lands once,
  *   and the client may resend it (same key) when its outcome is unknown
- * @property {number} [connectTimeoutMs]   no welcome this long after opening: retry (10000)
- * @property {typeof WebSocket} [WebSocketImpl] a WebSocket class (default: the global one)
  *
  * @typedef {{topic: string, subs: Set<Subscription>, waiting: Set<Subscription>,
  *   acked: boolean, retries: number, retryTimer: ReturnType<typeof setTimeout> | null,
