@@ -16,6 +16,10 @@ from support.broker_client import PubSubClient, clients_on_workers
 from support.processes import ServerProcess, rss_bytes, serve, worker_pids
 from support.waiting import eventually, eventually_sync
 
+from broker import errors
+from broker.connection import CloseReceived, Connection, Role
+from broker.settings import Settings
+
 KIB = 1024
 
 
@@ -116,3 +120,85 @@ def _metric_sum(body: bytes, name: str) -> float:
         if line.startswith(name + "{"):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def _read_until_close(sock: socket.socket, timeout_s: float) -> int | None:
+    """Read a raw subscriber's socket (it starts reading now) up to the server's close
+    frame; its close code, or None when the stream ended without one."""
+    conn = Connection(Role.CLIENT, max_message_bytes=64 * 1024 * KIB)
+    sock.settimeout(timeout_s)
+    head = b""
+    while b"\r\n\r\n" not in head:  # the 101 response, then frames
+        chunk = sock.recv(4096)
+        if not chunk:
+            return None
+        head += chunk
+    data = head.split(b"\r\n\r\n", 1)[1]
+    while True:
+        for event in conn.receive_data(data) if data else ():
+            if isinstance(event, CloseReceived):
+                return event.code
+        data = sock.recv(256 * KIB)
+        if not data:
+            return None
+
+
+@pytest.fixture
+def stall_broker(redis_server) -> Iterator[ServerProcess]:
+    server = serve(
+        redis_server.url,
+        workers=1,
+        env={
+            "REDWIRE_CLOSE_TIMEOUT_S": "60",  # the stalled readers read again well before
+            "REDWIRE_COMPRESSION": "false",
+            "REDWIRE_CHANNEL_PREFIX": f"stall{os.getpid()}:",
+        },
+    )
+    yield server
+    assert server.stop() == 0
+
+
+async def test_twenty_stalled_subscribers_under_a_50_mb_burst(stall_broker) -> None:
+    broker = stall_broker
+    cap = Settings().max_send_buffer_bytes  # the default
+    (pid,) = worker_pids(broker.proc.pid).values()
+    fast = await PubSubClient.connect(broker.url)
+    await fast.subscribe("burst")
+    stalled = [
+        await asyncio.to_thread(_raw_subscriber, broker.host, broker.port, "burst")
+        for _ in range(20)
+    ]
+
+    async def subscribed() -> bool:
+        _, body = await asyncio.to_thread(_get, broker, "/metrics")
+        return _metric_sum(body, "redwire_subscriptions") >= 21
+
+    await eventually(subscribed)
+    rss_before = rss_bytes(pid)
+    peak = rss_before
+    sampling = True
+
+    async def sample() -> None:
+        nonlocal peak
+        while sampling:
+            peak = max(peak, rss_bytes(pid))
+            await asyncio.sleep(0.02)  # sampling the worker's RSS while the burst runs
+
+    sampler = asyncio.ensure_future(sample())
+    publisher = await PubSubClient.connect(broker.url)
+    blob = "x" * (100 * KIB)
+    count = 500  # 50 MB
+    for seq in range(count):  # each acked before the next: a burst a reader can follow
+        assert (await publisher.publish("burst", {"seq": seq, "blob": blob}))["op"] == "ack"
+    for seq in range(count):
+        assert (await fast.next_message(timeout_s=60))["data"]["seq"] == seq
+    sampling = False
+    await sampler
+    growth = peak - rss_before
+    assert growth <= 20 * cap + 50 * 1024 * KIB, (rss_before, peak)
+    codes = await asyncio.gather(*(asyncio.to_thread(_read_until_close, s, 30) for s in stalled))
+    assert codes == [errors.CLOSE_TRY_AGAIN_LATER] * 20
+    for sock in stalled:
+        sock.close()
+    await fast.close()
+    await publisher.close()
