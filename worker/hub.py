@@ -55,7 +55,7 @@ from broker.envelope import BusMessage
 from broker.frames import Opcode
 from broker.settings import Settings
 from broker.tasks import spawn
-from worker.outbox import Flusher
+from worker.outbox import Flusher, Outbox
 from worker.stats import WorkerStats
 from worker.wire import message_frame_body
 
@@ -123,7 +123,7 @@ class TopicState:
         self.history = history
         self.ready: asyncio.Future[None] | None = None  # the bus subscription, once made
         self.joining: set[ClientSession] = set()  # subscribes not answered yet
-        self.live: set[ClientSession] = set()
+        self.live: dict[ClientSession, Outbox] = {}  # subscriber -> its outbox
         # history topics only
         self.epoch: str | None = None  # the live group's position (None: no live group)
         self.offset = 0
@@ -188,7 +188,7 @@ class Hub:
             if not session.live or self.topics.get(topic) is not state:
                 return None
             if not state.history:
-                state.live.add(session)
+                state.live[session] = session.outbox
                 return {} if since is None else {"recovered": False}
             return await self._join_history(state, session, since)
         finally:
@@ -216,7 +216,7 @@ class Hub:
         state = self.topics.get(topic)
         if state is None:
             return
-        state.live.discard(session)
+        state.live.pop(session, None)
         replay = state.replays.pop(session, None)
         if replay is not None:
             self._unpark(state, replay)
@@ -384,7 +384,7 @@ class Hub:
         elif state.offset > replay.offset:
             return False
         del state.replays[replay.session]
-        state.live.add(replay.session)
+        state.live[replay.session] = replay.session.outbox
         return True
 
     def _unpark(self, state: TopicState, replay: Replay) -> None:
@@ -402,7 +402,7 @@ class Hub:
             for replay in parked:
                 if state.replays.get(replay.session) is replay and replay.session.live:
                     del state.replays[replay.session]
-                    state.live.add(replay.session)
+                    state.live[replay.session] = replay.session.outbox
 
     def _wake_parked(self, state: TopicState, *, other_epochs: bool) -> None:
         """Parked replays read again (the group changed epoch, or there is no group)."""
@@ -443,6 +443,7 @@ class Hub:
             except Exception:  # a bug must not cost the other topics their messages
                 self._failed("delivering a message on %s failed", message.topic, exc_info=True)
         self.stats.messages_in += len(batch)
+        self.flusher.schedule(now=True)
 
     def _on_numbered(self, state: TopicState, message: BusMessage) -> None:
         if not state.history:
@@ -478,29 +479,34 @@ class Hub:
     def _dispatch(self, state: TopicState, message: BusMessage) -> None:
         """Queue one message to every live subscriber, encoded once per variant."""
         frames: dict[Variant, bytes] = {}
-        flusher = self.flusher
+        dirty = self.flusher.dirty
         delivered = 0
-        for session in state.live:
-            outbox = session.outbox
+        last_variant: Variant | None = None
+        frame = b""
+        size = 0
+        for outbox in state.live.values():
             if outbox.closed:
                 continue
-            variant = session.variant
-            frame = frames.get(variant)
-            if frame is None:
-                frame = frames[variant] = self._encode_or_skip(message, variant)
-            if not frame:
+            variant = outbox.variant
+            if variant != last_variant:  # most topics have one variant: encoded once
+                last_variant = variant
+                cached = frames.get(variant)
+                if cached is None:
+                    cached = frames[variant] = self._encode_or_skip(message, variant)
+                frame, size = cached, len(cached)
+            if not size:
                 continue
-            size = len(frame)
-            if outbox.bytes and outbox.bytes + size > outbox.limit:
+            queued = outbox.bytes
+            if queued and queued + size > outbox.limit:
                 outbox.overflow()  # slow consumer: backlog dropped, 1013 now
                 continue
             outbox.frames.append(frame)
-            outbox.bytes += size
+            outbox.bytes = queued + size
             if not outbox.dirty:
                 outbox.dirty = True
-                flusher.add(outbox)
+                dirty.append(outbox)
             delivered += 1
-        self.stats.deliveries += delivered
+        self.stats.deliveries += delivered  # the caller schedules the write
 
     def _encode_or_skip(self, message: BusMessage, variant: Variant) -> bytes:
         """The frame, or b"" when it cannot be built for this variant (data JSON cannot
@@ -587,7 +593,9 @@ class Hub:
                 delay = _RETRY_MIN_S
                 if self.topics.get(state.name) is not state or state.epoch is None:
                     return
-                if self._repair_page(state, read, page, held_before):
+                caught_up = self._repair_page(state, read, page, held_before)
+                self.flusher.schedule()
+                if caught_up:
                     return
         except Exception:  # a bug: these clients reconnect and recover, nothing is silent
             log.exception("gap repair of %s failed", state.name)

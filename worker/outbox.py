@@ -60,6 +60,7 @@ class Outbox:
         "high_water",
         "limit",
         "on_overflow",
+        "variant",
         "ws",
     )
 
@@ -71,8 +72,10 @@ class Outbox:
         max_bytes: int,
         high_water: int,
         on_overflow: Callable[[], None] | None = None,
+        variant: tuple[bool, int | None] = (False, None),
     ) -> None:
         self.ws = ws
+        self.variant = variant  # which broadcast frames this client takes (see worker.hub)
         self.flusher = flusher
         self.frames: list[bytes] = []
         self.bytes = 0
@@ -135,36 +138,40 @@ class Outbox:
     def write(self) -> int:
         """Hand the transport what fits under its high water mark; returns bytes written."""
         self.dirty = False
-        frames = self.frames
-        if not frames or self.closed:
+        size = self.bytes
+        if not size:  # nothing queued (or closed)
             return 0
         ws = self.ws
         if ws.write_paused:
             return 0  # resume_writing calls `writable`
+        frames = self.frames
         room = self.high_water - ws.buffered_bytes()
-        if self.bytes <= room:
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
-            self.frames = []
+        if size <= room:  # the usual case: all of it, one write
+            ws.write_frame(frames[0] if len(frames) == 1 else b"".join(frames))
+            frames.clear()
             self.bytes = 0
-        else:
-            taken = 0
-            count = 0
-            for frame in frames:
-                if count and taken + len(frame) > room:
-                    break
-                taken += len(frame)
-                count += 1
-            data = b"".join(frames[:count])
-            del frames[:count]
-            self.bytes -= taken
+            if self._drained is not None and not ws.write_paused:
+                self._wake()
+            return size
+        return self._write_part(ws, frames, room)
+
+    def _write_part(self, ws: WebSocket, frames: list[bytes], room: int) -> int:
+        """Write the frames that fit in `room` (at least one); the rest waits its turn."""
+        taken = 0
+        count = 0
+        for frame in frames:
+            if count and taken + len(frame) > room:
+                break
+            taken += len(frame)
+            count += 1
+        data = b"".join(frames[:count])
+        del frames[:count]
+        self.bytes -= taken
         ws.write_frame(data)
-        if self.frames:
-            if not ws.write_paused:  # under the mark yet not all written: next window
-                self.dirty = True
-                self.flusher.add(self)
-        elif not ws.write_paused:
-            self._wake()
-        return len(data)
+        if not ws.write_paused:  # under the mark yet not all written: the next window
+            self.dirty = True
+            self.flusher.add(self)
+        return taken
 
     def writable(self) -> None:
         """The transport drained to its low water mark: write more, or wake a waiting replay."""
@@ -197,28 +204,38 @@ class Outbox:
 class Flusher:
     """The worker's write scheduler: every dirty outbox is written once per window."""
 
-    __slots__ = ("_dirty", "_last", "_loop", "_timer", "bytes_out", "window_s")
+    __slots__ = ("_last", "_loop", "_timer", "bytes_out", "dirty", "window_s")
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
-        self._dirty: list[Outbox] = []
+        # Outboxes with `dirty` set, to write. The hub's fan-out appends here directly and
+        # calls `schedule` once per batch; anything else calls `add`.
+        self.dirty: list[Outbox] = []
         self._last = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_event_loop()
         self.bytes_out = 0
 
     def add(self, outbox: Outbox) -> None:
-        self._dirty.append(outbox)
+        self.dirty.append(outbox)
         if self._timer is None:
-            # An idle worker writes at once (on the next loop turn, so one turn's frames go
-            # together); a busy one gathers what arrives within the window.
+            self.schedule()
+
+    def schedule(self, *, now: bool = False) -> None:
+        """Make sure a write is coming: a busy worker gathers what arrives within the
+        window; an idle one writes on the next loop turn (so one turn's frames go
+        together), or at once with `now` (the hub, at the end of a bus batch)."""
+        if self._timer is None and self.dirty:
             wait = self._last + self.window_s - self._loop.time()
-            self._timer = self._loop.call_later(max(wait, 0.0), self.flush)
+            if wait <= 0 and now:
+                self.flush()
+            else:
+                self._timer = self._loop.call_later(max(wait, 0.0), self.flush)
 
     def flush(self) -> None:
         self._timer = None
         self._last = self._loop.time()
-        dirty, self._dirty = self._dirty, []
+        dirty, self.dirty = self.dirty, []
         out = 0
         for outbox in dirty:
             if outbox.dirty:

@@ -88,6 +88,7 @@ class ClientSession:
             max_bytes=s.max_send_buffer_bytes,
             high_water=s.write_buffer_high_bytes,
             on_overflow=self._slow_consumer,
+            variant=self.variant,
         )
         ws.on_writable = self.outbox.writable
         self.topics: set[str] = set()

@@ -54,7 +54,7 @@ class FakeSession:
         self.variant = (binary, None)
         self.outbox = Outbox(
             self.ws, hub.flusher, max_bytes=max_bytes, high_water=64 << 10,
-            on_overflow=self._overflow,
+            on_overflow=self._overflow, variant=self.variant,
         )  # fmt: skip
         self._parser = Connection(Role.CLIENT, max_message_bytes=16 << 20)
         self.frames: list[dict[str, Any]] = []
