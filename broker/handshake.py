@@ -2,8 +2,9 @@
 
 Server role: `RequestParser` turns received bytes into one `Request` (head, then a body by
 Content-Length), failing as soon as a limit from `Settings` is crossed; `accept_upgrade` runs
-the RFC 6455 section 4.2.1 checks in order and builds the 101 response, or raises
-`HandshakeError`, which `error_response` turns into bytes. `http_response` serves plain HTTP.
+the RFC 6455 section 4.2.1 checks in order, then the Origin policy (`origin_allowed`: the
+same origin, or `allowed_origins`), and builds the 101 response, or raises `HandshakeError`,
+which `error_response` turns into bytes. `http_response` serves plain HTTP.
 Client role: `client_request` builds the upgrade request, `ResponseParser` reads the answer's
 head and `check_response` runs the section 4.1 checks. permessage-deflate negotiation is
 delegated to `broker.deflate`. Nothing here does I/O.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import os
 import re
@@ -380,14 +382,87 @@ def error_response(error: HandshakeError) -> bytes:
     return http_response(error.status, body, headers=error.headers)
 
 
-def _origin_key(origin: str) -> str:
-    # RFC 6454 section 6.1: scheme and host are lowercase in the serialised origin.
-    scheme, sep, rest = origin.partition("://")
-    return scheme.lower() + sep + rest.lower() if sep else origin
+_DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
 
 
-def _check_request(request: Request, allowed_origins: tuple[str, ...] | None) -> str:
-    """RFC 6455 section 4.2.1 checks, in its order; returns the Sec-WebSocket-Key."""
+def split_authority(authority: str) -> tuple[str, int | None] | None:
+    """(host lower-cased, port or None) of `host[:port]` or `[v6][:port]`; None if malformed."""
+    if authority.startswith("["):
+        end = authority.find("]")
+        host, rest = authority[: end + 1], authority[end + 1 :]
+        if end < 0 or (rest and rest[0] != ":"):
+            return None
+        port_text = rest[1:] if rest else None
+    elif ":" in authority:
+        host, _, port_text = authority.partition(":")  # a second colon: not digits, refused
+    else:
+        host, port_text = authority, None
+    if not host or any(c in host for c in "/?#@ \t"):
+        return None
+    if port_text is None:
+        return host.lower(), None
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5):
+        return None
+    port = int(port_text)
+    return (host.lower(), port) if port <= 65535 else None
+
+
+def _origin_parts(origin: str) -> tuple[str, str, int | None] | None:
+    """(scheme, host, port) of a serialised origin (RFC 6454 section 6.2), the port filled in
+    for http/https/ws/wss; None for anything else (`null`, a path, garbage)."""
+    scheme, sep, authority = origin.partition("://")
+    if not sep or not scheme.isascii() or not scheme.isalpha():
+        return None
+    parts = split_authority(authority)
+    if parts is None:
+        return None
+    scheme = scheme.lower()
+    host, port = parts
+    return scheme, host, port if port is not None else _DEFAULT_PORTS.get(scheme)
+
+
+def _origin_key(origin: str) -> tuple[str, str, int | None] | str:
+    # RFC 6454 section 6.1: scheme and host compare case-insensitively; default ports too.
+    return _origin_parts(origin) or origin.lower()
+
+
+@functools.lru_cache(maxsize=64)
+def _allowed_keys(allowed_origins: tuple[str, ...]) -> frozenset[tuple[str, str, int | None] | str]:
+    return frozenset(_origin_key(o) for o in allowed_origins)
+
+
+def same_origin(origin: str, host: str) -> bool:
+    """Whether `origin` names the host:port this request was sent to (its Host header).
+
+    The scheme is not compared (behind a TLS load balancer the browser says https while we
+    see plain HTTP); a Host without a port matches an origin on port 80 or 443."""
+    parts, authority = _origin_parts(origin), split_authority(host)
+    if parts is None or authority is None:
+        return False
+    _, origin_host, origin_port = parts
+    host_name, host_port = authority
+    if origin_host != host_name:
+        return False
+    if host_port is None:
+        return origin_port in (80, 443)
+    return host_port == origin_port
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed_origins: Sequence[str]) -> bool:
+    """The Origin policy (docs/security.md): no Origin (not a browser) passes; `*` admits any;
+    a listed origin passes (`null` only when listed); otherwise only the same origin."""
+    if origin is None:
+        return True
+    allowed = _allowed_keys(tuple(allowed_origins))
+    if "*" in allowed or _origin_key(origin) in allowed:
+        return True
+    return host is not None and same_origin(origin, host)
+
+
+def _check_request(request: Request, allowed_origins: Sequence[str]) -> str:
+    """RFC 6455 section 4.2.1 checks, in its order; returns the Sec-WebSocket-Key.
+
+    Then the Origin policy (section 10.2: the server decides which origins it serves)."""
     if request.method != "GET":
         raise HandshakeError(405, f"method {request.method} not allowed", [("Allow", "GET")])
     if tuple(map(int, request.http_version.split("."))) < (1, 1):
@@ -405,10 +480,8 @@ def _check_request(request: Request, allowed_origins: tuple[str, ...] | None) ->
         # RFC 6455 section 4.4; RFC 7231 section 6.5.15 requires Upgrade in a 426.
         headers = [("Sec-WebSocket-Version", WS_VERSION), ("Upgrade", "websocket")]
         raise HandshakeError(426, "unsupported Sec-WebSocket-Version, use 13", headers)
-    origin = request.header("Origin")
-    if allowed_origins is not None and origin is not None:
-        if _origin_key(origin) not in {_origin_key(o) for o in allowed_origins}:
-            raise HandshakeError(403, f"origin {origin} not allowed")
+    if not origin_allowed(request.header("Origin"), request.header("Host"), allowed_origins):
+        raise HandshakeError(403, "Origin not allowed (same origin only, or allowed_origins)")
     return keys[0]
 
 
@@ -422,7 +495,7 @@ def _is_valid_key(key: str) -> bool:
 def accept_upgrade(
     request: Request,
     *,
-    allowed_origins: tuple[str, ...] | None,
+    allowed_origins: Sequence[str] = (),
     subprotocols: Sequence[str] = (),
     default_subprotocol: str | None = None,
     compression: bool = True,
@@ -433,7 +506,8 @@ def accept_upgrade(
 
     The subprotocol is the first of ours (server preference) the client offered; with no
     match, no header is sent (RFC 6455 section 4.2.2 allows it) and `default_subprotocol`
-    is reported. Invalid `extra_headers` raise ValueError.
+    is reported. A browser's `Origin` must be the request's own (its Host) or one of
+    `allowed_origins` (`origin_allowed`), else 403. Invalid `extra_headers` raise ValueError.
     """
     key = _check_request(request, allowed_origins)
     headers = [

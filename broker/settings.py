@@ -17,6 +17,7 @@ import fnmatch
 import functools
 import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -30,6 +31,9 @@ ENV_PREFIX = "REDWIRE_"
 _BUS_SCHEMES = ("redis", "rediss", "unix", "memory")  # memory:// is the one-process bus
 KIB = 1024
 MIB = 1024 * 1024
+_HOST_RE = r"(\[[0-9a-f:.]+\]|[^\s/?#@:\[\]]+)(:[0-9]{1,5})?"  # host[:port], [v6][:port]
+# An `allowed_origins` entry: a serialised origin (RFC 6454 section 6.2), no path, no slash.
+_ORIGIN_ENTRY_RE = re.compile(r"[a-z][a-z0-9+.-]*://" + _HOST_RE, re.I)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +61,10 @@ class Settings:
     app: str | None = None  # "module:object" application hooks, None for none
     api_key: str | None = None  # POST /publish needs it; None disables POST /publish
     static_dir: str | None = None  # an application's web files, served at / (None: the demo)
-    allowed_origins: tuple[str, ...] | None = None  # None: any Origin (or none) is accepted
+    # Browsers' `Origin` (docs/security.md): a request without one (not a browser) passes; one
+    # from the same host:port as the request's Host passes; so does one listed here. "*" lets
+    # any site connect (unsafe with cookie auth); "null" admits sandboxed pages and file://.
+    allowed_origins: tuple[str, ...] = ()  # (): the same origin only; entries scheme://host[:port]
     log_level: str = "INFO"
 
     # --- opening handshake (HTTP/1.1) ---
@@ -368,3 +375,10 @@ def _validate(s: Settings) -> None:
         need(rule.history_ttl_s >= 0, f"topics[{i}]: history_ttl_s must be >= 0")
         need(rule.presence or not rule.join_leave, f"topics[{i}]: join_leave needs presence")
     need(s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "bad log_level")
+    need(isinstance(s.allowed_origins, tuple), "allowed_origins must be a tuple of origins")
+    for entry in s.allowed_origins:
+        need(
+            entry in ("*", "null") or _ORIGIN_ENTRY_RE.fullmatch(entry) is not None,
+            f"allowed_origins: {entry!r} is not an origin: scheme://host[:port] with no path"
+            " (e.g. https://app.example), '*' (any site: unsafe) or 'null'",
+        )

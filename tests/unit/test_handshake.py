@@ -98,9 +98,7 @@ def test_accept_key_matches_rfc_example() -> None:
 def test_101_response_lines_are_clean(compression: bool) -> None:
     offer = [("Sec-WebSocket-Extensions", "permessage-deflate")] if compression else []
     request = parse(upgrade_raw(add=[*offer, ("Sec-WebSocket-Protocol", "redwire.v1")]))
-    accepted = accept_upgrade(
-        request, allowed_origins=None, subprotocols=["redwire.v1"], compression=compression
-    )
+    accepted = accept_upgrade(request, subprotocols=["redwire.v1"], compression=compression)
     response = accepted.response
     assert response.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
     assert response.endswith(b"\r\n\r\n")
@@ -289,7 +287,7 @@ def test_limits_fail_early(prefix: bytes, filler: bytes, status: int, limit: int
 
 
 def test_accept_upgrade_minimal() -> None:
-    accepted = accept_upgrade(parse(upgrade_raw()), allowed_origins=None, compression=False)
+    accepted = accept_upgrade(parse(upgrade_raw()), compression=False)
     assert accepted.response == (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
@@ -329,12 +327,12 @@ def test_accept_upgrade_refusals(data: bytes, status: int) -> None:
 
 def test_405_and_426_carry_their_headers() -> None:
     with pytest.raises(HandshakeError) as info:
-        accept_upgrade(parse(upgrade_raw(start="PUT /ws HTTP/1.1")), allowed_origins=None)
+        accept_upgrade(parse(upgrade_raw(start="PUT /ws HTTP/1.1")))
     assert ("Allow", "GET") in info.value.headers
     assert ("Allow", "GET") in header_lines(error_response(info.value))
     bad_version = upgrade_raw(drop=("Sec-WebSocket-Version",), add=[("Sec-WebSocket-Version", "8")])
     with pytest.raises(HandshakeError) as info:
-        accept_upgrade(parse(bad_version), allowed_origins=None)
+        accept_upgrade(parse(bad_version))
     response = parse_response(error_response(info.value))
     assert response.status == 426
     assert response.header("Sec-WebSocket-Version") == "13"
@@ -359,35 +357,83 @@ def test_subprotocol_selection(
     ours: list[str], offered: list[str], default: str | None, expected: str | None, header: str
 ) -> None:
     request = parse(upgrade_raw(add=[("Sec-WebSocket-Protocol", v) for v in offered]))
-    accepted = accept_upgrade(
-        request, allowed_origins=None, subprotocols=ours, default_subprotocol=default
-    )
+    accepted = accept_upgrade(request, subprotocols=ours, default_subprotocol=default)
     assert accepted.subprotocol == expected
     assert parse_response(accepted.response).header("Sec-WebSocket-Protocol") == header
 
 
-@pytest.mark.parametrize(
-    ("allowed", "origin", "ok"),
-    [
-        (None, "https://evil.example", True),
-        (("https://app.example",), None, True),
-        (("https://app.example",), "https://app.example", True),
-        (("https://app.example",), "HTTPS://APP.Example", True),
-        (("https://App.Example", "http://other"), "https://app.example", True),
-        (("https://app.example",), "https://app.example:8443", False),
-        (("https://app.example",), "http://app.example", False),
-        (("https://app.example",), "https://app.example.evil", False),
-        (("https://app.example",), "null", False),
-        ((), "https://app.example", False),
-        ((), None, True),
-    ],
-)
-def test_origin_allow_list(allowed: tuple[str, ...] | None, origin: str | None, ok: bool) -> None:
-    request = parse(upgrade_raw(add=[("Origin", origin)] if origin else []))
+# The Host of UPGRADE_HEADERS is broker.example:8765. Rows: (allowed_origins, Origin, Host, ok).
+SAME = "http://broker.example:8765"
+ORIGIN_CASES = [
+    # default: the same origin only; no Origin (not a browser) passes
+    ((), None, None, True),
+    ((), SAME, None, True),
+    ((), "https://broker.example:8765", None, True),  # scheme-less: TLS at the load balancer
+    ((), "HTTP://Broker.EXAMPLE:8765", None, True),
+    ((), "http://broker.example", None, False),  # port 80, not 8765
+    ((), "http://broker.example:8766", None, False),
+    ((), "http://evil.example", None, False),
+    ((), "http://evil.example:8765", None, False),
+    ((), "http://broker.example.evil:8765", None, False),
+    ((), "http://broker.example:8765.evil", None, False),
+    ((), "http://user@broker.example:8765", None, False),
+    ((), SAME + "/", None, False),
+    ((), "broker.example:8765", None, False),
+    ((), "null", None, False),
+    ((), "", None, False),
+    ((), "http://broker.example, http://broker.example:8765", None, False),  # two Origins
+    # the Host decides what "same" is
+    ((), "https://app.example", "app.example", True),  # no port in Host: 80 or 443
+    ((), "http://app.example", "app.example", True),
+    ((), "https://app.example:443", "app.example", True),
+    ((), "https://app.example", "app.example:443", True),
+    ((), "https://app.example:8443", "app.example", False),
+    ((), "http://app.example", "app.example:443", False),
+    ((), "http://[::1]:8765", "[::1]:8765", True),
+    ((), "http://[::1]:8765", "[::2]:8765", False),
+    ((), "http://127.0.0.1:8765", "localhost:8765", False),  # names, not addresses
+    ((), "http://app.example", "app.example:99999", False),
+    # allowed_origins widens it
+    (("https://app.example",), "https://app.example", None, True),
+    (("https://app.example",), "HTTPS://APP.Example", None, True),
+    (("https://app.example",), "https://app.example:443", None, True),  # the default port
+    (("https://App.Example", "http://other"), "https://app.example", None, True),
+    (("https://app.example",), SAME, None, True),  # the same origin still passes
+    (("https://app.example",), None, None, True),
+    (("https://app.example",), "https://app.example:8443", None, False),
+    (("https://app.example",), "http://app.example", None, False),
+    (("https://app.example",), "https://app.example.evil", None, False),
+    (("https://app.example",), "null", None, False),
+    (("null",), "null", None, True),
+    (("chrome-extension://abcdef",), "chrome-extension://abcdef", None, True),
+    # "*" admits any site (unsafe with cookie auth)
+    (("*",), "http://evil.example", None, True),
+    (("*",), "null", None, True),
+    (("*",), None, None, True),
+]
+
+
+@pytest.mark.parametrize(("allowed", "origin", "host", "ok"), ORIGIN_CASES)
+def test_origin_policy(
+    allowed: tuple[str, ...], origin: str | None, host: str | None, ok: bool
+) -> None:
+    drop = ("Host",) if host else ()
+    add = ([("Host", host)] if host else []) + ([("Origin", origin)] if origin is not None else [])
+    request = parse(upgrade_raw(drop=drop, add=add))
+    Settings(allowed_origins=allowed)  # every entry in the table is a valid setting
     if ok:
-        accept_upgrade(request, allowed_origins=allowed)
+        assert accept_upgrade(request, allowed_origins=allowed).response.startswith(b"HTTP/1.1 101")
     else:
         assert status_of(lambda: accept_upgrade(request, allowed_origins=allowed)) == 403
+
+
+def test_refused_origin_is_not_echoed() -> None:
+    request = parse(upgrade_raw(add=[("Origin", "http://evil.example")]))
+    with pytest.raises(HandshakeError) as info:
+        accept_upgrade(request)
+    response = error_response(info.value)
+    assert response.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert b"evil" not in response
 
 
 @pytest.mark.parametrize(
@@ -396,13 +442,11 @@ def test_origin_allow_list(allowed: tuple[str, ...] | None, origin: str | None, 
 )
 def test_extra_headers_are_validated(header: tuple[str, str]) -> None:
     with pytest.raises(ValueError):
-        accept_upgrade(parse(upgrade_raw()), allowed_origins=None, extra_headers=[header])
+        accept_upgrade(parse(upgrade_raw()), extra_headers=[header])
 
 
 def test_extra_headers_are_appended() -> None:
-    accepted = accept_upgrade(
-        parse(upgrade_raw()), allowed_origins=None, extra_headers=[("X-Worker", "3")]
-    )
+    accepted = accept_upgrade(parse(upgrade_raw()), extra_headers=[("X-Worker", "3")])
     assert header_lines(accepted.response)[-1] == ("X-Worker", "3")
 
 
@@ -411,7 +455,7 @@ def test_extra_headers_are_appended() -> None:
 
 def test_compression_negotiated_when_offered() -> None:
     offer = [("Sec-WebSocket-Extensions", "permessage-deflate; client_max_window_bits")]
-    accepted = accept_upgrade(parse(upgrade_raw(add=offer)), allowed_origins=None)
+    accepted = accept_upgrade(parse(upgrade_raw(add=offer)))
     assert accepted.deflate is not None
     value = parse_response(accepted.response).header("Sec-WebSocket-Extensions")
     assert value is not None and value.startswith("permessage-deflate")
@@ -425,15 +469,15 @@ def test_no_compression_without_offer_or_when_disabled(
     offer: list[tuple[str, str]], compression: bool
 ) -> None:
     request = parse(upgrade_raw(add=offer))
-    accepted = accept_upgrade(request, allowed_origins=None, compression=compression)
+    accepted = accept_upgrade(request, compression=compression)
     assert accepted.deflate is None
     assert parse_response(accepted.response).header("Sec-WebSocket-Extensions") is None
 
 
 def test_malformed_extension_offer_is_refused() -> None:
     request = parse(upgrade_raw(add=[("Sec-WebSocket-Extensions", "permessage-deflate;;")]))
-    assert status_of(lambda: accept_upgrade(request, allowed_origins=None)) == 400
-    accepted = accept_upgrade(request, allowed_origins=None, compression=False)
+    assert status_of(lambda: accept_upgrade(request)) == 400
+    accepted = accept_upgrade(request, compression=False)
     assert accepted.deflate is None
 
 
@@ -585,7 +629,7 @@ def test_response_parser(data: bytes, status: int | None) -> None:
 
 
 def test_response_parser_bytewise_matches_whole() -> None:
-    data = accept_upgrade(parse(upgrade_raw()), allowed_origins=None).response + b"\x88\x00"
+    data = accept_upgrade(parse(upgrade_raw())).response + b"\x88\x00"
     whole_parser = ResponseParser()
     whole = whole_parser.feed(data)
     parser = ResponseParser()

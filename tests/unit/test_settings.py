@@ -247,11 +247,25 @@ def test_to_env_round_trip(original: Settings) -> None:
     assert Settings.load(environ=env) == original
 
 
-def test_to_env_round_trip_empty_origin_list() -> None:
-    """allowed_origins=() admits no browser Origin; None admits any. A child process must not
-    turn the first into the second."""
-    original = Settings(allowed_origins=())
-    assert Settings.load(environ=original.to_env()).allowed_origins == ()
+@pytest.mark.parametrize("origins", [(), ("*",), ("null", "https://a.example")])
+def test_to_env_round_trip_origin_lists(origins: tuple[str, ...]) -> None:
+    """allowed_origins=() (the same origin only) must not turn into ("*",) or back."""
+    original = Settings(allowed_origins=origins)
+    assert Settings.load(environ=original.to_env()).allowed_origins == origins
+
+
+def test_default_origin_policy_is_same_origin_only() -> None:
+    assert Settings().allowed_origins == ()
+    assert Settings.load(environ={"REDWIRE_ALLOWED_ORIGINS": ""}).allowed_origins == ()
+
+
+@pytest.mark.parametrize(
+    "entry",
+    ["https://a.example/", "https://a.example/path", "a.example", "none", "", "https://", "*.a"],
+)
+def test_bad_origin_entries_are_refused(entry: str) -> None:
+    with pytest.raises(ConfigError, match="allowed_origins"):
+        Settings(allowed_origins=(entry,))
 
 
 # --- derived limits --------------------------------------------------------------------------
