@@ -15,6 +15,9 @@ Output of `subscribe`, one object per line, flushed at once:
 - a gap (messages may be missing: a reconnect, a position history no longer holds, a `gap`
   frame): `{"gap": {"topic": T, "reason": R}}`.
 
+Once every topic is subscribed, `redwire: subscribed to T ...` goes to stderr (a human or a
+script knows that what is published from then on will be printed).
+
 Exit codes: 0 done (`--count` reached, SIGINT or SIGTERM); 1 the broker refused or failed
 (a publish error: its code and reason on stderr; no connection; a subscription ended by the
 server); 2 a usage error.
@@ -193,6 +196,7 @@ async def _subscribe_all(
             _error(f"subscribe {topic} failed: {reason}")
             return EXIT_FAILED
         drains.append(asyncio.create_task(_drain(sub, out, state)))
+    print(f"redwire: subscribed to {' '.join(topics)}", file=sys.stderr, flush=True)
     stop = asyncio.create_task(state.done.wait())
     await asyncio.wait([stop, *drains], return_when=asyncio.FIRST_COMPLETED)
     failed = await _stop_all([stop, *drains])
