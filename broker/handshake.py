@@ -368,11 +368,17 @@ def http_response(
     headers: Iterable[tuple[str, str]] = (),
     keep_alive: bool = False,
 ) -> bytes:
-    """A plain HTTP/1.1 response with Content-Length and an explicit Connection header."""
+    """A plain HTTP/1.1 response with Content-Length and an explicit Connection header.
+
+    Every one says `X-Content-Type-Options: nosniff` (unless `headers` sets it), so no
+    browser runs a body as something its Content-Type does not say it is."""
     fields = [("Content-Type", content_type)] if body else []
     fields.append(("Content-Length", str(len(body))))
     fields.append(("Connection", "keep-alive" if keep_alive else "close"))
-    fields.extend(headers)
+    extra = list(headers)
+    if not any(name.lower() == "x-content-type-options" for name, _ in extra):
+        fields.append(("X-Content-Type-Options", "nosniff"))
+    fields.extend(extra)
     return _head(_status_line(status), fields) + body
 
 
@@ -457,6 +463,39 @@ def origin_allowed(origin: str | None, host: str | None, allowed_origins: Sequen
     if "*" in allowed or _origin_key(origin) in allowed:
         return True
     return host is not None and same_origin(origin, host)
+
+
+def host_allowed(host: str | None, allowed_hosts: Sequence[str]) -> bool:
+    """Whether a Host header value is one we serve (docs/security.md). No list: any Host.
+
+    An entry `name` matches that name on any port, `name:port` that port only, `.name` the
+    name and every subdomain of it. Names compare case-insensitively."""
+    if not allowed_hosts:
+        return True
+    authority = split_authority(host) if host else None
+    if authority is None:
+        return False
+    name, port = authority
+    for entry in allowed_hosts:
+        if entry.startswith("."):
+            suffix = entry.lower()
+            if name == suffix[1:] or name.endswith(suffix):
+                return True
+            continue
+        wanted = split_authority(entry)
+        if wanted is not None and wanted[0] == name and wanted[1] in (None, port):
+            return True
+    return False
+
+
+def check_host(request: Request, allowed_hosts: Sequence[str]) -> None:
+    """Raise HandshakeError 421 (Misdirected Request) unless the request's one Host header
+    is served here (`host_allowed`); with `allowed_hosts` empty, any request passes."""
+    if not allowed_hosts:
+        return
+    hosts = request.header_values("Host")
+    if len(hosts) != 1 or not host_allowed(hosts[0], allowed_hosts):
+        raise HandshakeError(421, "this server does not serve that Host (allowed_hosts)")
 
 
 def _check_request(request: Request, allowed_origins: Sequence[str]) -> str:

@@ -34,6 +34,7 @@ MIB = 1024 * 1024
 _HOST_RE = r"(\[[0-9a-f:.]+\]|[^\s/?#@:\[\]]+)(:[0-9]{1,5})?"  # host[:port], [v6][:port]
 # An `allowed_origins` entry: a serialised origin (RFC 6454 section 6.2), no path, no slash.
 _ORIGIN_ENTRY_RE = re.compile(r"[a-z][a-z0-9+.-]*://" + _HOST_RE, re.I)
+_HOST_ENTRY_RE = re.compile(r"\.?" + _HOST_RE, re.I)  # an `allowed_hosts` entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,9 @@ class Settings:
     # from the same host:port as the request's Host passes; so does one listed here. "*" lets
     # any site connect (unsafe with cookie auth); "null" admits sandboxed pages and file://.
     allowed_origins: tuple[str, ...] = ()  # (): the same origin only; entries scheme://host[:port]
+    # Host headers served (every HTTP request and upgrade; another one: 421). An entry is a
+    # name (any port), name:port, or .name for the name and its subdomains. (): any Host.
+    allowed_hosts: tuple[str, ...] = ()
     log_level: str = "INFO"
 
     # --- opening handshake (HTTP/1.1) ---
@@ -381,4 +385,10 @@ def _validate(s: Settings) -> None:
             entry in ("*", "null") or _ORIGIN_ENTRY_RE.fullmatch(entry) is not None,
             f"allowed_origins: {entry!r} is not an origin: scheme://host[:port] with no path"
             " (e.g. https://app.example), '*' (any site: unsafe) or 'null'",
+        )
+    need(isinstance(s.allowed_hosts, tuple), "allowed_hosts must be a tuple of host names")
+    for entry in s.allowed_hosts:
+        need(
+            _HOST_ENTRY_RE.fullmatch(entry) is not None,
+            f"allowed_hosts: {entry!r} is not a host: name, name:port or .name (subdomains)",
         )

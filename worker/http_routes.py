@@ -4,6 +4,11 @@ GET  /            the demo page            GET /healthz   200 or 503, JSON
 GET  /redwire.js  the browser client       GET /metrics   Prometheus exposition
 POST /publish     {"topic": T, "data": D} with `Authorization: Bearer <api_key>`
                   (disabled, 404, when no api_key is set)
+
+With `static_dir` set, other paths are files under it. A path whose percent-escapes do not
+decode to UTF-8 text without control characters (`/%00`, `/%ff`, `/%zz`) is a 400 before any
+route sees it; a path that resolves outside `static_dir` is a 404. Every response carries
+`X-Content-Type-Options: nosniff` (`broker.handshake.http_response`).
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ import hmac
 import json
 import mimetypes
 import os
+import re
 from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING
-from urllib.parse import unquote
+from urllib.parse import unquote_to_bytes
 
 from broker.envelope import ENCODING_JSON, BusMessage
 from broker.errors import BusError, ClientError
@@ -38,15 +44,34 @@ def _asset(package: str, *parts: str) -> bytes:
     return resources.files(package).joinpath(*parts).read_bytes()
 
 
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def decode_path(path: str) -> str | None:
+    """The request path percent-decoded as UTF-8, or None when that fails or the result holds
+    a control character (NUL included): such a path names no file and no route."""
+    if _BAD_ESCAPE.search(path):
+        return None
+    try:
+        text = unquote_to_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return None if _CONTROL.search(text) else text
+
+
 async def handle(app: BrokerApp, request: Request) -> bytes:
     path, method = request.path, request.method
+    decoded = decode_path(path)
+    if decoded is None:
+        return http_response(400, b"bad request path\n")
     if path == "/publish":
         if method != "POST":
             return http_response(405, b"use POST\n", headers=[("Allow", "POST")])
         return await _publish(app, request)
     if method not in ("GET", "HEAD"):
         return http_response(405, b"method not allowed\n", headers=[("Allow", "GET, HEAD")])
-    response = _get(app, path)
+    response = _get(app, path, decoded)
     if method == "HEAD":
         head, _, _ = response.partition(b"\r\n\r\n")
         return head + b"\r\n\r\n"
@@ -63,11 +88,10 @@ _ASSETS = {
 _PAGE_HEADERS = [
     ("Cache-Control", "no-cache"),
     ("Content-Security-Policy", "default-src 'self'; connect-src 'self' ws: wss:"),
-    ("X-Content-Type-Options", "nosniff"),
 ]
 
 
-def _get(app: BrokerApp, path: str) -> bytes:
+def _get(app: BrokerApp, path: str, decoded: str) -> bytes:
     if path == "/healthz":
         ok, body = app.health()
         return _json(200 if ok else 503, body)
@@ -78,7 +102,7 @@ def _get(app: BrokerApp, path: str) -> bytes:
         path = "/"
     static_dir = app.settings.static_dir
     if static_dir is not None and path != "/redwire.js":
-        found = _static_file(static_dir, path)
+        found = _static_file(static_dir, "/" if path == "/" else decoded)
         if found is not None:
             body, content_type = found
             return http_response(200, body, content_type=content_type, headers=_PAGE_HEADERS)
@@ -94,8 +118,9 @@ def _get(app: BrokerApp, path: str) -> bytes:
 def _static_file(root: str, path: str) -> tuple[bytes, str] | None:
     """A file under the application's `static_dir` (`/` is its index.html), or None.
 
-    The path is resolved and must stay inside the directory: no `..`, no symlink escape."""
-    relative = "index.html" if path == "/" else unquote(path).lstrip("/")
+    `path` is already decoded (`decode_path`). It is resolved and must stay inside the
+    directory: no `..`, no symlink escape; a file we cannot read is not there either."""
+    relative = "index.html" if path == "/" else path.lstrip("/")
     base = os.path.realpath(root)
     target = os.path.realpath(os.path.join(base, relative))
     if os.path.commonpath((base, target)) != base or not os.path.isfile(target):
@@ -103,8 +128,11 @@ def _static_file(root: str, path: str) -> tuple[bytes, str] | None:
     content_type = mimetypes.guess_type(target)[0] or "application/octet-stream"
     if content_type.startswith("text/") or content_type.endswith("javascript"):
         content_type += "; charset=utf-8"
-    with open(target, "rb") as fh:
-        return fh.read(), content_type
+    try:
+        with open(target, "rb") as fh:
+            return fh.read(), content_type
+    except OSError:
+        return None
 
 
 async def _publish(app: BrokerApp, request: Request) -> bytes:

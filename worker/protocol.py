@@ -35,7 +35,13 @@ from broker.connection import (
 )
 from broker.deflate import PerMessageDeflate
 from broker.errors import ConnectionClosedError, HandshakeError
-from broker.handshake import Request, RequestParser, accept_upgrade, error_response
+from broker.handshake import (
+    Request,
+    RequestParser,
+    accept_upgrade,
+    check_host,
+    error_response,
+)
 from broker.settings import Settings
 from broker.tasks import spawn
 
@@ -189,6 +195,8 @@ class WebSocket(asyncio.Protocol):
         assert self._parser is not None
         try:
             request = self._parser.feed(data)
+            if request is not None:
+                check_host(request, self.settings.allowed_hosts)
         except HandshakeError as exc:
             self._refuse(exc)
             return

@@ -488,10 +488,16 @@ def test_http_response() -> None:
     data = http_response(404, b"no such topic", headers=[("X-A", "1")])
     assert data == (
         b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        b"Content-Length: 13\r\nConnection: close\r\nX-A: 1\r\n\r\nno such topic"
+        b"Content-Length: 13\r\nConnection: close\r\nX-Content-Type-Options: nosniff\r\n"
+        b"X-A: 1\r\n\r\nno such topic"
     )
     data = http_response(204, keep_alive=True)
-    assert data == b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n"
+    assert data == (
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: keep-alive\r\n"
+        b"X-Content-Type-Options: nosniff\r\n\r\n"
+    )
+    own = http_response(200, headers=[("x-content-type-options", "nosniff")])
+    assert own.lower().count(b"x-content-type-options") == 1
 
 
 def test_error_response() -> None:
