@@ -50,6 +50,16 @@ _SERVE_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--app", "app", {"help": "application hooks as module:object"}),
     ("--api-key", "api_key", {"help": "enables POST /publish"}),
     ("--static-dir", "static_dir", {"help": "serve these web files at /"}),
+    (
+        "--allowed-origin",
+        "allowed_origins",
+        {
+            "action": "append",
+            "metavar": "ORIGIN",
+            "help": "a browser Origin besides the same origin, scheme://host[:port]; '*' for"
+            " any site (repeatable)",
+        },
+    ),
 )
 FLAG_NAMES: Mapping[str, str] = {field: flag for flag, field, _ in _COMMON_FLAGS + _SERVE_FLAGS}
 
@@ -136,6 +146,9 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
         for field in FLAG_NAMES
         if getattr(args, field, None) is not None
     }
+    for field, value in overrides.items():
+        if isinstance(value, list):  # a repeatable flag: the setting is a tuple
+            overrides[field] = tuple(value)
     if "log_level" in overrides:
         overrides["log_level"] = overrides["log_level"].upper()
     if overrides.get("static_dir"):  # workers share our cwd, but say it plainly

@@ -41,6 +41,15 @@ def test_serve_flags_become_settings_fields() -> None:
     assert parse("serve") == {}
 
 
+def test_repeatable_flags_become_tuples() -> None:
+    overrides = parse(
+        "serve", "--allowed-origin", "https://a.example", "--allowed-origin", "http://b:8080"
+    )
+    assert overrides == {"allowed_origins": ("https://a.example", "http://b:8080")}
+    settings = Settings.load(environ={}, overrides=overrides)
+    assert settings.allowed_origins == ("https://a.example", "http://b:8080")
+
+
 def test_static_dir_is_made_absolute() -> None:
     assert parse("serve", "--static-dir", "web")["static_dir"] == str(Path("web").absolute())
 
