@@ -60,6 +60,16 @@ _SERVE_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
             " any site (repeatable)",
         },
     ),
+    (
+        "--allowed-host",
+        "allowed_hosts",
+        {
+            "action": "append",
+            "metavar": "HOST",
+            "help": "a Host header to answer: name, name:port, or .name for its subdomains"
+            " (repeatable)",
+        },
+    ),
 )
 FLAG_NAMES: Mapping[str, str] = {field: flag for flag, field, _ in _COMMON_FLAGS + _SERVE_FLAGS}
 

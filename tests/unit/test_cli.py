@@ -48,6 +48,10 @@ def test_repeatable_flags_become_tuples() -> None:
     assert overrides == {"allowed_origins": ("https://a.example", "http://b:8080")}
     settings = Settings.load(environ={}, overrides=overrides)
     assert settings.allowed_origins == ("https://a.example", "http://b:8080")
+    overrides = parse("serve", "--allowed-host", "app.example", "--allowed-host", ".example.org")
+    assert overrides == {"allowed_hosts": ("app.example", ".example.org")}
+    settings = Settings.load(environ={}, overrides=overrides)
+    assert settings.allowed_hosts == ("app.example", ".example.org")
 
 
 def test_static_dir_is_made_absolute() -> None:
