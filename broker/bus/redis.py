@@ -1,7 +1,8 @@
 """The Redis bus: one subscriber connection per worker, owned by our own tasks, and a publisher.
 
 Channels. Topic T travels on the Redis channel `channel_prefix + "t:" + T` (T in UTF-8);
-each bus has a private probe channel `channel_prefix + "probe:" + origin`. The payload on
+each bus has a private probe channel `channel_prefix + "probe:" + origin + ":" + instance`
+(the bus' random id: worker 0 of every replica has the same origin). The payload on
 a topic channel is `envelope.pack(message)`. URLs: `redis://`, `rediss://`, `unix://`.
 
 Theory of operation.
@@ -659,9 +660,9 @@ class RedisBus(Bus):
         prefix = settings.channel_prefix.encode()
         self._prefix = prefix
         self._topic_prefix = prefix + b"t:"
-        self.probe_channel = prefix + b"probe:" + origin.encode()
+        self.instance = secrets.token_hex(8)  # this bus, unique across workers and replicas
+        self.probe_channel = prefix + b"probe:" + origin.encode() + b":" + self.instance.encode()
         # presence: this bus' entries are live while its worker key exists
-        self.instance = secrets.token_hex(8)
         self._worker_prefix = prefix + b"w:"
         self.worker_key = self._worker_prefix + self.instance.encode()
         self._present: dict[str, dict[str, str]] = {}  # wanted: topic -> client -> info JSON

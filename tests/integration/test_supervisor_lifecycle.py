@@ -20,9 +20,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aredis
 from support.broker_client import clients_on_workers
 from support.processes import ServerProcess, child_pids, free_port, redwire, serve, worker_pids
 from support.waiting import eventually, eventually_sync
+
+from broker.bus import make_bus
+from broker.settings import Settings
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
 
@@ -258,3 +262,23 @@ def test_every_worker_log_line_names_the_instance() -> None:
         server.wait_for_output(rf"worker-0@{instance} ")
     finally:
         assert server.stop() == 0
+
+
+# --- identity per replica --------------------------------------------------------------------
+
+
+async def test_worker_0_of_two_replicas_has_a_probe_channel_of_its_own(redis_server) -> None:
+    """The same origin on two replicas: two probe channels, each with one subscriber."""
+    settings = Settings(redis_url=redis_server.url, channel_prefix=f"replicas{os.getpid()}:")
+    buses = [make_bus(settings, "worker-0") for _ in range(2)]
+    try:
+        for bus in buses:
+            await bus.start()
+        channels = [bus.probe_channel for bus in buses]  # type: ignore[attr-defined]
+        assert channels[0] != channels[1]
+        async with aredis.from_url(redis_server.url) as r:
+            counts = dict(await r.pubsub_numsub(*channels))
+        assert counts == {channels[0]: 1, channels[1]: 1}
+    finally:
+        for bus in buses:
+            await bus.close()
