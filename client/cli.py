@@ -33,6 +33,7 @@ import os
 import signal
 import sys
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 from broker.errors import ClientError, ConnectionClosedError, HandshakeError
 from client.pubsub import PubSubClient, Subscription, connect
@@ -96,6 +97,18 @@ def gap_line(topic: str, item: Gap) -> str:
 
 def _error(message: str) -> None:
     print(f"redwire: {message}", file=sys.stderr)
+
+
+def check_url(url: str) -> str:
+    """A `ws://host[:port]/path` URL (this client does not do TLS), or UsageError."""
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError:
+        raise UsageError(f"--url: bad port in {url!r}") from None
+    if parts.scheme != "ws" or not parts.hostname:
+        raise UsageError(f"--url must be ws://HOST[:PORT]/ (no TLS in this client), got {url!r}")
+    return url
 
 
 async def _connect(args: argparse.Namespace) -> PubSubClient:
@@ -210,6 +223,7 @@ def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Run `publish` or `subscribe` with the arguments `broker.cli` parsed."""
     command = publish if args.command == "publish" else subscribe
     try:
+        check_url(args.url)
         return asyncio.run(command(args, out or sys.stdout))
     except UsageError as exc:
         _error(str(exc))

@@ -223,3 +223,6 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert client_cli.main(args("subscribe", "a", "--count", "0")) == 2
     assert client_cli.main(args("subscribe", "a", "--since", "nope")) == 2
     assert "--since" in capsys.readouterr().err
+    for url in ("http://127.0.0.1:1/", "nonsense", "ws://:80/", "ws://h:x/"):
+        assert client_cli.main(args("publish", "t", "1", "--url", url)) == 2
+        assert "--url" in capsys.readouterr().err
