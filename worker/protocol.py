@@ -331,6 +331,9 @@ class WebSocket(asyncio.Protocol):
         only; no internal detail goes on the wire."""
         log.exception("session failed; closing the connection with 1011")
         self._failed = True  # later messages are read (for the close reply) and ignored
+        fail = getattr(self.session, "fail", None)
+        if fail is not None:
+            fail()  # the session closes through its outbox and stops queueing
         self.close(errors.CLOSE_INTERNAL_ERROR)
 
     def frame(self, data: str | bytes) -> bytes | None:
