@@ -92,10 +92,11 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="redwire", description=__doc__.split("\n")[0])
-    parser.add_argument("--version", action="version", version=f"redwire {version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
     raw = argparse.RawDescriptionHelpFormatter
+    overview = __doc__.split("\n\n", 2)[1]  # the table of commands
+    parser = argparse.ArgumentParser(prog="redwire", description=overview, formatter_class=raw)
+    parser.add_argument("--version", action="version", version=f"redwire {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     echo = sub.add_parser("echo", help="run a WebSocket echo server (one process)")
     _settings_flags(echo, _COMMON_FLAGS)
@@ -108,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check-config",
         help="print the effective settings and where each came from",
-        description="Print the settings `redwire serve` would run with, one per line, with the"
-        " source of each (default, toml FILE, env REDWIRE_X, flag); secrets are masked."
-        " Exit 2 on an invalid configuration.",
+        description="Print the settings `redwire serve` would run with, one per line, with\n"
+        "the source of each (default, toml FILE, env REDWIRE_X, flag --x); secrets are\n"
+        "masked. Exit 2 on an invalid configuration, with the error.",
         epilog=reference,
         formatter_class=raw,
     )
