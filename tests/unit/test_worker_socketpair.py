@@ -698,3 +698,40 @@ async def test_requests_queued_behind_a_slow_one_stop_reading_then_resume() -> N
         for n in range(10):
             assert await a.peer.reply(n) == {"op": "pong", "id": n}
         assert not protocol._paused_reading
+
+
+async def test_a_bug_in_one_session_closes_only_it_with_1011(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from worker import wire
+
+    decode = wire.WireCodec.decode
+
+    def broken(self: wire.WireCodec, frame: str | bytes) -> wire.Request:
+        if frame == '{"op":"boom"}':
+            raise RuntimeError("a bug")
+        return decode(self, frame)
+
+    monkeypatch.setattr(wire.WireCodec, "decode", broken)
+    async with broker_app() as app, client(app) as a, client(app) as b:
+        a.peer.request(op="ping", id=1)
+        a.peer.send('{"op":"boom"}')
+        a.peer.request(op="ping", id=2)  # read for the close reply, never answered
+        assert await a.peer.frame() == {"op": "pong", "id": 1}
+        assert await a.peer.event() == CloseReceived(errors.CLOSE_INTERNAL_ERROR, "")
+        b.peer.request(op="ping", id=3)  # the other connection goes on
+        assert await b.peer.frame() == {"op": "pong", "id": 3}
+        assert "session failed" in caplog.text
+
+
+async def test_unavailable_replies_never_close_a_client() -> None:
+    async with broker_app() as app, client(app) as a:
+        await app.bus.close()  # the bus refuses everything from now on
+        for i in range(BROKER.max_errors_per_window * 2):
+            a.peer.request(op="publish", topic="t", data=i, id=i)
+        for i in range(BROKER.max_errors_per_window * 2):
+            frame = await a.peer.frame()
+            assert frame == {**frame, "op": "error", "code": "unavailable", "id": i}
+        a.peer.request(op="ping", id="still")
+        assert await a.peer.frame() == {"op": "pong", "id": "still"}
+        assert app.stats.error_flood_closes == 0
