@@ -13,6 +13,7 @@ pattern matches (`*` matches any characters), or None.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
 import functools
 import json
@@ -24,6 +25,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from broker.errors import ConfigError
 
@@ -61,6 +63,9 @@ class Settings:
     redis_server_path: str | None = None  # None: look for `redis-server` on PATH
     app: str | None = None  # "module:object" application hooks, None for none
     api_key: str | None = None  # POST /publish needs it; None disables POST /publish
+    # A file holding the API key (stripped), so the key is in neither argv nor the environment;
+    # read when the settings are made. Settings.load refuses it together with api_key.
+    api_key_file: str | None = None
     static_dir: str | None = None  # an application's web files, served at / (None: the demo)
     # Browsers' `Origin` (docs/security.md): a request without one (not a browser) passes; one
     # from the same host:port as the request's Host passes; so does one listed here. "*" lets
@@ -142,6 +147,20 @@ class Settings:
 
     def __post_init__(self) -> None:
         _validate(self)
+        if self.api_key_file is not None and self.api_key is None:
+            object.__setattr__(self, "api_key", _read_secret("api_key_file", self.api_key_file))
+
+    def __repr__(self) -> str:
+        """Every field, with the API key hidden and a password in redis_url masked."""
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "api_key" and value is not None:
+                value = "***"
+            elif f.name == "redis_url" and value is not None:
+                value = mask_url(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -169,6 +188,7 @@ class Settings:
         """Build settings from defaults < TOML file < environment < explicit overrides."""
         values: dict[str, Any] = {}
         env = os.environ if environ is None else environ
+        _check_environment(env)
         toml_path = toml_path or env.get(ENV_PREFIX + "CONFIG")
         if toml_path:
             values.update(_read_toml(toml_path))
@@ -179,10 +199,16 @@ class Settings:
         for name, value in (overrides or {}).items():
             if value is not None:
                 values[name] = value
-        unknown = set(values) - {f.name for f in fields(cls)}
+        unknown = set(values) - _FIELD_NAMES
         if unknown:
-            raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-        return cls(**{k: _coerce(k, v) for k, v in values.items()})
+            raise ConfigError(
+                "unknown setting(s): "
+                + ", ".join(_suggest(n, _FIELD_NAMES) for n in sorted(unknown))
+            )
+        coerced = {k: _coerce(k, v) for k, v in values.items()}
+        if coerced.get("api_key") is not None and coerced.get("api_key_file") is not None:
+            raise ConfigError("api_key and api_key_file are both set: use one (api_key_file)")
+        return cls(**coerced)
 
     def to_env(self) -> dict[str, str]:
         """The environment that makes `Settings.load()` in a child process rebuild these."""
@@ -191,6 +217,8 @@ class Settings:
             value = getattr(self, f.name)
             if f.name == "extra":
                 continue
+            if f.name == "api_key" and self.api_key_file is not None:
+                value = None  # the child reads the file itself: the key stays out of environ
             if value is None:
                 value = "none"
             elif f.name == "topics":
@@ -199,6 +227,76 @@ class Settings:
                 value = ",".join(value)
             env[ENV_PREFIX + f.name.upper()] = str(value)
         return env
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(Settings))
+# REDWIRE_* variables that are not settings but are the project's own: the TOML file's path,
+# the instance name the supervisor gives its workers, the browser the e2e tests drive.
+ENV_NOT_SETTINGS = frozenset(ENV_PREFIX + name for name in ("CONFIG", "INSTANCE", "CHROMIUM"))
+
+
+def _suggest(name: str, candidates: frozenset[str], prefix: str = "") -> str:
+    """`name`, with the closest candidate as a hint when one is close enough."""
+    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
+    return f"{prefix}{name} (did you mean {prefix}{close[0]}?)" if close else f"{prefix}{name}"
+
+
+def _check_environment(env: Mapping[str, str]) -> None:
+    """Refuse a REDWIRE_* variable that names no setting: a typo would be ignored silently."""
+    known = {f.upper() for f in _FIELD_NAMES}
+    unknown = sorted(
+        key[len(ENV_PREFIX) :]
+        for key in env
+        if key.startswith(ENV_PREFIX)
+        and key not in ENV_NOT_SETTINGS
+        and key[len(ENV_PREFIX) :] not in known
+    )
+    if unknown:
+        hints = ", ".join(_suggest(name, frozenset(known), ENV_PREFIX) for name in unknown)
+        raise ConfigError(f"unknown environment variable(s): {hints}")
+
+
+def mask_url(url: str) -> str:
+    """`url` fit for a log line: a password in its userinfo (`redis://:secret@h:6379/0` ->
+    `redis://:***@h:6379/0`; a bare `secret@` too) or in a `password=` query parameter
+    becomes `***`. Never raises: a URL that cannot be parsed is shown as `scheme://***`."""
+    try:
+        parts = urlsplit(url)
+        netloc, query = parts.netloc, parts.query
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            user, colon, _ = userinfo.partition(":")
+            netloc = f"{user}:***@{hostport}" if colon else f"***@{hostport}"
+        if query:
+            pairs = [pair.partition("=") for pair in query.split("&")]
+            query = "&".join(
+                f"{k}{eq}***" if k.lower() == "password" and eq else f"{k}{eq}{v}"
+                for k, eq, v in pairs
+            )
+        if (netloc, query) == (parts.netloc, parts.query):
+            return url
+        # By hand: urlunsplit would turn unix:///path into unix:/path.
+        masked = f"{parts.scheme}://{netloc}{parts.path}"
+        return (
+            masked
+            + (f"?{query}" if query else "")
+            + (f"#{parts.fragment}" if parts.fragment else "")
+        )
+    except ValueError:
+        return url.partition("://")[0] + "://***"
+
+
+def _read_secret(name: str, path: str) -> str:
+    """The secret in file `path`, whitespace stripped; ConfigError if unreadable or empty."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            secret = fh.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"setting {name}: cannot read {path}: {reason}") from None
+    if not secret:
+        raise ConfigError(f"setting {name}: {path} is empty")
+    return secret
 
 
 @functools.lru_cache(maxsize=65536)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from broker.errors import ConfigError
-from broker.settings import ENV_PREFIX, Settings, TopicRule
+from broker.settings import ENV_NOT_SETTINGS, ENV_PREFIX, Settings, TopicRule, mask_url
 
 
 def write_toml(tmp_path: Path, text: str) -> str:
@@ -198,8 +198,120 @@ def test_unknown_key(tmp_path: Path, where: str) -> None:
         Settings.load(environ={}, **kwargs)
 
 
-def test_unknown_environment_variable_is_ignored() -> None:
-    assert Settings.load(environ={"REDWIRE_PROT": "1"}) == Settings()
+@pytest.mark.parametrize(
+    ("variable", "hint"),
+    [
+        ("REDWIRE_PROT", "REDWIRE_PORT"),
+        ("REDWIRE_MAX_MESAGE_BYTES", "REDWIRE_MAX_MESSAGE_BYTES"),
+        ("REDWIRE_ALLOWED_ORIGIN", "REDWIRE_ALLOWED_ORIGINS"),
+        ("REDWIRE_API_KEYFILE", "REDWIRE_API_KEY_FILE"),
+        ("REDWIRE_REDIS", "REDWIRE_REDIS_URL"),
+        ("REDWIRE_ZZZZZZZZZZ", None),
+    ],
+)
+def test_unknown_environment_variable_names_the_closest_setting(
+    variable: str, hint: str | None
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.load(environ={variable: "1", "REDWIRE_PORT": "1"})
+    message = str(info.value)
+    assert variable in message
+    assert (f"did you mean {hint}?" in message) if hint else ("did you mean" not in message)
+
+
+def test_project_variables_that_are_not_settings_pass() -> None:
+    assert {"REDWIRE_CONFIG", "REDWIRE_INSTANCE", "REDWIRE_CHROMIUM"} <= ENV_NOT_SETTINGS
+    env = {name: "x" for name in ENV_NOT_SETTINGS - {"REDWIRE_CONFIG"}}  # CONFIG: a TOML path
+    assert Settings.load(environ={**env, "redwire_prot": "1", "OTHER_PROT": "1"}) == Settings()
+
+
+def test_unknown_toml_key_names_the_closest_setting(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"max_mesage_bytes \(did you mean max_message_bytes\?\)"):
+        Settings.load(toml_path=write_toml(tmp_path, "max_mesage_bytes = 1"), environ={})
+
+
+# --- secrets ---------------------------------------------------------------------------------
+
+
+def test_api_key_file_is_read_and_stripped(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("  s3cret-key\n\n")
+    s = Settings.load(environ={"REDWIRE_API_KEY_FILE": str(key_file)})
+    assert (s.api_key, s.api_key_file) == ("s3cret-key", str(key_file))
+    assert Settings(api_key_file=str(key_file)).api_key == "s3cret-key"
+    assert Settings.load(environ={}, overrides={"api_key_file": str(key_file)}) == s
+    toml = write_toml(tmp_path, f'api_key_file = "{key_file}"')
+    assert Settings.load(toml_path=toml, environ={}) == s
+
+
+def test_api_key_file_stays_out_of_the_child_environment(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret-key")
+    s = Settings(api_key_file=str(key_file), port=1)
+    env = s.to_env()
+    assert "s3cret-key" not in "".join(env.values())
+    assert env["REDWIRE_API_KEY"] == "none"
+    assert Settings.load(environ=env) == s
+    assert s.replace(port=2).api_key == "s3cret-key"
+
+
+@pytest.mark.parametrize("content", [None, "", " \n\t", b"\xff\xfe"])
+def test_unreadable_or_empty_api_key_file_is_an_error(
+    tmp_path: Path, content: str | bytes | None
+) -> None:
+    key_file = tmp_path / "key"
+    if isinstance(content, bytes):
+        key_file.write_bytes(content)
+    elif content is not None:
+        key_file.write_text(content)
+    with pytest.raises(ConfigError, match=f"api_key_file.*{key_file}"):
+        Settings.load(environ={"REDWIRE_API_KEY_FILE": str(key_file)})
+
+
+@pytest.mark.parametrize(
+    ("environ", "overrides"),
+    [
+        ({"REDWIRE_API_KEY": "k", "REDWIRE_API_KEY_FILE": "KEYFILE"}, {}),
+        ({"REDWIRE_API_KEY": "k"}, {"api_key_file": "KEYFILE"}),
+        ({"REDWIRE_API_KEY_FILE": "KEYFILE"}, {"api_key": "k"}),
+    ],
+)
+def test_api_key_and_api_key_file_together_is_an_error(
+    tmp_path: Path, environ: dict[str, str], overrides: dict[str, str]
+) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file")
+    fix = {k: str(key_file) if v == "KEYFILE" else v for k, v in {**environ, **overrides}.items()}
+    environ = {k: v for k, v in fix.items() if k.startswith(ENV_PREFIX)}
+    overrides = {k: v for k, v in fix.items() if not k.startswith(ENV_PREFIX)}
+    with pytest.raises(ConfigError, match="api_key and api_key_file"):
+        Settings.load(environ=environ, overrides=overrides)
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://:secret@h:6379/0", "redis://:***@h:6379/0"),
+        ("redis://user:secret@h:6379/0", "redis://user:***@h:6379/0"),
+        ("rediss://default:se:cr@t@h/0", "rediss://default:***@h/0"),
+        ("redis://secret@h", "redis://***@h"),
+        ("redis://h:6379/0", "redis://h:6379/0"),
+        ("unix:///run/redis.sock?db=1&password=secret", "unix:///run/redis.sock?db=1&password=***"),
+        ("unix://:secret@/run/redis.sock", "unix://:***@/run/redis.sock"),
+        ("redis://:s@[::1]:6379", "redis://:***@[::1]:6379"),
+        ("memory://", "memory://"),
+        ("redis://:secret@[::1", "redis://***"),  # unparseable: nothing of it shown
+    ],
+)
+def test_mask_url(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+    assert "secret" not in mask_url(url)
+
+
+def test_repr_hides_secrets() -> None:
+    text = repr(Settings(api_key="k3y-value", redis_url="redis://:pa55@h:6379/0"))
+    assert "k3y-value" not in text and "pa55" not in text
+    assert "api_key='***'" in text and "redis_url='redis://:***@h:6379/0'" in text
 
 
 # --- to_env round trip ----------------------------------------------------------------------
