@@ -48,7 +48,12 @@ _SERVE_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("--workers", "workers", {"type": int, "help": "worker processes (default: CPU count)"}),
     ("--redis", "redis_url", {"help": "Redis URL (default: embedded)"}),
     ("--app", "app", {"help": "application hooks as module:object"}),
-    ("--api-key", "api_key", {"help": "enables POST /publish"}),
+    ("--api-key", "api_key", {"help": "enables POST /publish (visible in ps: see --api-key-file)"}),
+    (
+        "--api-key-file",
+        "api_key_file",
+        {"metavar": "FILE", "help": "read the API key from FILE (kept out of argv and environ)"},
+    ),
     ("--static-dir", "static_dir", {"help": "serve these web files at /"}),
     (
         "--allowed-origin",
@@ -162,8 +167,9 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
             overrides[field] = tuple(value)
     if "log_level" in overrides:
         overrides["log_level"] = overrides["log_level"].upper()
-    if overrides.get("static_dir"):  # workers share our cwd, but say it plainly
-        overrides["static_dir"] = os.path.abspath(overrides["static_dir"])
+    for path in ("static_dir", "api_key_file"):  # workers share our cwd, but say it plainly
+        if overrides.get(path):
+            overrides[path] = os.path.abspath(overrides[path])
     return overrides
 
 

@@ -6,7 +6,7 @@
   with its `REDWIRE_*` name and default, generated from the `Settings` dataclass fields.
 - `effective_settings()` / `check_config()`: `redwire check-config`: the settings `serve`
   would run with, each with the source that set it (default, TOML file, environment, flag),
-  secrets masked.
+  secrets masked (the API key, a password in redis_url).
 
 The source of a value is worked out here from the inputs given to `Settings.load` (the TOML
 file's keys, the `REDWIRE_*` names present, the flags), with the same precedence it applies:
@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -26,14 +25,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from broker.errors import ConfigError
-from broker.settings import ENV_PREFIX, Settings
+from broker.settings import ENV_PREFIX, Settings, mask_url
 
 DISTRIBUTION = "redwire"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 MASK = "***"
-_SECRETS = frozenset({"api_key"})  # shown as *** when set; redis_url has its password masked
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/?#]*)@")
-_PASSWORD_PARAM = re.compile(r"((?:^|&)password=)[^&]*", re.IGNORECASE)
+_SECRETS = frozenset({"api_key"})  # shown as *** when set; redis_url: its password (mask_url)
 _PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
@@ -110,23 +107,9 @@ def mask(name: str, value: Any) -> Any:
         return None
     if name in _SECRETS:
         return MASK
-    if name == "redis_url" and isinstance(value, str):
+    if name == "redis_url" and isinstance(value, str):  # broker.settings.mask_url
         return mask_url(value)
     return value
-
-
-def mask_url(url: str) -> str:
-    """A URL with its password replaced by ***: the one in `user:password@` (a bare
-    `secret@` too) and a `password=` query parameter (`unix:///run/redis.sock?password=`)."""
-    head, sep, query = url.partition("?")
-    match = _USERINFO.match(head)
-    if match:
-        user = match["user"]
-        userinfo = f"{user.split(':', 1)[0]}:{MASK}" if ":" in user else MASK
-        head = f"{match['scheme']}{userinfo}@{head[match.end() :]}"
-    if query:
-        query = _PASSWORD_PARAM.sub(rf"\g<1>{MASK}", query)
-    return head + sep + query
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +155,8 @@ def effective_settings(
             source = f"env {env_name(f.name)}"
         elif f.name in in_toml:
             source = f"toml {path}"
+        elif f.name == "api_key" and settings.api_key_file is not None:
+            source = "api_key_file"  # read from that file when the settings were made
         else:
             source = "default"
         rows.append(Effective(f.name, mask(f.name, getattr(settings, f.name)), source))

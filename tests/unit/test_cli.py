@@ -54,8 +54,10 @@ def test_repeatable_flags_become_tuples() -> None:
     assert settings.allowed_hosts == ("app.example", ".example.org")
 
 
-def test_static_dir_is_made_absolute() -> None:
+def test_paths_are_made_absolute() -> None:
     assert parse("serve", "--static-dir", "web")["static_dir"] == str(Path("web").absolute())
+    overrides = parse("serve", "--api-key-file", "key.txt")
+    assert overrides == {"api_key_file": str(Path("key.txt").absolute())}
 
 
 @pytest.mark.parametrize("given", ["debug", "DEBUG", "Warning", "error", "info"])
@@ -243,3 +245,27 @@ def test_a_broken_toml_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "not valid TOML" in capsys.readouterr().err
     assert cli.main(["check-config", "--config", str(tmp_path / "missing.toml")]) == 2
     assert "cannot read config file" in capsys.readouterr().err
+
+
+def test_a_key_from_api_key_file_is_masked_and_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = tmp_path / "key"
+    key.write_text("from-the-file\n")
+    assert cli.main(["check-config", "--api-key-file", str(key)]) == 0
+    out = capsys.readouterr().out
+    assert "from-the-file" not in out
+    lines = {line.split(" = ", 1)[0]: line for line in out.splitlines()}
+    assert lines["api_key"].startswith('api_key = "***"')
+    assert lines["api_key"].endswith("# api_key_file")
+    assert lines["api_key_file"].endswith("# flag --api-key-file")
+    assert cli.main(["check-config", "--api-key-file", str(tmp_path / "none")]) == 2
+    assert "api_key_file" in capsys.readouterr().err
+
+
+def test_an_unknown_redwire_variable_exits_2_naming_the_closest(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("REDWIRE_WORKRES", "2")
+    assert cli.main(["check-config"]) == 2
+    assert "REDWIRE_WORKERS" in capsys.readouterr().err
