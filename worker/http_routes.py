@@ -83,6 +83,7 @@ _ASSETS = {
     "/redwire.js": ("client", ("js", "redwire.js"), "text/javascript; charset=utf-8"),
     "/demo.js": ("worker", ("static", "demo.js"), "text/javascript; charset=utf-8"),
     "/demo.css": ("worker", ("static", "demo.css"), "text/css; charset=utf-8"),
+    "/favicon.ico": ("worker", ("static", "favicon.ico"), "image/x-icon"),
     "/": ("worker", ("static", "index.html"), "text/html; charset=utf-8"),
 }
 _PAGE_HEADERS = [
