@@ -88,8 +88,19 @@ def _make_app(mode: str, settings: Settings, worker_id: str):  # type: ignore[no
 
 
 def orphaned(parent_pid: int | None) -> bool:
-    """True when we were started by `parent_pid` and it is no longer our parent."""
-    return parent_pid is not None and os.getppid() != parent_pid
+    """True when we were started by `parent_pid` and it is no longer our parent, or is
+    exiting: its main thread (the one that forked us) is gone, a zombie while the rest of
+    a killed supervisor's threads go (they may inherit us for that moment)."""
+    if parent_pid is None:
+        return False
+    if os.getppid() != parent_pid:
+        return True
+    try:
+        with open(f"/proc/{parent_pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False  # no /proc: getppid and the lifeline tell
+    return state in ("Z", "X")
 
 
 def die_with_parent(parent_pid: int | None) -> bool:
@@ -178,9 +189,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         stop.set()
 
     def on_signal() -> None:
-        # PDEATHSIG comes each time the forking *thread* exits: when another thread of the
-        # dying supervisor inherits us, our parent is still its pid. The lifeline's EOF, once
-        # the whole supervisor is gone, settles it then.
+        # PDEATHSIG (SIGTERM) comes when the supervisor's main thread exits; another of its
+        # threads may inherit us for a moment, so the parent's pid alone does not tell.
         if orphaned(args.parent_pid):
             parent_gone()
         stop.set()
@@ -211,8 +221,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         except Exception:
             if not gone:  # orphaned: the metrics directory may be gone already
                 raise
-    if gone:
-        remove_owned_dirs(args.owned_dir)  # what the last metrics sync wrote
+    if gone or orphaned(args.parent_pid):  # a drain with no clients ends before the EOF
+        remove_owned_dirs(args.owned_dir)  # (and what the last metrics sync wrote)
     return 0
 
 

@@ -104,8 +104,13 @@ def test_kill_9_of_the_supervisor_takes_workers_redis_and_files_along() -> None:
     os.kill(supervisor, signal.SIGKILL)
     server.proc.wait(5)
     children = [*workers.values(), redis]
-    eventually_sync(lambda: not any(alive(pid) for pid in children), timeout_s=2.0)
-    eventually_sync(lambda: not metrics_dir.exists() and not redis_dir.exists(), timeout_s=2.0)
+    dirs = [metrics_dir, redis_dir]
+    try:
+        eventually_sync(lambda: not any(alive(pid) for pid in children), timeout_s=2.0)
+        eventually_sync(lambda: not any(d.exists() for d in dirs), timeout_s=2.0)
+    except TimeoutError:
+        left = [pid for pid in children if alive(pid)], [d for d in dirs if d.exists()]
+        raise AssertionError(f"left behind: {left}\n" + "".join(server.output[-20:])) from None
 
 
 def test_a_worker_whose_supervisor_is_gone_at_start_does_not_serve(tmp_path: Path) -> None:
