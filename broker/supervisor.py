@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 from broker.embedded_redis import EmbeddedRedis, find_redis_server
 from broker.errors import ConfigError
-from broker.settings import Settings
+from broker.settings import Settings, mask_url
 
 log = logging.getLogger("redwire.supervisor")
 
@@ -214,10 +214,13 @@ class Supervisor:
                 if time.monotonic() > deadline or self._stopping.is_set():
                     raise ConfigError(f"worker {worker.worker_id} did not start listening")
         _announce(f"listening {self.host} {self.port}")
+        redis = mask_url(self.redis_url or "")
+        where = f"embedded {redis}" if self.redis else redis
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        _announce(f"serving http://{host}:{self.port}/ with redis {where}")
         log.info(
             "redwire serving on %s:%d with %d worker(s), redis %s, instance %s",
-            self.host, self.port, self.count, "embedded" if self.redis else self.redis_url,
-            self.instance,
+            self.host, self.port, self.count, where, self.instance,
         )  # fmt: skip
 
     def _watch(self) -> None:
