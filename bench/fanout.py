@@ -3,6 +3,7 @@
     python bench/fanout.py --subscribers 100 --workers 2 --rate 2000 --duration 10
     python bench/fanout.py --subscribers 1000 --rate 1000 --json
     python bench/fanout.py --idle 2000          # memory per idle connection
+    python bench/fanout.py --idle 2000 --compress   # ... offering permessage-deflate
 
 It starts a private redis-server and `redwire serve`, opens the subscribers from separate
 load processes (uvloop, raw sockets; a few connections per process decode every frame for
@@ -11,6 +12,11 @@ envelope the workers use (pipelined). It prints delivered msg/s, loss, p50/p99/m
 latency (publish → subscriber read, one monotonic clock), and the server's CPU-seconds
 (supervisor + workers; Redis shown apart) per million deliveries. `--json` prints the
 same as JSON; results also go to bench/results/fanout.json.
+
+`--idle N` opens N subscribed connections and reports the workers' RSS growth per
+connection. With `--compress` each one offers permessage-deflate as a browser does and, once
+subscribed, sends one small compressed `ping` (browsers compress every message), so the
+server's inflater has been used on every connection when RSS is read.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import os
 import re
 import sys
 import time
+import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,12 +46,18 @@ T_RE = re.compile(rb'"t":(\d+)')
 # --- subscriber load process ----------------------------------------------------------------
 
 
-def _handshake(host: str, port: int) -> bytes:
+# Chrome's and Firefox's offer, word for word.
+BROWSER_OFFER = "permessage-deflate; client_max_window_bits"
+PONG = b'"op":"pong"'
+
+
+def _handshake(host: str, port: int, compress: bool = False) -> bytes:
     key = base64.b64encode(os.urandom(16)).decode()
+    offer = f"Sec-WebSocket-Extensions: {BROWSER_OFFER}\r\n" if compress else ""
     return (
         f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-        f"Sec-WebSocket-Protocol: redwire.json\r\n\r\n"
+        f"Sec-WebSocket-Protocol: redwire.json\r\n{offer}\r\n"
     ).encode()
 
 
@@ -54,11 +67,24 @@ def _masked_text(text: str) -> bytes:
     return serialize_frame(Opcode.TEXT, text.encode(), mask=True)
 
 
+def _masked_compressed_text(text: str) -> bytes:
+    """One text message deflated as a browser sends it (RFC 7692 7.2.1: RSV1, tail stripped)."""
+    from broker.frames import Opcode, serialize_frame
+
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    payload = compressor.compress(text.encode()) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    return serialize_frame(Opcode.TEXT, payload[:-4], rsv1=True, mask=True)
+
+
 class Subscriber(asyncio.Protocol):
-    def __init__(self, sampled: bool, ready: asyncio.Event, counter: list[int]) -> None:
+    def __init__(
+        self, sampled: bool, ready: asyncio.Event, counter: list[int], compress: bool = False
+    ) -> None:
         from broker.frames import FrameParser
 
         self.sampled = sampled
+        self.compress = compress
+        self.ponged = False
         self.ready = ready
         self.counter = counter
         self.head = b""
@@ -79,6 +105,8 @@ class Subscriber(asyncio.Protocol):
             if end < 0:
                 return
             self.upgraded = True
+            if self.compress and b"permessage-deflate" not in self.head[:end].lower():
+                raise RuntimeError("the server declined permessage-deflate")
             data = self.head[end + 4 :]
             self.transport.write(  # type: ignore[union-attr]
                 _masked_text(json.dumps({"op": "subscribe", "topic": TOPIC, "id": 1}))
@@ -86,6 +114,15 @@ class Subscriber(asyncio.Protocol):
         if not self.acked:
             if b'"op":"ack"' in data or b'"op":"ack"' in (self.tail + data):
                 self.acked = True
+                if not self.compress:
+                    self.ready.set()
+                else:  # exercise the server's inflater once; ready when it answered
+                    self.transport.write(  # type: ignore[union-attr]
+                        _masked_compressed_text(json.dumps({"op": "ping", "id": 2}))
+                    )
+        if self.compress and self.acked and not self.ponged:
+            if PONG in data or PONG in (self.tail + data):
+                self.ponged = True
                 self.ready.set()
         if self.sampled:
             now = time.monotonic_ns()
@@ -102,7 +139,9 @@ class Subscriber(asyncio.Protocol):
         self.tail = joined[-keep:] if not joined.endswith(MARK) else b""
 
 
-def subscriber_process(host: str, port: int, count: int, sampled: int, conn) -> None:
+def subscriber_process(
+    host: str, port: int, count: int, sampled: int, conn, compress: bool = False
+) -> None:
     import uvloop
 
     async def main() -> None:
@@ -112,9 +151,9 @@ def subscriber_process(host: str, port: int, count: int, sampled: int, conn) -> 
         for i in range(count):
             ready = asyncio.Event()
             transport, proto = await loop.create_connection(
-                lambda r=ready, s=i < sampled: Subscriber(s, r, counter), host, port
+                lambda r=ready, s=i < sampled: Subscriber(s, r, counter, compress), host, port
             )
-            transport.write(_handshake(host, port))
+            transport.write(_handshake(host, port, compress))
             subs.append(proto)
             await asyncio.wait_for(ready.wait(), 30)
         conn.send(("ready", count))
@@ -299,7 +338,8 @@ def run_idle(args: argparse.Namespace) -> dict[str, object]:
         before = rss_bytes(workers)
         parent, child = ctx.Pipe()
         proc = ctx.Process(
-            target=subscriber_process, args=(broker.host, broker.port, args.idle, 0, child)
+            target=subscriber_process,
+            args=(broker.host, broker.port, args.idle, 0, child, args.compress),
         )
         proc.start()
         assert parent.recv()[0] == "ready"
@@ -312,6 +352,7 @@ def run_idle(args: argparse.Namespace) -> dict[str, object]:
             "bench": "idle",
             "workers": args.workers,
             "connections": args.idle,
+            "compression_offered": args.compress,
             "rss_before_bytes": before,
             "rss_after_bytes": after,
             "bytes_per_connection": round((after - before) / args.idle),
@@ -334,6 +375,10 @@ def main() -> None:
     parser.add_argument("--redis", help="use this Redis instead of a private one")
     parser.add_argument("--prefix", default="bench:")
     parser.add_argument("--idle", type=int, help="measure memory with N idle connections")
+    parser.add_argument(
+        "--compress", action="store_true",
+        help="with --idle: offer permessage-deflate like a browser, send one compressed message",
+    )  # fmt: skip
     parser.add_argument("--history", type=int, default=0, help="history_size for the topic")
     parser.add_argument(
         "--compare-history", type=int, metavar="SIZE",
@@ -362,7 +407,8 @@ def main() -> None:
         print(f"history on / off, deliveries per server CPU-second: {ratio:.2f}")
         return
     result = run_idle(args) if args.idle else run_fanout(args)
-    (out / f"{result['bench']}.json").write_text(json.dumps(result, indent=2))
+    name = f"{result['bench']}_compress" if args.idle and args.compress else result["bench"]
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     if args.json:
         print(json.dumps(result))
         return
