@@ -3,7 +3,8 @@
 GET  /            the demo page            GET /healthz   200 or 503, JSON
 GET  /redwire.js  the browser client       GET /metrics   Prometheus exposition
 POST /publish     {"topic": T, "data": D} with `Authorization: Bearer <api_key>`
-                  (disabled, 404, when no api_key is set)
+                  (disabled, 404, when no api_key is set); every refusal of it is JSON,
+                  `{"error": code, "reason": text}` (`publish_error`, docs/protocol.md)
 
 With `static_dir` set, other paths are files under it. A path whose percent-escapes do not
 decode to UTF-8 text without control characters (`/%00`, `/%ff`, `/%zz`) is a 400 before any
@@ -18,6 +19,7 @@ import json
 import mimetypes
 import os
 import re
+from collections.abc import Iterable
 from functools import cache
 from importlib import resources
 from typing import TYPE_CHECKING
@@ -25,7 +27,7 @@ from urllib.parse import unquote_to_bytes
 
 from broker.envelope import ENCODING_JSON, BusMessage
 from broker.errors import BusError, ClientError
-from broker.handshake import Request, http_response
+from broker.handshake import HandshakeError, Request, error_response, http_response
 from worker import wire
 from worker.session import bus_error
 
@@ -37,6 +39,44 @@ JSON = "application/json"
 
 def _json(status: int, obj: object) -> bytes:
     return http_response(status, json.dumps(obj).encode(), content_type=JSON)
+
+
+# A POST /publish refusal's error code when the refusal has none of its own (by status).
+PUBLISH_ERROR_CODES = {
+    400: wire.BAD_REQUEST,
+    401: "unauthorized",
+    404: "disabled",
+    405: "method_not_allowed",
+    413: wire.TOO_LARGE,
+    431: wire.TOO_LARGE,
+    503: "unavailable",
+}
+
+
+def publish_error(
+    status: int,
+    reason: str,
+    code: str | None = None,
+    *,
+    headers: Iterable[tuple[str, str]] = (),
+) -> bytes:
+    """The one shape of every `POST /publish` refusal: `{"error": code, "reason": text}`.
+
+    `code` defaults to the status's (`PUBLISH_ERROR_CODES`; another 4xx is `bad_request`,
+    another 5xx `internal`)."""
+    if code is None:
+        code = PUBLISH_ERROR_CODES.get(status, wire.BAD_REQUEST if status < 500 else "internal")
+    body = json.dumps({"error": code, "reason": reason}).encode()
+    return http_response(status, body, content_type=JSON, headers=headers)
+
+
+def refusal(target: str | None, error: HandshakeError) -> bytes:
+    """The response to a request the HTTP parser refused (`error`): JSON for `/publish`
+    (e.g. 413, body over `max_http_body_bytes`), text for anything else. `target` is the
+    request line's target, None when the parser failed before it."""
+    if target is not None and target.partition("?")[0] == "/publish":
+        return publish_error(error.status, error.reason, headers=error.headers)
+    return error_response(error)
 
 
 @cache
@@ -67,7 +107,7 @@ async def handle(app: BrokerApp, request: Request) -> bytes:
         return http_response(400, b"bad request path\n")
     if path == "/publish":
         if method != "POST":
-            return http_response(405, b"use POST\n", headers=[("Allow", "POST")])
+            return publish_error(405, "use POST", headers=[("Allow", "POST")])
         return await _publish(app, request)
     if method not in ("GET", "HEAD"):
         return http_response(405, b"method not allowed\n", headers=[("Allow", "GET, HEAD")])
@@ -139,17 +179,17 @@ def _static_file(root: str, path: str) -> tuple[bytes, str] | None:
 async def _publish(app: BrokerApp, request: Request) -> bytes:
     key = app.settings.api_key
     if key is None:
-        return _json(404, {"error": "disabled", "reason": "POST /publish needs an api_key"})
+        return publish_error(404, "POST /publish needs an api_key", "disabled")
     auth = request.header("authorization") or ""
     given = auth[7:] if auth.lower().startswith("bearer ") else request.header("x-api-key") or ""
     if not hmac.compare_digest(given.encode(), key.encode()):
-        return _json(401, {"error": "unauthorized", "reason": "missing or wrong API key"})
+        return publish_error(401, "missing or wrong API key", "unauthorized")
     try:
         body = wire.loads_json(request.body)  # 64-bit integers, no NaN: as WebSocket publishes
     except ValueError as exc:
-        return _json(400, {"error": wire.BAD_REQUEST, "reason": f"invalid JSON: {exc}"})
+        return publish_error(400, f"invalid JSON: {exc}", wire.BAD_REQUEST)
     if not isinstance(body, dict) or "data" not in body:
-        return _json(400, {"error": wire.BAD_REQUEST, "reason": "body must be {topic, data}"})
+        return publish_error(400, "body must be {topic, data}", wire.BAD_REQUEST)
     codec = wire.WireCodec(
         None,
         max_topic_bytes=app.settings.max_topic_bytes,
@@ -162,10 +202,10 @@ async def _publish(app: BrokerApp, request: Request) -> bytes:
         payload = codec.encode_data(body["data"])
     except ClientError as exc:
         status = 413 if exc.code == wire.TOO_LARGE else 400
-        return _json(status, {"error": exc.code, "reason": exc.reason})
+        return publish_error(status, exc.reason, exc.code)
     key = body.get("key")
     if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 64):
-        return _json(400, {"error": wire.BAD_REQUEST, "reason": "key: 1 to 64 characters"})
+        return publish_error(400, "key: 1 to 64 characters", wire.BAD_REQUEST)
     try:
         published = await app.bus.publish(
             BusMessage(topic, payload, ENCODING_JSON, f"http-{app.worker_id}"), key=key
@@ -173,7 +213,7 @@ async def _publish(app: BrokerApp, request: Request) -> bytes:
     except BusError as exc:
         app.stats.publish_errors += 1
         error = bus_error(exc, "not published")
-        return _json(503, {"error": error.code, "reason": error.reason})
+        return publish_error(503, error.reason, error.code)
     app.stats.publishes += 1
     reply: dict[str, object] = {"ok": True}
     if published.offset is not None:
