@@ -7,6 +7,15 @@ Theory of operation:
   lets it), so every message it sends is independent of earlier ones. A broadcast is then
   compressed once by `shared_compress` (one process-wide compressobj per window size and
   level, reset by Z_FULL_FLUSH after each message) and the same bytes go to every client.
+- The server also always answers with `client_no_context_takeover`, asked for or not
+  (section 7.1.1.2 lets it), so what a client sends never refers to an earlier message and
+  the server keeps no inflate window between messages: each message gets a fresh
+  decompressobj, dropped when it is inflated. A connection that once sent a compressed
+  message then holds no zlib state (~40 KiB with a 32 KiB window) while it is idle.
+  A fresh object per message costs about what a `copy()` of a pristine shared one does
+  (docs/performance.md); one inflater shared across connections without a reset would be
+  unsafe: a message referring back past its own start must fail, not read another
+  client's data.
 - zlib objects are created lazily, on the first message that needs one, and dropped after
   each message when the sender has no context takeover: idle connections stay small.
 - Inflation is bounded: a message never inflates past `max_message_bytes` (zip bombs).
@@ -171,6 +180,7 @@ def negotiate_server(
 ) -> tuple[DeflateParams, str] | None:
     """Pick the first acceptable permessage-deflate offer: `(params, response value)` or None.
 
+    The answer always holds server_no_context_takeover and client_no_context_takeover.
     Raises HandshakeError(400) if the header is malformed. Offers with unknown, duplicate or
     invalid parameters are declined (RFC 7692 section 5), and so is server_max_window_bits=8.
     """
@@ -187,11 +197,9 @@ def negotiate_server(
         if asked == 8:
             continue
         server_bits = min(asked or 15, max_window_bits)
-        # Section 7.1.1.1: the server may always declare server_no_context_takeover.
-        response = [EXTENSION_NAME, "server_no_context_takeover"]
-        client_no_context = "client_no_context_takeover" in offer
-        if client_no_context:
-            response.append("client_no_context_takeover")  # section 7.1.1.2
+        # Sections 7.1.1.1 and 7.1.1.2: the server may always declare both, asked or not;
+        # without client context takeover it keeps no inflate window between messages.
+        response = [EXTENSION_NAME, "server_no_context_takeover", "client_no_context_takeover"]
         if asked is not None or server_bits < 15:
             response.append(f"server_max_window_bits={server_bits}")
         # Section 7.1.2.2: a valued offer is only a hint until we echo it; echoing lets us
@@ -201,7 +209,7 @@ def negotiate_server(
             response.append(f"client_max_window_bits={client_bits}")
         agreed = DeflateParams(
             server_no_context_takeover=True,
-            client_no_context_takeover=client_no_context,
+            client_no_context_takeover=True,
             server_max_window_bits=server_bits,
             client_max_window_bits=client_bits or 15,
         )
@@ -360,9 +368,13 @@ class PerMessageDeflate:
 
         Raises PayloadTooBig (1009) past the limit, ProtocolError (1002) on corrupt data.
         """
-        decompressor = self._decompressor
-        if decompressor is None:
-            decompressor = self._decompressor = zlib.decompressobj(-self._peer_bits)
+        if self._peer_no_context:
+            # Section 7.1.1.2: nothing refers to earlier messages, so nothing is kept.
+            decompressor = zlib.decompressobj(-self._peer_bits)
+        else:
+            decompressor = self._decompressor
+            if decompressor is None:
+                decompressor = self._decompressor = zlib.decompressobj(-self._peer_bits)
         limit = self.max_message_bytes
         try:
             # Section 7.2.2: append the tail; inflate at most one byte past the limit.
@@ -374,6 +386,6 @@ class PerMessageDeflate:
             self._decompressor = None
             raise PayloadTooBig(f"message inflates past {limit} bytes")
         # Section 7.2.3.4: a block with BFINAL set ends the stream; start afresh next time.
-        if self._peer_no_context or decompressor.eof:
+        if decompressor.eof:
             self._decompressor = None
         return out

@@ -39,6 +39,8 @@ MIB = 1024 * 1024
 TAIL = b"\x00\x00\xff\xff"
 PMD = "permessage-deflate"
 SNCT = "server_no_context_takeover"
+CNCT = "client_no_context_takeover"
+BOTH = f"{SNCT}; {CNCT}"  # our server's answer to every offer it accepts
 
 
 def make(params: DeflateParams, *, is_server: bool, min_bytes: int = 0, limit: int = MIB):
@@ -137,64 +139,65 @@ N = DeflateParams
     [
         ([], 15, None, None),
         (["x-webkit-deflate-frame"], 15, None, None),
-        ([PMD], 15, f"{PMD}; {SNCT}", N(True, False, 15, 15)),
-        (["x-foo; bar, permessage-deflate"], 15, f"{PMD}; {SNCT}", N(True, False, 15, 15)),
-        ([f"{PMD}; {SNCT}"], 15, f"{PMD}; {SNCT}", N(True, False, 15, 15)),
-        ([f"{PMD}; client_max_window_bits"], 15, f"{PMD}; {SNCT}", N(True, False, 15, 15)),
+        ([PMD], 15, f"{PMD}; {BOTH}", N(True, True, 15, 15)),
+        (["x-foo; bar, permessage-deflate"], 15, f"{PMD}; {BOTH}", N(True, True, 15, 15)),
+        ([f"{PMD}; {SNCT}"], 15, f"{PMD}; {BOTH}", N(True, True, 15, 15)),
+        ([f"{PMD}; {BOTH}"], 15, f"{PMD}; {BOTH}", N(True, True, 15, 15)),
+        ([f"{PMD}; client_max_window_bits"], 15, f"{PMD}; {BOTH}", N(True, True, 15, 15)),
         (
             [f"{PMD}; client_max_window_bits=10"],
             15,
-            f"{PMD}; {SNCT}; client_max_window_bits=10",
-            N(True, False, 15, 10),
+            f"{PMD}; {BOTH}; client_max_window_bits=10",
+            N(True, True, 15, 10),
         ),
         (
             [f"{PMD}; client_max_window_bits=8"],
             15,
-            f"{PMD}; {SNCT}; client_max_window_bits=8",
-            N(True, False, 15, 8),
+            f"{PMD}; {BOTH}; client_max_window_bits=8",
+            N(True, True, 15, 8),
         ),
         (
             [f"{PMD}; client_no_context_takeover"],
             15,
-            f"{PMD}; {SNCT}; client_no_context_takeover",
+            f"{PMD}; {BOTH}",
             N(True, True, 15, 15),
         ),
         (
             [f"{PMD}; server_max_window_bits=10"],
             15,
-            f"{PMD}; {SNCT}; server_max_window_bits=10",
-            N(True, False, 10, 15),
+            f"{PMD}; {BOTH}; server_max_window_bits=10",
+            N(True, True, 10, 15),
         ),
         (
             [f'{PMD}; server_max_window_bits="11"'],
             15,
-            f"{PMD}; {SNCT}; server_max_window_bits=11",
-            N(True, False, 11, 15),
+            f"{PMD}; {BOTH}; server_max_window_bits=11",
+            N(True, True, 11, 15),
         ),
         (
             [f"{PMD}; server_max_window_bits=15"],
             15,
-            f"{PMD}; {SNCT}; server_max_window_bits=15",
-            N(True, False, 15, 15),
+            f"{PMD}; {BOTH}; server_max_window_bits=15",
+            N(True, True, 15, 15),
         ),
         (
             [f"{PMD}; server_max_window_bits=12"],
             10,
-            f"{PMD}; {SNCT}; server_max_window_bits=10",
-            N(True, False, 10, 15),
+            f"{PMD}; {BOTH}; server_max_window_bits=10",
+            N(True, True, 10, 15),
         ),
-        ([PMD], 12, f"{PMD}; {SNCT}; server_max_window_bits=12", N(True, False, 12, 15)),
+        ([PMD], 12, f"{PMD}; {BOTH}; server_max_window_bits=12", N(True, True, 12, 15)),
         ([f"{PMD}; server_max_window_bits=8"], 15, None, None),
         (
             [f"{PMD}; server_max_window_bits=8, {PMD}; client_max_window_bits"],
             15,
-            f"{PMD}; {SNCT}",
-            N(True, False, 15, 15),
+            f"{PMD}; {BOTH}",
+            N(True, True, 15, 15),
         ),
         (
             [f"{PMD}; foo", f"{PMD}; client_no_context_takeover"],
             15,
-            f"{PMD}; {SNCT}; client_no_context_takeover",
+            f"{PMD}; {BOTH}",
             N(True, True, 15, 15),
         ),
         ([f"{PMD}; client_no_context_takeover; client_no_context_takeover"], 15, None, None),
@@ -221,7 +224,10 @@ def test_negotiate_server(
         return
     assert result == (params, response)
     assert result is not None
-    assert parse_extensions([result[1]])[0][1][0] == (SNCT, None)
+    # Sections 7.1.1.1/7.1.1.2: both are declared, asked for or not, so that the server
+    # keeps no inflate window between a client's messages.
+    assert parse_extensions([result[1]])[0][1][:2] == [(SNCT, None), (CNCT, None)]
+    assert result[0].server_no_context_takeover and result[0].client_no_context_takeover
 
 
 def test_negotiate_server_malformed_header_is_400() -> None:
@@ -434,6 +440,39 @@ def test_zlib_objects_are_lazy_and_dropped_without_context() -> None:
     assert server._compressor is None and server._decompressor is None
 
 
+BROWSER_OFFER = f"{PMD}; client_max_window_bits"  # Chrome's and Firefox's offer
+
+
+def test_server_keeps_no_inflater_between_messages() -> None:
+    # A browser does not ask for client_no_context_takeover; we answer it anyway, so an
+    # idle connection holds no inflate window after its first compressed message.
+    negotiated = negotiate_server([BROWSER_OFFER], max_window_bits=15)
+    assert negotiated is not None
+    params, response = negotiated
+    assert params.client_no_context_takeover
+    server = make(params, is_server=True)
+    client = make(accept_client_response([response]) or N(), is_server=False)
+    for data in messages():
+        assert send(client, server, data) == data
+        assert server._decompressor is None
+
+
+def test_peer_breaking_no_context_takeover_is_protocol_error() -> None:
+    # A client that agreed to client_no_context_takeover but refers back to its previous
+    # message: the fresh inflater fails the message rather than decode another's history.
+    negotiated = negotiate_server([BROWSER_OFFER], max_window_bits=15)
+    assert negotiated is not None
+    server = make(negotiated[0], is_server=True)
+    peer = zlib.compressobj(6, zlib.DEFLATED, -15)
+    data = random.Random(3).randbytes(2000)
+    first = peer.compress(data) + peer.flush(zlib.Z_SYNC_FLUSH)
+    second = peer.compress(data) + peer.flush(zlib.Z_SYNC_FLUSH)
+    assert server.decompress(first[:-4]) == data
+    with pytest.raises(ProtocolError) as info:
+        server.decompress(second[:-4])
+    assert info.value.close_code == CLOSE_PROTOCOL_ERROR
+
+
 def test_invalid_params() -> None:
     with pytest.raises(ValueError):
         DeflateParams(server_max_window_bits=16)
@@ -538,6 +577,8 @@ def test_interop_our_server_their_client(config: dict) -> None:
     params, response = negotiated
     [(_, response_params)] = parse_extension(response)
     theirs = factory.process_response_params(response_params, [])
+    # Their client accepts client_no_context_takeover unasked and honours it.
+    assert theirs.local_no_context_takeover and params.client_no_context_takeover
     exchange(make(params, is_server=True), theirs)
 
 

@@ -458,7 +458,10 @@ def test_compression_negotiated_when_offered() -> None:
     accepted = accept_upgrade(parse(upgrade_raw(add=offer)))
     assert accepted.deflate is not None
     value = parse_response(accepted.response).header("Sec-WebSocket-Extensions")
-    assert value is not None and value.startswith("permessage-deflate")
+    # A browser's offer: both no_context_takeover parameters answered (RFC 7692 7.1.1.1-2).
+    both = "server_no_context_takeover; client_no_context_takeover"
+    assert value == f"permessage-deflate; {both}"
+    assert accepted.deflate.client_no_context_takeover
 
 
 @pytest.mark.parametrize(
@@ -671,6 +674,8 @@ def test_interop_with_websockets_client(deflate: bool, subprotocols: list[str] |
     assert client.state is State.OPEN
     assert client.subprotocol == accepted.subprotocol == ("redwire.v1" if subprotocols else None)
     assert [e.name for e in client.extensions] == (["permessage-deflate"] if deflate else [])
+    if deflate:  # it accepts client_no_context_takeover unasked and will honour it
+        assert client.extensions[0].local_no_context_takeover  # type: ignore[attr-defined]
     assert (accepted.deflate is not None) is deflate
 
 
