@@ -111,6 +111,19 @@ class Settings:
     heartbeat_interval_s: float = 25.0  # clients send an app-level {"op":"ping"} this often
     heartbeat_timeout_s: float = 10.0  # no frame this long after a client ping: it reconnects
 
+    # --- abuse limits (docs/security.md) ---
+    # Publishes per connection: a token bucket refilled at this rate (None: no limit); over
+    # it a publish gets `rate_limited` with `retry_after` (seconds), never a close.
+    publish_rate_per_s: float | None = 1000.0
+    publish_burst: int = 2000  # the bucket's size: publishes allowed at once from full
+    # Open WebSockets per worker (over it the upgrade gets 503) and per client IP address,
+    # the TCP peer's (429). None: no cap.
+    max_connections_per_worker: int | None = 10000
+    max_connections_per_ip: int | None = 1000
+    # A WebSocket that sends nothing (no frame, no ping, no pong) this long while it is
+    # subscribed to nothing and has no request pending is closed 1008 "idle". None: never.
+    idle_timeout_s: float | None = 300.0
+
     # --- bus ---
     bus_reconnect_min_s: float = 0.05
     bus_reconnect_max_s: float = 5.0
@@ -441,6 +454,15 @@ def _validate(s: Settings) -> None:
     need(1 <= s.max_topic_bytes <= 1024, "max_topic_bytes must be 1..1024")
     need(s.max_queued_requests >= 1, "max_queued_requests must be >= 1")
     need(s.listen_backlog >= 1, "listen_backlog must be >= 1")
+    need(
+        s.publish_rate_per_s is None or s.publish_rate_per_s > 0,
+        "publish_rate_per_s must be > 0 (none: no limit)",
+    )
+    need(s.publish_burst >= 1, "publish_burst must be >= 1")
+    for name in ("max_connections_per_worker", "max_connections_per_ip"):
+        value = getattr(s, name)
+        need(value is None or value >= 1, f"{name} must be >= 1 (none: no cap)")
+    need(s.idle_timeout_s is None or s.idle_timeout_s > 0, "idle_timeout_s must be > 0")
     need(s.ping_interval_s is None or s.ping_interval_s > 0, "ping_interval_s must be > 0")
     for name in ("handshake_timeout_s", "ping_timeout_s", "close_timeout_s", "drain_timeout_s"):
         need(getattr(s, name) > 0, f"{name} must be > 0")

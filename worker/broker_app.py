@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from broker.bus import Bus, make_bus
@@ -21,6 +21,7 @@ from worker.hooks import Hooks, load_object
 from worker.hub import Hub
 from worker.metrics import Metrics
 from worker.protocol import WebSocket
+from worker.server import ConnectionLimits
 from worker.session import ClientSession
 from worker.stats import WorkerStats
 
@@ -40,6 +41,7 @@ class BrokerApp:
         self.hooks = Hooks(load_object(settings.app) if settings.app else None)
         self.metrics = Metrics(worker_id, self.stats, self.bus.stats)
         self.sessions: set[ClientSession] = set()
+        self.limits = ConnectionLimits(settings, self.stats)
         self._metrics_timer: asyncio.TimerHandle | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -67,6 +69,10 @@ class BrokerApp:
 
     async def http(self, request: Request) -> bytes:
         return await http_routes.handle(self, request)
+
+    def admit(self, ip: str) -> Callable[[], None]:
+        """A connection slot for a WebSocket from `ip`, or HandshakeError 503/429."""
+        return self.limits.admit(ip)
 
     async def authorize(self, request: Request) -> Any:
         return await self.hooks.on_connect(request)

@@ -4,7 +4,8 @@ The supervisor points `PROMETHEUS_MULTIPROC_DIR` at a directory shared by its wo
 (prometheus_client's multiprocess mode); each worker copies its plain `WorkerStats` and
 bus counters into prometheus metrics once a second (and at each scrape), so the hot path
 never touches prometheus. A worker run on its own (no such directory) exports just itself.
-Every series carries a `worker` label.
+Every series carries a `worker` label, and every one in the tables below exists (at 0)
+from the first scrape, so an alert on it always has a series to look at.
 """
 
 from __future__ import annotations
@@ -34,6 +35,15 @@ _COUNTERS = {
     "gaps_announced": "gap frames sent because history could not fill a gap",
     "recoveries": "subscribes with since that recovered every missed message",
     "recoveries_failed": "subscribes with since answered recovered: false",
+    "rate_limited": "publishes refused with rate_limited (over publish_rate_per_s)",
+    "idle_closes": "WebSockets closed 1008 idle (nothing sent for idle_timeout_s)",
+}
+# Counters with a `reason` label as well: metric -> (help, {reason: WorkerStats field}).
+_REASON_COUNTERS = {
+    "connections_refused": (
+        "WebSocket upgrades refused by a connection cap",
+        {"worker_full": "refused_worker_full", "per_ip": "refused_per_ip"},
+    ),
 }
 _GAUGES = {
     "connections": "open WebSocket connections",
@@ -69,6 +79,10 @@ class Metrics:
             )
             for name, doc in _GAUGES.items()
         }
+        self._reason_counters = {
+            name: Counter(f"redwire_{name}", doc, ["worker", "reason"], registry=reg)
+            for name, (doc, _) in _REASON_COUNTERS.items()
+        }
         self._bus_healthy = Gauge(
             "redwire_bus_healthy",
             "1 when the worker's bus subscription is live",
@@ -77,6 +91,17 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self._seen: dict[str, float] = {}
+        # Every series at 0 now: a labelled metric has no series until its labels are used.
+        for metric in (
+            *self._counters.values(),
+            *self._bus_counters.values(),
+            *self._gauges.values(),
+            self._bus_healthy,
+        ):
+            metric.labels(worker_id)
+        for name, (_, reasons) in _REASON_COUNTERS.items():
+            for reason in reasons:
+                self._reason_counters[name].labels(worker_id, reason)
 
     def sync(self) -> None:
         """Copy the plain counters into prometheus metrics (increments since last sync)."""
@@ -87,6 +112,13 @@ class Metrics:
         bus = self.bus_stats()
         for name, counter in self._bus_counters.items():
             self._add("bus_" + name, counter, float(bus.get(name, 0)), wid)  # type: ignore[arg-type]
+        for name, (_, reasons) in _REASON_COUNTERS.items():
+            counter = self._reason_counters[name]
+            for reason, field in reasons.items():
+                delta = values[field] - self._seen.get(field, 0)
+                if delta > 0:
+                    counter.labels(wid, reason).inc(delta)
+                    self._seen[field] = values[field]
         for name, gauge in self._gauges.items():
             gauge.labels(wid).set(values[name])
         self._bus_healthy.labels(wid).set(1 if bus.get("healthy") else 0)
@@ -105,6 +137,15 @@ class Metrics:
             prom_multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def series_names() -> list[str]:
+    """The name of every series this module exports (counters with their `_total`)."""
+    names = [f"redwire_{_strip_total(n)}_total" for n in _COUNTERS]
+    names += [f"redwire_bus_{n}_total" for n in _BUS_COUNTERS]
+    names += [f"redwire_{n}_total" for n in _REASON_COUNTERS]
+    names += [f"redwire_{n}" for n in _GAUGES]
+    return [*names, "redwire_bus_healthy"]
 
 
 def _strip_total(name: str) -> str:

@@ -5,9 +5,16 @@ application's `http` handler and the connection closes after the response. An up
 request is checked, optionally authorized by the application, answered with 101, and from
 then on bytes go through a `broker.connection.Connection` whose events reach a `Session`.
 This module owns every timer of a connection: handshake timeout, keepalive ping and its
-pong timeout, closing timeout. The pub/sub session writes through its ordered outbox
-(`worker.outbox`), which asks `frame` for the bytes and `write_frame` to write them;
-RFC 6455 control frames and the close frame are written here directly. The transport's
+pong timeout, idle timeout, closing timeout; each callback runs through `_run_timer`, so
+an exception in one is logged and the loop (and the connection's other timers) go on.
+Before an upgrade makes a session, the application's optional `admit(ip)` takes a
+connection slot or refuses with its HTTP status; the slot is given back when the
+connection goes. Idle (`idle_timeout_s`): a peer that sent nothing at all for that long,
+whose session does not `keeps_alive` (no subscription, no request pending), is closed
+1008 "idle" (through the session's `close_idle`, if it has one). The pub/sub session
+writes through its ordered outbox (`worker.outbox`), which asks `frame` for the bytes and
+`write_frame` to write them; RFC 6455 control frames and the close frame are written here
+directly. The transport's
 high/low water marks pause reading from a peer we cannot write to fast enough, and call
 `on_writable` when it drains. Anything unexpected raised while a session handles a message
 closes that one connection with 1011 (`_session_failed`), never the worker.
@@ -77,11 +84,14 @@ class WebSocket(asyncio.Protocol):
         "_close_timer",
         "_failed",
         "_handshake_timer",
+        "_idle_timer",
         "_input_holds",
+        "_last_activity",
         "_parser",
         "_paused_reading",
         "_ping_timer",
         "_pong_timer",
+        "_release_slot",
         "app",
         "compress_key",
         "conn",
@@ -124,6 +134,9 @@ class WebSocket(asyncio.Protocol):
         self._ping_timer: asyncio.TimerHandle | None = None
         self._pong_timer: asyncio.TimerHandle | None = None
         self._close_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._last_activity = 0.0  # loop time of the last bytes received on the WebSocket
+        self._release_slot: Callable[[], None] | None = None  # from the app's admit()
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 
@@ -131,11 +144,12 @@ class WebSocket(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         s = self.settings
         self.transport.set_write_buffer_limits(s.write_buffer_high_bytes, s.write_buffer_low_bytes)
-        self._handshake_timer = self.loop.call_later(s.handshake_timeout_s, self._handshake_expired)
+        self._handshake_timer = self._call_later(s.handshake_timeout_s, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
         if conn is not None:
+            self._last_activity = self.loop.time()
             self._receive_ws(conn, data)
         elif self._parser is not None:
             self._receive_http(data)
@@ -148,6 +162,7 @@ class WebSocket(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
+        self._give_back_slot()
         conn = self.conn
         if conn is not None and self.session is not None:
             if conn.close_received is not None:
@@ -225,14 +240,30 @@ class WebSocket(asyncio.Protocol):
 
     def _refuse(self, exc: HandshakeError) -> None:
         self._cancel_timers()
+        self._give_back_slot()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(error_response(exc))
             self.transport.close()
 
+    def _give_back_slot(self) -> None:
+        release, self._release_slot = self._release_slot, None
+        if release is not None:
+            release()
+
+    def _peer_ip(self) -> str:
+        """The TCP peer's address (no proxy header is trusted); "local" for a Unix socket."""
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        if isinstance(peer, tuple) and peer:
+            return str(peer[0])
+        return "local"
+
     async def _upgrade(self, request: Request, leftover: bytes) -> None:
         s = self.settings
         app = self.app
+        admit: Callable[[str], Callable[[], None]] | None = getattr(app, "admit", None)
         try:
+            if admit is not None:  # connection caps: refused before any hook or session
+                self._release_slot = admit(self._peer_ip())
             accepted = accept_upgrade(
                 request,
                 allowed_origins=s.allowed_origins,
@@ -275,6 +306,9 @@ class WebSocket(asyncio.Protocol):
             self.close(errors.CLOSE_INTERNAL_ERROR)
             return
         self._schedule_ping()
+        if s.idle_timeout_s is not None:
+            self._last_activity = self.loop.time()
+            self._idle_timer = self._call_later(s.idle_timeout_s, self._idle_check)
         if leftover:
             self._receive_ws(self.conn, leftover)
 
@@ -380,7 +414,7 @@ class WebSocket(asyncio.Protocol):
                 self._paused_reading = False
                 self.transport.resume_reading()
             if self._close_timer is None:
-                self._close_timer = self.loop.call_later(
+                self._close_timer = self._call_later(
                     self.settings.close_timeout_s, self._close_expired
                 )
 
@@ -415,7 +449,7 @@ class WebSocket(asyncio.Protocol):
             transport.resume_reading()
         if transport.can_write_eof():
             transport.write_eof()
-        self._close_timer = self.loop.call_later(self.settings.close_timeout_s, self._close_expired)
+        self._close_timer = self._call_later(self.settings.close_timeout_s, self._close_expired)
 
     def _end(self, *, flush: bool) -> None:
         self._cancel_timers()
@@ -424,39 +458,77 @@ class WebSocket(asyncio.Protocol):
         if flush:
             self.transport.close()
             # A peer that never reads must not keep the socket (and its buffer) forever.
-            self._close_timer = self.loop.call_later(
-                self.settings.close_timeout_s, self._close_expired
-            )
+            self._close_timer = self._call_later(self.settings.close_timeout_s, self._close_expired)
         else:
             self.transport.abort()
 
-    # --- keepalive ---------------------------------------------------------------------------
+    # --- timers: keepalive, idle ---------------------------------------------------------------
+
+    def _call_later(self, delay_s: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
+        return self.loop.call_later(delay_s, self._run_timer, callback)
+
+    @staticmethod
+    def _run_timer(callback: Callable[[], None]) -> None:
+        """Every timer callback runs here: an exception (an OSError from a dying socket, a
+        bug) is logged and the loop goes on; the callbacks reschedule before they write."""
+        try:
+            callback()
+        except Exception:
+            log.exception("timer %s failed", getattr(callback, "__name__", callback))
 
     def _schedule_ping(self) -> None:
         interval = self.settings.ping_interval_s
         if interval is not None:
-            self._ping_timer = self.loop.call_later(interval, self._send_ping)
+            self._ping_timer = self._call_later(interval, self._send_ping)
 
     def _send_ping(self) -> None:
         self._ping_timer = None
         if not self.is_open or self.transport is None:
             return
-        self.transport.write(self.conn.send_ping(b"redwire"))  # type: ignore[union-attr]
-        if self._pong_timer is None:
-            self._pong_timer = self.loop.call_later(
-                self.settings.ping_timeout_s, self._pong_expired
-            )
         self._schedule_ping()
+        if self._pong_timer is None:
+            self._pong_timer = self._call_later(self.settings.ping_timeout_s, self._pong_expired)
+        self.transport.write(self.conn.send_ping(b"redwire"))  # type: ignore[union-attr]
 
     def _pong_expired(self) -> None:
         self._pong_timer = None
         log.debug("no pong within ping_timeout_s; dropping connection")
-        if self.conn is not None and self.transport is not None:
-            self.transport.write(self.conn.close(errors.CLOSE_INTERNAL_ERROR, ""))
-        self.abort()
+        try:
+            if self.conn is not None and self.transport is not None:
+                self.transport.write(self.conn.close(errors.CLOSE_INTERNAL_ERROR, ""))
+        finally:
+            self.abort()
+
+    def _idle_check(self) -> None:
+        """Close a connection that sent nothing for idle_timeout_s and keeps nothing alive
+        (no subscription, no request pending); otherwise look again when it could be."""
+        self._idle_timer = None
+        timeout_s = self.settings.idle_timeout_s
+        if timeout_s is None or not self.is_open:
+            return
+        quiet_s = self.loop.time() - self._last_activity
+        session = self.session
+        if quiet_s < timeout_s:
+            self._idle_timer = self._call_later(timeout_s - quiet_s, self._idle_check)
+            return
+        if session is not None and getattr(session, "keeps_alive", False):
+            self._idle_timer = self._call_later(timeout_s, self._idle_check)
+            return
+        log.debug("idle for %.0fs; closing 1008", quiet_s)
+        close_idle: Callable[[], None] | None = getattr(session, "close_idle", None)
+        if close_idle is not None:
+            close_idle()
+        else:
+            self.close(errors.CLOSE_POLICY_VIOLATION, "idle")
 
     def _cancel_timers(self) -> None:
-        for name in ("_handshake_timer", "_ping_timer", "_pong_timer", "_close_timer"):
+        for name in (
+            "_handshake_timer",
+            "_ping_timer",
+            "_pong_timer",
+            "_close_timer",
+            "_idle_timer",
+        ):
             timer = getattr(self, name)
             if timer is not None:
                 timer.cancel()

@@ -4,6 +4,10 @@
 descriptor), or binds `host:port` itself (with SO_REUSEPORT when several workers share a
 port). `Server.drain` is the graceful stop: stop accepting, send close 1001 to every open
 WebSocket, wait for them to go, and drop what is left when `drain_timeout_s` runs out.
+
+`ConnectionLimits` is the worker's connection caps: `admit(ip)` takes a slot for one
+WebSocket upgrade or raises the HTTP refusal (503 worker full, 429 too many from that
+address), before any session exists; the slot is given back by the callable it returns.
 """
 
 from __future__ import annotations
@@ -11,12 +15,57 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 
 from broker import errors
+from broker.errors import HandshakeError
 from broker.settings import Settings
 from worker.protocol import ServerApp, WebSocket
+from worker.stats import WorkerStats
 
 log = logging.getLogger("redwire.worker")
+
+
+class ConnectionLimits:
+    """Open WebSockets per worker and per client IP (the TCP peer's address), capped by
+    `max_connections_per_worker` and `max_connections_per_ip` (None: no cap)."""
+
+    def __init__(self, settings: Settings, stats: WorkerStats) -> None:
+        self.max_per_worker = settings.max_connections_per_worker
+        self.max_per_ip = settings.max_connections_per_ip
+        self.stats = stats
+        self.open = 0
+        self.by_ip: dict[str, int] = {}
+
+    def admit(self, ip: str) -> Callable[[], None]:
+        """Take a slot for a connection from `ip`; the returned callable gives it back
+        (once, however often it is called). HandshakeError 503/429 when over a cap."""
+        if self.max_per_worker is not None and self.open >= self.max_per_worker:
+            self.stats.refused_worker_full += 1
+            raise HandshakeError(
+                503, "worker full: too many connections, retry later", [("Retry-After", "1")]
+            )
+        count = self.by_ip.get(ip, 0)
+        if self.max_per_ip is not None and count >= self.max_per_ip:
+            self.stats.refused_per_ip += 1
+            raise HandshakeError(429, "too many connections from this address")
+        self.open += 1
+        self.by_ip[ip] = count + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self.open -= 1
+            left = self.by_ip[ip] - 1
+            if left:
+                self.by_ip[ip] = left
+            else:
+                del self.by_ip[ip]
+
+        return release
 
 
 class Server:

@@ -8,6 +8,8 @@ pipelined: each enters the bus in request order and its ack follows when Redis a
 Everything the client receives goes through the session's `Outbox` (worker/outbox.py), in
 the order decided here and in the hub; subscribing, recovering and repairing are the hub's
 job (worker/hub.py). Outcomes, in one place each:
+- a publish over the connection's token bucket (`publish_rate_per_s`, `publish_burst`) →
+  an `error` with `rate_limited` and `retry_after` (seconds); never counted, never a close;
 - a request the protocol rejects → an `error` reply; more than `max_errors_per_window` of
   them within `error_window_s` → close 1008. Bus trouble (`unavailable`, `outcome_unknown`)
   is not the client's fault: it never counts toward that flood and never closes;
@@ -25,6 +27,7 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from broker import errors
@@ -53,8 +56,46 @@ def bus_error(exc: BusError, what: str) -> ClientError:
     return ClientError(wire.UNAVAILABLE, f"{what}: the bus is unavailable")
 
 
+class TokenBucket:
+    """Up to `burst` operations at once, refilled at `rate_per_s`; no I/O, no asyncio.
+
+    `take()` spends one token and returns 0.0, or, when none is left, spends nothing and
+    returns the seconds until one will be there. `clock` (seconds, monotonic) is injected
+    so tests step time instead of sleeping."""
+
+    __slots__ = ("_clock", "_stamp", "_tokens", "burst", "rate_per_s")
+
+    def __init__(
+        self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if rate_per_s <= 0 or burst < 1:
+            raise ValueError("rate_per_s must be > 0 and burst >= 1")
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._stamp = clock()
+
+    def take(self) -> float:
+        now = self._clock()
+        elapsed = now - self._stamp
+        self._stamp = now
+        if elapsed > 0:  # a clock that steps back refills nothing
+            self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate_per_s)
+        if self._tokens >= 1.0 - 1e-9:  # float sums of refills may fall a hair short
+            self._tokens = max(self._tokens - 1.0, 0.0)
+            return 0.0
+        return (1.0 - self._tokens) / self.rate_per_s
+
+    @property
+    def tokens(self) -> float:
+        """Tokens left as of the last `take` (for tests and debugging)."""
+        return self._tokens
+
+
 class ClientSession:
     __slots__ = (
+        "_bucket",
         "_drained",
         "_error_times",
         "_inflight",
@@ -97,6 +138,11 @@ class ClientSession:
         self._error_times: deque[float] | None = None
         self._inflight: set[asyncio.Task[Published]] = set()  # pipelined publishes
         self._drained: asyncio.Future[None] | None = None
+        self._bucket = (
+            None
+            if s.publish_rate_per_s is None
+            else TokenBucket(s.publish_rate_per_s, s.publish_burst)
+        )
         app.stats.connections += 1
         app.stats.connections_accepted += 1
         self.send_control(
@@ -141,6 +187,18 @@ class ClientSession:
         self.live = False
         self.outbox.close(code, reason)
 
+    @property
+    def keeps_alive(self) -> bool:
+        """Not idle whatever the peer sends: subscribed, or a request still being answered."""
+        return bool(self.topics) or bool(self._inflight) or self._queue is not None
+
+    def close_idle(self) -> None:
+        """idle_timeout_s passed with nothing from the client and nothing to keep: 1008."""
+        if self.live:
+            self.app.stats.idle_closes += 1
+            log.info("closing idle client %s (1008)", self.id)
+            self.close(errors.CLOSE_POLICY_VIOLATION, "idle")
+
     def fail(self) -> None:
         """Something unexpected happened on our side: close 1011 (no detail on the wire)."""
         if self.live:
@@ -167,6 +225,11 @@ class ClientSession:
             self._reply_error(exc.request_id, exc)
             return
         op = request.op
+        if op == "publish" and self._bucket is not None:
+            wait_s = self._bucket.take()
+            if wait_s > 0:
+                self._rate_limited(request.id, wait_s)
+                return
         if op == "ping":
             self.send_control({"op": "pong", "id": request.id})
         elif op == "unsubscribe":
@@ -327,6 +390,22 @@ class ClientSession:
     def _ack(self, req_id: Any, **fields: Any) -> None:
         if req_id is not None:
             self.send_control({"op": "ack", "id": req_id, **fields})
+
+    def _rate_limited(self, req_id: Any, wait_s: float) -> None:
+        """Refuse a publish over the bucket: the client's pace, not a bad request, so it
+        never counts toward the error flood and never closes."""
+        if not self.live:
+            return
+        self.app.stats.rate_limited += 1
+        reply: dict[str, Any] = {
+            "op": "error",
+            "code": wire.RATE_LIMITED,
+            "reason": "publish rate limit reached",
+            "retry_after": max(round(wait_s, 3), 0.001),
+        }
+        if req_id is not None:
+            reply["id"] = req_id
+        self.send_control(reply)
 
     def _reply_error(self, req_id: Any, exc: ClientError, *, counted: bool = True) -> None:
         if not self.live:

@@ -24,6 +24,10 @@ class WorkerStats:
     gaps_announced: int = 0  # gap frames sent because history could not fill a gap
     recoveries: int = 0  # subscribes with `since` answered recovered: true
     recoveries_failed: int = 0  # ... answered recovered: false
+    rate_limited: int = 0  # publishes refused with rate_limited (publish_rate_per_s)
+    refused_worker_full: int = 0  # upgrades refused 503: max_connections_per_worker
+    refused_per_ip: int = 0  # upgrades refused 429: max_connections_per_ip
+    idle_closes: int = 0  # WebSockets closed 1008 "idle" (idle_timeout_s)
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -34,6 +34,7 @@ OUTCOME_UNKNOWN = "outcome_unknown"  # may have been published: retry only with 
 TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
 NOT_ENABLED = "not_enabled"
 INTERNAL = "internal"
+RATE_LIMITED = "rate_limited"  # over publish_rate_per_s: retry after `retry_after` seconds
 
 _OPS = frozenset({"subscribe", "unsubscribe", "publish", "ping", "presence"})
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode

@@ -735,3 +735,155 @@ async def test_unavailable_replies_never_close_a_client() -> None:
         a.peer.request(op="ping", id="still")
         assert await a.peer.frame() == {"op": "pong", "id": "still"}
         assert app.stats.error_flood_closes == 0
+
+
+# --- abuse limits: publish rate, connection caps, idle timeout, timers that survive ----------
+
+
+async def test_publish_flood_gets_rate_limited_and_the_connection_stays() -> None:
+    settings = BROKER.replace(publish_rate_per_s=1.0, publish_burst=5)
+    async with broker_app(settings) as app, client(app) as a:
+        p = a.peer
+        p.request(op="subscribe", topic="t", id="s")
+        assert await p.reply("s") == {"op": "ack", "id": "s"}
+        flood = 5 + BROKER.max_errors_per_window * 3  # far more refusals than the flood cap
+        for i in range(flood):
+            p.request(op="publish", topic="t", data=i, id=i)
+        by_id: dict[Any, dict[str, Any]] = {}
+        while len(by_id) < flood:  # refusals may overtake acks that wait for the bus
+            frame = await p.frame()
+            if frame["op"] in ("ack", "error"):
+                by_id[frame["id"]] = frame
+        replies = [by_id[i] for i in range(flood)]
+        assert [r["op"] for r in replies[:5]] == ["ack"] * 5
+        for r in replies[5:]:
+            assert r["op"] == "error" and r["code"] == "rate_limited", r
+            assert isinstance(r["retry_after"], float) and 0 < r["retry_after"] <= 1.0
+        p.request(op="ping", id="alive")
+        assert await p.reply("alive") == {"op": "pong", "id": "alive"}
+        assert a.protocol.is_open
+        assert app.stats.rate_limited == flood - 5
+        assert app.stats.error_flood_closes == 0
+        assert app.stats.publishes == 5
+
+
+async def test_publish_rate_limit_off() -> None:
+    settings = BROKER.replace(publish_rate_per_s=None, publish_burst=1)
+    async with broker_app(settings) as app, client(app) as a:
+        for i in range(50):
+            a.peer.request(op="publish", topic="t", data=i, id=i)
+        for i in range(50):
+            assert (await a.peer.reply(i))["op"] == "ack"
+        assert app.stats.rate_limited == 0
+
+
+def _lost_signal(lost: asyncio.Event) -> Callable[[Any, Settings], WebSocket]:
+    def factory(app: Any, settings: Settings) -> WebSocket:
+        return WebSocket(app, settings, on_lost=lambda ws: lost.set())
+
+    return factory
+
+
+async def _refusal(app: BrokerApp) -> bytes:
+    async with served(app, app.settings) as s:
+        request = client_request("redwire.test", 80, "/ws", key=new_key())
+        s.peer.write(request)
+        return await s.peer.read_all()
+
+
+async def test_connections_over_the_per_ip_cap_get_429_before_a_session() -> None:
+    settings = BROKER.replace(max_connections_per_ip=2)
+    async with broker_app(settings) as app:
+        lost = asyncio.Event()
+        async with client(app, factory=_lost_signal(lost)), client(app):
+            response = await _refusal(app)
+            head, _, body = response.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 429 "), head
+            assert body == b"too many connections from this address\n"
+            assert len(app.sessions) == 2
+            assert app.stats.refused_per_ip == 1
+            assert app.stats.connections_accepted == 2
+        await asyncio.wait_for(lost.wait(), WAIT_S)
+        # The slots are given back when connections go: a new one is accepted again.
+        async with client(app):
+            assert app.limits.by_ip == {"local": app.limits.open}
+
+
+async def test_connections_over_the_worker_cap_get_503() -> None:
+    settings = BROKER.replace(max_connections_per_worker=1, max_connections_per_ip=None)
+    async with broker_app(settings) as app, client(app):
+        head = (await _refusal(app)).partition(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 503 "), head
+        assert b"Retry-After: 1" in head
+        assert app.stats.refused_worker_full == 1
+        assert len(app.sessions) == 1
+        text = app.metrics.render()[0].decode()
+        assert 'redwire_connections_refused_total{reason="worker_full",worker="w7"} 1.0' in text
+
+
+async def test_plain_http_does_not_take_a_connection_slot() -> None:
+    settings = BROKER.replace(max_connections_per_worker=1)
+    async with broker_app(settings) as app, client(app), served(app, app.settings) as s:
+        s.peer.write(b"GET /healthz HTTP/1.1\r\nHost: redwire.test\r\n\r\n")
+        assert (await s.peer.read_all()).startswith(b"HTTP/1.1 200 ")
+
+
+IDLE = BROKER.replace(idle_timeout_s=0.2)
+
+
+async def test_a_client_that_sends_nothing_and_subscribes_to_nothing_is_closed_idle() -> None:
+    async with broker_app(IDLE) as app, client(app) as a:
+        started = time.monotonic()
+        close = await a.peer.until_close()
+        assert close == CloseReceived(errors.CLOSE_POLICY_VIOLATION, "idle")
+        assert time.monotonic() - started >= IDLE.idle_timeout_s * 0.8  # type: ignore[operator]
+        assert app.stats.idle_closes == 1
+
+
+async def test_a_subscribed_listener_is_not_idle() -> None:
+    async with broker_app(IDLE) as app, client(app) as a:
+        a.peer.request(op="subscribe", topic="t", id="s")
+        assert await a.peer.reply("s") == {"op": "ack", "id": "s"}
+        with pytest.raises(TimeoutError):  # the passage of time is the point here
+            await a.peer.event(timeout_s=IDLE.idle_timeout_s * 3)  # type: ignore[operator]
+        assert a.protocol.is_open and app.stats.idle_closes == 0
+        # Unsubscribed and silent: now it is idle.
+        a.peer.request(op="unsubscribe", topic="t", id="u")
+        assert await a.peer.reply("u") == {"op": "ack", "id": "u"}
+        close = await a.peer.until_close()
+        assert close == CloseReceived(errors.CLOSE_POLICY_VIOLATION, "idle")
+
+
+async def test_idle_timeout_off_by_none() -> None:
+    async with broker_app(BROKER.replace(idle_timeout_s=None)) as app, client(app) as a:
+        assert a.protocol._idle_timer is None
+
+
+async def test_idle_echo_connection_is_closed_too() -> None:
+    async with served(EchoApp(), FAST.replace(idle_timeout_s=0.2)) as s:
+        await s.peer.handshake()
+        assert await s.peer.until_close() == CloseReceived(errors.CLOSE_POLICY_VIOLATION, "idle")
+
+
+async def test_a_timer_that_raises_is_logged_and_the_keepalive_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with served(EchoApp(), KEEPALIVE) as s:
+        await s.peer.handshake()
+        conn = s.protocol.conn
+        assert conn is not None
+        send_ping = conn.send_ping
+        calls = 0
+
+        def failing_once(payload: bytes) -> bytes:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise OSError("no buffer space")
+            return send_ping(payload)
+
+        conn.send_ping = failing_once  # type: ignore[method-assign]
+        event = await s.peer.event()  # the second ping still comes
+        assert isinstance(event, Ping), event
+        assert calls == 2
+        assert "timer _send_ping failed" in caplog.text
