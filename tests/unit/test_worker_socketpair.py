@@ -887,3 +887,34 @@ async def test_a_timer_that_raises_is_logged_and_the_keepalive_goes_on(
         assert isinstance(event, Ping), event
         assert calls == 2
         assert "timer _send_ping failed" in caplog.text
+
+
+async def test_per_ip_cap_over_real_tcp_counts_the_peer_address() -> None:
+    """Loopback TCP: the cap is keyed by the peer's IP; the worker keeps serving."""
+    from worker.server import Server
+
+    settings = BROKER.replace(host="127.0.0.1", port=0, max_connections_per_ip=2)
+    async with broker_app(settings) as app:
+        server = Server(app, settings)
+        host, port = await server.start()
+        streams = []
+        try:
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection(host, port)
+                streams.append((reader, writer))
+                writer.write(client_request("redwire.test", port, "/ws", key=new_key()))
+                async with asyncio.timeout(WAIT_S):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                if len(streams) < 3:
+                    assert head.startswith(b"HTTP/1.1 101 "), head
+            assert head.startswith(b"HTTP/1.1 429 "), head
+            assert app.limits.by_ip == {"127.0.0.1": 2}
+            reader, writer = await asyncio.open_connection(host, port)
+            streams.append((reader, writer))
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: redwire.test\r\n\r\n")
+            async with asyncio.timeout(WAIT_S):
+                assert (await reader.read()).startswith(b"HTTP/1.1 200 ")
+        finally:
+            for _, writer in streams:
+                writer.close()
+            await server.drain(timeout_s=1.0)
