@@ -87,6 +87,10 @@ def documented_metrics() -> dict[str, str]:
     return dict(rows)
 
 
+def test_the_tables_give_what_the_module_exports() -> None:
+    assert set(metrics.series_names()) == exported_metrics()
+
+
 def test_every_metric_is_in_the_table() -> None:
     assert exported_metrics() - set(documented_metrics()) == set(), "metrics missing from docs"
 
@@ -98,6 +102,15 @@ def test_the_table_names_only_exported_metrics() -> None:
 def test_metric_types_match() -> None:
     for name, kind in documented_metrics().items():
         assert kind == ("counter" if name.endswith("_total") else "gauge"), name
+
+
+def test_the_metrics_exist_at_zero_before_any_traffic() -> None:
+    """The doc promises a series from the first scrape: render one idle worker's metrics."""
+    from worker.stats import WorkerStats
+
+    rendered = metrics.Metrics("0", WorkerStats(), lambda: {}).render()[0].decode()
+    present = set(re.findall(r"^(redwire_\w+?)(?:\{|\s)", rendered, re.M))
+    assert exported_metrics() - present == set()
 
 
 SETTING_FIELDS = {f.name for f in dataclasses.fields(Settings)}
