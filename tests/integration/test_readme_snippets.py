@@ -48,9 +48,11 @@ def test_readme_has_the_snippets_this_file_runs() -> None:
         assert README_WS_URL in body or "REDIS_URL" in body
 
 
-@pytest.fixture(scope="module")
-def broker(redis_server: Any) -> Iterator[ServerProcess]:
-    proc = serve(redis_server.url, workers=2)
+@pytest.fixture(scope="module", params=["--redis", "embedded"])
+def broker(request: pytest.FixtureRequest, redis_server: Any) -> Iterator[ServerProcess]:
+    """`redwire serve --redis URL` (the session's Redis), and plain `redwire serve` with its
+    embedded Redis: the README's two ways, each read from the startup line."""
+    proc = serve(redis_server.url if request.param == "--redis" else None, workers=2)
     try:
         yield proc
     finally:
