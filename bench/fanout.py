@@ -105,6 +105,9 @@ class Subscriber(asyncio.Protocol):
             if end < 0:
                 return
             self.upgraded = True
+            status = self.head.split(b"\r\n", 1)[0]
+            if b" 101" not in status:
+                raise RuntimeError(f"the server refused the upgrade: {status.decode()}")
             if self.compress and b"permessage-deflate" not in self.head[:end].lower():
                 raise RuntimeError("the server declined permessage-deflate")
             data = self.head[end + 4 :]
@@ -330,7 +333,9 @@ def run_idle(args: argparse.Namespace) -> dict[str, object]:
     """RSS growth of the workers per idle (subscribed) connection."""
     redis = RedisServer() if args.redis is None else None
     redis_url = args.redis or redis.url  # type: ignore[union-attr]
-    broker = Broker(args.workers, redis_url, env={"REDWIRE_CHANNEL_PREFIX": args.prefix})
+    # Every connection comes from 127.0.0.1: lift the per-IP cap (429 past it).
+    env = {"REDWIRE_CHANNEL_PREFIX": args.prefix, "REDWIRE_MAX_CONNECTIONS_PER_IP": "none"}
+    broker = Broker(args.workers, redis_url, env=env)
     ctx = mp.get_context("spawn")
     try:
         time.sleep(1.0)  # let workers finish importing and settle before the baseline
@@ -342,6 +347,7 @@ def run_idle(args: argparse.Namespace) -> dict[str, object]:
             args=(broker.host, broker.port, args.idle, 0, child, args.compress),
         )
         proc.start()
+        child.close()  # so that recv() raises EOFError if the load process dies
         assert parent.recv()[0] == "ready"
         time.sleep(1.0)
         after = rss_bytes(workers)
