@@ -263,6 +263,12 @@ class RequestParser(_HeadParser):
         version = _check_version(match[3], match[4])
         self._line = (match[1].decode("ascii"), match[2].decode("ascii"), version)
 
+    @property
+    def target(self) -> str | None:
+        """The request line's target once it is parsed (None before): how to refuse the
+        request may depend on it (`POST /publish` refusals are JSON)."""
+        return self._line[1] if self._first is not None else None
+
     def _content_length(self) -> int:
         """Body length from the head (RFC 7230 section 3.3.3); 0 without Content-Length."""
         if any(name.lower() == "transfer-encoding" for name, _ in self._fields):

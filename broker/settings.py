@@ -114,8 +114,8 @@ class Settings:
     # --- abuse limits (docs/security.md) ---
     # Publishes per connection: a token bucket refilled at this rate (None: no limit); over
     # it a publish gets `rate_limited` with `retry_after` (seconds), never a close.
-    publish_rate_per_s: float | None = 1000.0
-    publish_burst: int = 2000  # the bucket's size: publishes allowed at once from full
+    publish_rate_per_s: float | None = 10000.0
+    publish_burst: int = 20000  # the bucket's size: publishes allowed at once from full
     # Open WebSockets per worker (over it the upgrade gets 503) and per client IP address,
     # the TCP peer's (429). None: no cap.
     max_connections_per_worker: int | None = 10000

@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from broker.bus import Bus, make_bus
+from broker.errors import HandshakeError
 from broker.handshake import Request
 from broker.settings import Settings
 from broker.tasks import spawn
@@ -66,6 +67,10 @@ class BrokerApp:
         self._metrics_timer = asyncio.get_running_loop().call_later(1.0, self._tick_metrics)
 
     # --- ServerApp ---------------------------------------------------------------------------
+
+    def refusal(self, target: str | None, error: HandshakeError) -> bytes:
+        """The answer to a request the HTTP parser refused (JSON for `/publish`)."""
+        return http_routes.refusal(target, error)
 
     async def http(self, request: Request) -> bytes:
         return await http_routes.handle(self, request)

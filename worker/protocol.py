@@ -213,7 +213,7 @@ class WebSocket(asyncio.Protocol):
             if request is not None:
                 check_host(request, self.settings.allowed_hosts)
         except HandshakeError as exc:
-            self._refuse(exc)
+            self._refuse(exc, self._parser.target)
             return
         if request is None:
             return
@@ -238,11 +238,14 @@ class WebSocket(asyncio.Protocol):
             self.transport.write(response)
             self.transport.close()
 
-    def _refuse(self, exc: HandshakeError) -> None:
+    def _refuse(self, exc: HandshakeError, target: str | None = None) -> None:
+        """Answer `exc` and close. `target` (the request line's, when known) lets the
+        application shape the answer (`POST /publish` refusals are JSON)."""
         self._cancel_timers()
         self._give_back_slot()
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(error_response(exc))
+            shape = getattr(self.app, "refusal", None)
+            self.transport.write(shape(target, exc) if shape else error_response(exc))
             self.transport.close()
 
     def _give_back_slot(self) -> None:

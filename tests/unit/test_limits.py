@@ -125,7 +125,7 @@ def test_connection_caps_off() -> None:
 
 def test_limit_defaults_are_on() -> None:
     s = Settings()
-    assert s.publish_rate_per_s == 1000.0 and s.publish_burst == 2000
+    assert s.publish_rate_per_s == 10000.0 and s.publish_burst == 20000
     assert s.max_connections_per_worker == 10000 and s.max_connections_per_ip == 1000
     assert s.idle_timeout_s == 300.0
 

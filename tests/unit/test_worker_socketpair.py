@@ -918,3 +918,17 @@ async def test_per_ip_cap_over_real_tcp_counts_the_peer_address() -> None:
             for _, writer in streams:
                 writer.close()
             await server.drain(timeout_s=1.0)
+
+
+async def test_a_publish_body_over_the_limit_is_a_json_413() -> None:
+    settings = BROKER.replace(max_http_body_bytes=1000)
+    async with broker_app(settings) as app, served(app, settings) as s:
+        s.peer.write(
+            b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 5000\r\n\r\n"
+        )
+        head, _, body = (await s.peer.read_all()).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413 ")
+        assert b"application/json" in head.lower()
+        reply = json.loads(body)
+        assert reply["error"] == "too_large" and reply["reason"]
