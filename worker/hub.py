@@ -45,7 +45,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from broker import errors
@@ -298,28 +298,22 @@ class Hub:
     async def _replay(self, state: TopicState, replay: Replay) -> None:
         session = replay.session
         page = self.settings.history_page_size
-        delay = _RETRY_MIN_S
         if replay.ended is not None:
             epoch, first = replay.ended
             replay.ended = None
             self._send_gap(session, state.name, epoch, first, None)
         messages, top = replay.page, replay.top
         replay.page = None
-        while session.live and state.replays.get(session) is replay:
+
+        def wanted() -> bool:
+            return session.live and state.replays.get(session) is replay
+
+        while wanted():
             if messages is None:
                 replay.interruptions = state.interruptions
                 replay.epoch_changes = state.epoch_changes
-                try:
-                    read = await self.bus.history(
-                        state.name, after=replay.offset, epoch=replay.epoch, limit=page
-                    )
-                except errors.BusError as exc:
-                    log.info("replay of %s waits for the bus: %s", state.name, exc)
-                    await asyncio.sleep(delay)  # backoff before reading again
-                    delay = min(delay * 2, _RETRY_MAX_S)
-                    continue
-                delay = _RETRY_MIN_S
-                if not session.live or state.replays.get(session) is not replay:
+                read = await self._read_page(state.name, replay.offset, replay.epoch, wanted)
+                if read is None or not wanted():
                     return
                 if state.seen is not None and state.seen[0] != read.epoch:
                     state.seen = None  # a late message of an epoch Redis has left
@@ -577,21 +571,16 @@ class Hub:
         """Bring the live group back in step: history after its position, then what was held."""
         self.stats.gap_repairs += 1
         page = self.settings.history_page_size
-        delay = _RETRY_MIN_S
+
+        def wanted() -> bool:
+            return bool(state.live) and state.epoch is not None
+
         try:
-            while state.live and state.epoch is not None:
+            while wanted():
                 held_before = len(state.held)  # held from before this read
-                try:
-                    read = await self.bus.history(
-                        state.name, after=state.offset, epoch=state.epoch, limit=page
-                    )
-                except errors.BusError as exc:
-                    log.info("gap repair of %s waits for the bus: %s", state.name, exc)
-                    await asyncio.sleep(delay)  # backoff before reading again
-                    delay = min(delay * 2, _RETRY_MAX_S)
-                    continue
-                delay = _RETRY_MIN_S
-                if self.topics.get(state.name) is not state or state.epoch is None:
+                assert state.epoch is not None
+                read = await self._read_page(state.name, state.offset, state.epoch, wanted)
+                if read is None or self.topics.get(state.name) is not state or not wanted():
                     return
                 caught_up = self._repair_page(state, read, page, held_before)
                 self.flusher.schedule()
@@ -607,6 +596,23 @@ class Hub:
             # Caught up: nothing is held. Cancelled or failed: nobody is left to receive it.
             state.held = []
             state.held_dropped = False
+
+    async def _read_page(
+        self, topic: str, after: int, epoch: str, wanted: Callable[[], bool]
+    ) -> HistoryRead | None:
+        """One page of history after (epoch, after). While the bus fails it is read again
+        with backoff for as long as `wanted()`; None once it is not wanted any more."""
+        delay = _RETRY_MIN_S
+        while wanted():
+            try:
+                return await self.bus.history(
+                    topic, after=after, epoch=epoch, limit=self.settings.history_page_size
+                )
+            except errors.BusError as exc:
+                log.info("history of %s waits for the bus: %s", topic, exc)
+                await asyncio.sleep(delay)  # backoff before reading again
+                delay = min(delay * 2, _RETRY_MAX_S)
+        return None
 
     def _repair_page(
         self, state: TopicState, read: HistoryRead, page: int, held_before: int

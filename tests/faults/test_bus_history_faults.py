@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from support.bus_watch import BusWatch
+from support.bus_watch import BusWatch, Owned
 from support.redis_server import RedisServer
 from support.tcp_proxy import TcpProxy, publisher_link
 from support.waiting import eventually, eventually_sync
@@ -44,22 +44,6 @@ def _msg(i: int) -> BusMessage:
     return BusMessage("hist.f", b"%d" % i, ENCODING_JSON, "test")
 
 
-class Owned(RedisBus):
-    """A RedisBus with the smallest owner: the topics it was asked for are its wanted set."""
-
-    def __init__(self, url: str, settings: Settings, origin: str) -> None:
-        super().__init__(url, settings, origin)
-        self.owned: set[str] = set()
-        self.wanted_topics = lambda: sorted(self.owned)
-
-    async def subscribe(self, topics: Collection[str]) -> None:
-        new = set(topics) - self.owned
-        self.owned |= new
-        try:
-            await super().subscribe(topics)
-        except BusUnavailable:
-            self.owned -= new
-            raise
 
 
 @pytest.fixture

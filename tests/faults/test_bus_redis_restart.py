@@ -8,10 +8,10 @@ Each test owns its redis-server (the session one is shared and must not be stopp
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Callable
 
 import pytest
-from support.bus_watch import BusWatch
+from support.bus_watch import BusWatch, Owned
 from support.redis_server import RedisServer
 from support.tcp_proxy import TcpProxy, subscriber_link
 from support.waiting import eventually
@@ -30,29 +30,6 @@ FAST = Settings(
     bus_publish_timeout_s=0.5,
     bus_connect_timeout_s=1.0,
 )
-
-
-class Owned(RedisBus):
-    """A RedisBus with the smallest owner (what the hub does): the topic set lives here,
-    `wanted_topics` returns it, a failed subscribe drops its topics from it."""
-
-    def __init__(self, url: str, settings: Settings, origin: str) -> None:
-        super().__init__(url, settings, origin)
-        self.owned: set[str] = set()
-        self.wanted_topics = lambda: sorted(self.owned)
-
-    async def subscribe(self, topics: Collection[str]) -> None:
-        new = set(topics) - self.owned
-        self.owned |= new
-        try:
-            await super().subscribe(topics)
-        except BusUnavailable:
-            self.owned -= new
-            raise
-
-    async def unsubscribe(self, topics: Collection[str]) -> None:
-        self.owned -= set(topics)
-        await super().unsubscribe(topics)
 
 
 @pytest.fixture

@@ -1,13 +1,17 @@
-"""Records what a bus reports through its callbacks; tests wait on it with a deadline."""
+"""Records what a bus reports through its callbacks; tests wait on it with a deadline.
+`Owned` is a RedisBus with the smallest owner of its topic set, for bus-level fault tests."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from broker.bus import Bus
+from broker.bus.redis import RedisBus
 from broker.envelope import ENCODING_JSON, BusMessage
+from broker.errors import BusUnavailable
+from broker.settings import Settings
 
 WAIT_S = 5.0
 
@@ -64,3 +68,26 @@ class BusWatch:
             await bus.publish(BusMessage(topic, payload, ENCODING_JSON, "test"))
             payloads.append(payload)
         await self.until(lambda: set(payloads) <= {m.payload for m in self.messages})
+
+
+class Owned(RedisBus):
+    """A RedisBus with the smallest owner (what the hub does): the topic set lives here,
+    `wanted_topics` returns it, a failed subscribe drops its topics from it."""
+
+    def __init__(self, url: str, settings: Settings, origin: str) -> None:
+        super().__init__(url, settings, origin)
+        self.owned: set[str] = set()
+        self.wanted_topics = lambda: sorted(self.owned)
+
+    async def subscribe(self, topics: Collection[str]) -> None:
+        new = set(topics) - self.owned
+        self.owned |= new
+        try:
+            await super().subscribe(topics)
+        except BusUnavailable:
+            self.owned -= new
+            raise
+
+    async def unsubscribe(self, topics: Collection[str]) -> None:
+        self.owned -= set(topics)
+        await super().unsubscribe(topics)
