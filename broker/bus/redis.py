@@ -275,6 +275,9 @@ class ServerInfo:
     replid: bytes = b""  # master_replid
     replid2: bytes = _ZERO_REPLID  # master_replid2: all zeros unless promoted from a replica
     aof: bool = False  # aof_enabled:1
+    # loading:1 — still reading its data from disk. Redis then reports aof_enabled:0 even
+    # with AOF on (it turns AOF off while it replays the file): nothing said now is true.
+    loading: bool = False
 
     @property
     def trusted_restart(self) -> bytes:
@@ -294,6 +297,7 @@ def parse_server_info(text: bytes) -> ServerInfo:
         replid=field(b"master_replid") or b"",
         replid2=field(b"master_replid2") or _ZERO_REPLID,
         aof=field(b"aof_enabled") == b"1",
+        loading=field(b"loading") == b"1",
     )
 
 
@@ -479,7 +483,11 @@ class _Publisher:
         if conn is None:
             conn = self._conn = self._connect()
             await conn.connect()
-            self.server = await _server_info(conn)
+            server = await _server_info(conn)
+            if server.loading:  # not ready: its commands would fail, its INFO misleads
+                await self._drop_connection()
+                raise RedisConnectionError("Redis is loading its data; retrying")
+            self.server = server
         return conn
 
     def _encode(self, command: _Command) -> tuple[Any, ...]:

@@ -108,6 +108,10 @@ def test_trust_comes_from_replid2_and_aof() -> None:
     promoted = parse_server_info(text % (b"a" * 40, b"b" * 40) + b"aof_enabled:1\r\n")
     assert promoted.replid2 == b"b" * 40 and promoted.trusted_restart == b""
     assert parse_server_info(b"").trusted_restart == b""  # INFO refused: no trust
+    # While Redis replays its AOF it says aof_enabled:0: the bus must not believe it (a
+    # connection made then is dropped and made again once loading is over).
+    loading = parse_server_info(text % (b"a" * 40, zeros) + b"loading:1\r\naof_enabled:0\r\n")
+    assert loading.loading and not parse_server_info(text % (b"a" * 40, zeros)).loading
 
 
 @pytest.mark.parametrize("how", ["stop", "kill"])
