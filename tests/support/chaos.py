@@ -818,7 +818,7 @@ class Ctx:
 
     async def at_fault(self) -> None:
         """Sleep until the fault is due: the scenario's timeline, not synchronisation."""
-        await asyncio.sleep(max(0.0, self.t0 + fault_start(self.duration_s) - now()))
+        await asyncio.sleep(max(0.0, self.t0 + fault_start(self.duration_s) - now()))  # pacing
 
     def fault_began(self) -> None:
         self.h.fault_t = now()

@@ -104,7 +104,7 @@ async def world() -> Any:
 async def settle(hub: Hub, turns: int = 30) -> None:
     """Let the hub's tasks, the memory network and the flusher run (no timers involved)."""
     for _ in range(turns):
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop turn: no time passes, ready callbacks run
     hub.flusher.flush()
 
 
@@ -165,7 +165,7 @@ async def test_recovery_with_since_pages_history_then_goes_live(world: Any) -> N
     # Publishing goes on while it replays in pages of 7.
     for i in range(40, 60):
         await publish(publisher, "hist.b", 1, start=i)
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop turn between publishes: the replay runs meanwhile
     await settle(hub)
     assert late.offsets() == list(range(4, 61))
     assert live.offsets() == list(range(1, 61))
@@ -187,7 +187,7 @@ async def test_many_joins_while_live_get_no_duplicate_and_no_hole(world: Any) ->
             acked(s, fields)
             assert fields is not None
             joined.append((s, fields["offset"]))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop turn: deliveries and replays interleave
     await settle(hub)
     top = 60
     for s, start in joined:
