@@ -111,17 +111,20 @@ def check_url(url: str) -> str:
     return url
 
 
-async def _connect(args: argparse.Namespace) -> PubSubClient:
+async def _connect(args: argparse.Namespace) -> PubSubClient | None:
+    """The client for `--url`, or None (the reason on stderr) when it cannot connect."""
     encoding = "msgpack" if args.msgpack else "json"
-    return await connect(args.url, token=args.token, encoding=encoding)
+    try:
+        return await connect(args.url, token=args.token, encoding=encoding)
+    except (OSError, HandshakeError, ConnectionClosedError, TimeoutError) as exc:
+        _error(f"cannot connect to {args.url}: {exc}")
+        return None
 
 
 async def publish(args: argparse.Namespace, out: TextIO) -> int:
     data = parse_data(args.data)
-    try:
-        client = await _connect(args)
-    except (OSError, HandshakeError, ConnectionClosedError, TimeoutError) as exc:
-        _error(f"cannot connect to {args.url}: {exc}")
+    client = await _connect(args)
+    if client is None:
         return EXIT_FAILED
     async with client:
         try:
@@ -178,10 +181,8 @@ async def subscribe(args: argparse.Namespace, out: TextIO) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, state.done.set)
     try:
-        try:
-            client = await _connect(args)
-        except (OSError, HandshakeError, ConnectionClosedError, TimeoutError) as exc:
-            _error(f"cannot connect to {args.url}: {exc}")
+        client = await _connect(args)
+        if client is None:
             return EXIT_FAILED
         async with client:
             return await _subscribe_all(client, list(dict.fromkeys(args.topics)), since, out, state)
