@@ -46,6 +46,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from ssl import SSLContext
 from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -223,6 +224,7 @@ class PubSubClient:
         on_state: Callable[[str, int | None], None] | None,
         max_queue: int = 1000,
         max_in_flight: int = 1000,
+        ssl: SSLContext | None = None,
     ) -> None:
         if encoding not in ("json", "msgpack"):
             raise ValueError("encoding must be 'json' or 'msgpack'")
@@ -237,6 +239,7 @@ class PubSubClient:
         self.on_state = on_state
         self.max_queue = max_queue
         self.max_in_flight = max_in_flight
+        self.ssl = ssl  # for wss:// URLs: checks the server's certificate (None: system CAs)
         self.state = "connecting"
         self.worker: str | None = None
         self.client_id: str | None = None
@@ -261,7 +264,9 @@ class PubSubClient:
 
     async def _connect_once(self) -> None:
         protocol = "redwire.msgpack" if self.binary else "redwire.json"
-        ws = await ws_connect(self.url, subprotocols=[protocol], max_queue=self.max_queue)
+        ws = await ws_connect(
+            self.url, subprotocols=[protocol], max_queue=self.max_queue, ssl=self.ssl
+        )
         try:
             welcome = self._decode(await ws.recv(timeout_s=self.request_timeout_s))
             if welcome.get("op") != "welcome":
@@ -683,11 +688,13 @@ async def connect(
     on_state: Callable[[str, int | None], None] | None = None,
     max_queue: int = 1000,
     max_in_flight: int = 1000,
+    ssl: SSLContext | None = None,
 ) -> PubSubClient:
     """Connect (the first attempt's error is raised) and keep the connection from then on.
 
     `max_queue`: items a subscription holds before the client stops reading the socket;
-    `max_in_flight`: requests waiting for a reply at once (more wait for room)."""
+    `max_in_flight`: requests waiting for a reply at once (more wait for room); `ssl`: for a
+    wss:// URL, the context that checks the server's certificate (None: the system's CAs)."""
     client = PubSubClient(
         url,
         token=token,
@@ -699,6 +706,7 @@ async def connect(
         on_state=on_state,
         max_queue=max_queue,
         max_in_flight=max_in_flight,
+        ssl=ssl,
     )
     await client._connect_once()
     client._runner = asyncio.get_running_loop().create_task(client._run())

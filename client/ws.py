@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl as ssl_module
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from urllib.parse import urlsplit
@@ -261,19 +262,30 @@ async def connect(
     max_queue: int = 4096,
     origin: str | None = None,
     extra_headers: Iterable[tuple[str, str]] = (),
+    ssl: ssl_module.SSLContext | None = None,
 ) -> WebSocketClient:
-    """Open a WebSocket to a `ws://` URL (wss:// needs TLS: not supported by this client)."""
+    """Open a WebSocket to a `ws://` or `wss://` URL. For wss://, `ssl` is the context
+    that checks the server's certificate (None: the system's trusted CAs, host name
+    checked); giving one for a ws:// URL is a ValueError."""
     parts = urlsplit(url)
-    if parts.scheme != "ws":
-        raise ValueError(f"unsupported URL scheme {parts.scheme!r}: use ws://")
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError(f"unsupported URL scheme {parts.scheme!r}: use ws:// or wss://")
+    secure = parts.scheme == "wss"
+    if ssl is not None and not secure:
+        raise ValueError("an ssl context was given for a ws:// URL: use wss://")
+    context = (ssl or ssl_module.create_default_context()) if secure else None
     host = parts.hostname or "127.0.0.1"
-    port = parts.port or 80
+    port = parts.port or (443 if secure else 80)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     loop = asyncio.get_running_loop()
     key = new_key()
     async with asyncio.timeout(open_timeout_s):
         transport, protocol = await loop.create_connection(
-            lambda: _ClientProtocol(max_queue), host, port
+            lambda: _ClientProtocol(max_queue),
+            host,
+            port,
+            ssl=context,
+            server_hostname=host if secure else None,
         )
         try:
             transport.write(
