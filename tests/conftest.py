@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 from support.processes import ServerProcess, redwire
+from support.redis_cluster import RedisCluster
 from support.redis_server import RedisServer
 
 
@@ -35,3 +36,14 @@ def redis_url(redis_server: RedisServer) -> str:
         redis_server.start()
     redis_server.flushall()
     return redis_server.url
+
+
+# --- a real Redis Cluster (tests/support/redis_cluster.py) -------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """Three cluster-enabled `redis-server` masters on free ports, for the session."""
+    cluster = RedisCluster(masters=3)
+    yield cluster
+    cluster.close()
