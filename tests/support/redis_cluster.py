@@ -14,8 +14,10 @@ SETSLOT NODE on both sides. `pause` is called after each step (tests publish in 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -23,12 +25,31 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from support.processes import free_port
 from support.redis_server import ping
 
 SLOTS = 16384
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
+BUS_PORT_OFFSET = 10000  # a node also listens on port + 10000 (the cluster bus)
+MAX_PORT = 65535 - BUS_PORT_OFFSET
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_cluster_port() -> int:
+    """A free loopback port <= 55535 whose cluster bus port (+10000) is free too."""
+    for _ in range(1000):
+        port = random.randint(20000, MAX_PORT)
+        if _free(port) and _free(port + BUS_PORT_OFFSET):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 @dataclass
@@ -64,7 +85,7 @@ class RedisCluster:
             for i in range(masters):
                 path = os.path.join(self._root, f"node{i}")
                 os.mkdir(path)
-                node = ClusterNode(free_port(), path)
+                node = ClusterNode(free_cluster_port(), path)
                 self.nodes.append(node)
                 self._start_node(node)
             self._create()
