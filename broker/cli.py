@@ -56,6 +56,36 @@ _SERVE_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ),
     ("--static-dir", "static_dir", {"help": "serve these web files at /"}),
     (
+        "--certfile",
+        "certfile",
+        {"metavar": "PEM", "help": "serve wss:// and https:// with this certificate (and chain)"},
+    ),
+    ("--keyfile", "keyfile", {"metavar": "PEM", "help": "the certificate's private key"}),
+    (
+        "--metrics-listen",
+        "metrics_listen",
+        {"metavar": "HOST:PORT", "help": "serve /metrics here instead of on the public port"},
+    ),
+    (
+        "--trusted-proxy",
+        "trusted_proxies",
+        {
+            "action": "append",
+            "metavar": "CIDR",
+            "help": "a load balancer whose X-Forwarded-For / PROXY header names the client"
+            " (repeatable)",
+        },
+    ),
+    (
+        "--proxy-protocol",
+        "proxy_protocol",
+        {
+            "action": "store_const",
+            "const": True,
+            "help": "connections start with a PROXY v1/v2 header (needs --trusted-proxy)",
+        },
+    ),
+    (
         "--allowed-origin",
         "allowed_origins",
         {

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import fnmatch
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -30,13 +31,14 @@ from urllib.parse import urlsplit
 from broker.errors import ConfigError
 
 ENV_PREFIX = "REDWIRE_"
-_BUS_SCHEMES = ("redis", "rediss", "unix", "memory")  # memory:// is the one-process bus
+_BUS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "memory")  # memory://: one process
 KIB = 1024
 MIB = 1024 * 1024
 _HOST_RE = r"(\[[0-9a-f:.]+\]|[^\s/?#@:\[\]]+)(:[0-9]{1,5})?"  # host[:port], [v6][:port]
 # An `allowed_origins` entry: a serialised origin (RFC 6454 section 6.2), no path, no slash.
 _ORIGIN_ENTRY_RE = re.compile(r"[a-z][a-z0-9+.-]*://" + _HOST_RE, re.I)
 _HOST_ENTRY_RE = re.compile(r"\.?" + _HOST_RE, re.I)  # an `allowed_hosts` entry
+_METRICS_LISTEN_RE = re.compile(r"(\[[0-9a-f:.]+\]|[^\s/?#@:\[\]]+):[0-9]{1,5}", re.I)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,16 @@ class Settings:
     # Host headers served (every HTTP request and upgrade; another one: 421). An entry is a
     # name (any port), name:port, or .name for the name and its subdomains. (): any Host.
     allowed_hosts: tuple[str, ...] = ()
+    # TLS (broker/tls.py): with a certificate, the port serves wss:// and https:// only.
+    certfile: str | None = None  # PEM: the certificate, then its chain; None: plain ws/http
+    keyfile: str | None = None  # PEM private key; None: it is in certfile
+    # Clients' real addresses behind a load balancer (docs/security.md). A connection from an
+    # address in these networks (CIDR or address) may name the client: with proxy_protocol,
+    # in a PROXY protocol v1/v2 header; without it, in X-Forwarded-For. (): trust none.
+    trusted_proxies: tuple[str, ...] = ()
+    proxy_protocol: bool = False  # every connection starts with a PROXY header (HAProxy)
+    # /metrics on its own host:port (e.g. 127.0.0.1:9100), off the public port; None: on it.
+    metrics_listen: str | None = None
     log_level: str = "INFO"
 
     # --- opening handshake (HTTP/1.1) ---
@@ -134,6 +146,7 @@ class Settings:
     bus_connect_timeout_s: float = 5.0  # connect + handshake + resubscribe of one connection
     bus_publish_batch: int = 256  # most PUBLISH commands in one pipeline round trip
     bus_read_batch: int = 1000  # most messages handed to the hub before yielding to the loop
+    bus_cluster_refresh_s: float = 5.0  # Redis Cluster: the slot map is checked this often
     channel_prefix: str = "redwire:"  # Redis channel of topic T: channel_prefix + "t:" + T
 
     # --- history, idempotency, presence (per-topic rules; see TopicRule) ---
@@ -474,6 +487,7 @@ def _validate(s: Settings) -> None:
         "bus_probe_timeout_s",
         "bus_publish_timeout_s",
         "bus_connect_timeout_s",
+        "bus_cluster_refresh_s",
     ):
         need(getattr(s, name) > 0, f"{name} must be > 0")
     for name in ("bus_resubscribe_batch", "bus_publish_batch", "bus_read_batch"):
@@ -498,6 +512,30 @@ def _validate(s: Settings) -> None:
         need(rule.history_size >= 0, f"topics[{i}]: history_size must be >= 0")
         need(rule.history_ttl_s >= 0, f"topics[{i}]: history_ttl_s must be >= 0")
         need(rule.presence or not rule.join_leave, f"topics[{i}]: join_leave needs presence")
+    need(
+        s.keyfile is None or s.certfile is not None,
+        "keyfile needs certfile (the certificate it is the key of)",
+    )
+    need(isinstance(s.trusted_proxies, tuple), "trusted_proxies must be a tuple of networks")
+    for entry in s.trusted_proxies:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            need(False, f"trusted_proxies: {entry!r} is not an address or a network (CIDR)")
+    need(
+        not s.proxy_protocol or bool(s.trusted_proxies),
+        "proxy_protocol needs trusted_proxies (the load balancers' addresses)",
+    )
+    need(
+        not (s.proxy_protocol and s.certfile),
+        "proxy_protocol with certfile: the PROXY header comes before TLS, which this server"
+        " does not read; terminate TLS at the load balancer or drop proxy_protocol",
+    )
+    if s.metrics_listen is not None:
+        need(
+            _METRICS_LISTEN_RE.fullmatch(s.metrics_listen) is not None,
+            f"metrics_listen: {s.metrics_listen!r} is not host:port (e.g. 127.0.0.1:9100)",
+        )
     need(s.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "bad log_level")
     need(isinstance(s.allowed_origins, tuple), "allowed_origins must be a tuple of origins")
     for entry in s.allowed_origins:

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from broker.embedded_redis import EmbeddedRedis, find_redis_server
 from broker.errors import ConfigError
 from broker.settings import Settings, mask_url
+from broker.tls import server_context
 
 log = logging.getLogger("redwire.supervisor")
 
@@ -189,6 +190,7 @@ class Supervisor:
     def _start(self) -> None:
         if self.settings.app:
             check_app_importable(self.settings.app)
+        server_context(self.settings)  # a bad certificate or key: exit 2 before anything runs
         self._open_socket()  # first: a taken port or a bad --host fails before anything starts
         if self.redis_url is None:
             self.redis = EmbeddedRedis(
@@ -217,7 +219,8 @@ class Supervisor:
         redis = mask_url(self.redis_url or "")
         where = f"embedded {redis}" if self.redis else redis
         host = f"[{self.host}]" if ":" in self.host else self.host
-        _announce(f"serving http://{host}:{self.port}/ with redis {where}")
+        scheme = "https" if self.settings.certfile else "http"
+        _announce(f"serving {scheme}://{host}:{self.port}/ with redis {where}")
         log.info(
             "redwire serving on %s:%d with %d worker(s), redis %s, instance %s",
             self.host, self.port, self.count, where, self.instance,

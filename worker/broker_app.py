@@ -17,7 +17,7 @@ from broker.errors import HandshakeError
 from broker.handshake import Request
 from broker.settings import Settings
 from broker.tasks import spawn
-from worker import http_routes, wire
+from worker import http_routes, metrics_listener, wire
 from worker.hooks import Hooks, load_object
 from worker.hub import Hub
 from worker.metrics import Metrics
@@ -44,16 +44,21 @@ class BrokerApp:
         self.sessions: set[ClientSession] = set()
         self.limits = ConnectionLimits(settings, self.stats)
         self._metrics_timer: asyncio.TimerHandle | None = None
+        self._metrics_listener: asyncio.AbstractServer | None = None  # on metrics_listen
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run `coro` in the background, kept referenced; a failure is logged, never lost."""
         return spawn(coro, name="worker")
 
     async def start(self) -> None:
+        if self.settings.metrics_listen is not None:
+            self._metrics_listener = await metrics_listener.start(self)
         await self.bus.start()
         self._tick_metrics()
 
     async def stop(self) -> None:
+        if self._metrics_listener is not None:
+            self._metrics_listener.close()
         if self._metrics_timer is not None:
             self._metrics_timer.cancel()
         self.metrics.sync()

@@ -1,7 +1,9 @@
 """Plain HTTP on the WebSocket port: demo page, browser client, health, metrics, publish.
 
 GET  /            the demo page            GET /healthz   200 or 503, JSON
-GET  /redwire.js  the browser client       GET /metrics   Prometheus exposition
+GET  /redwire.js  the browser client       GET /metrics   Prometheus exposition (built in a
+                                                          thread; 404 here with metrics_listen:
+                                                          worker/metrics_listener.py serves it)
 POST /publish     {"topic": T, "data": D} with `Authorization: Bearer <api_key>`
                   (disabled, 404, when no api_key is set); every refusal of it is JSON,
                   `{"error": code, "reason": text}` (`publish_error`, docs/protocol.md)
@@ -111,7 +113,11 @@ async def handle(app: BrokerApp, request: Request) -> bytes:
         return await _publish(app, request)
     if method not in ("GET", "HEAD"):
         return http_response(405, b"method not allowed\n", headers=[("Allow", "GET, HEAD")])
-    response = _get(app, path, decoded)
+    if path == "/metrics" and app.settings.metrics_listen is None:
+        text, content_type = await app.metrics.render_async()
+        response = http_response(200, text, content_type=content_type)
+    else:
+        response = _get(app, path, decoded)
     if method == "HEAD":
         head, _, _ = response.partition(b"\r\n\r\n")
         return head + b"\r\n\r\n"
@@ -136,9 +142,6 @@ def _get(app: BrokerApp, path: str, decoded: str) -> bytes:
     if path == "/healthz":
         ok, body = app.health()
         return _json(200 if ok else 503, body)
-    if path == "/metrics":
-        text, content_type = app.metrics.render()
-        return http_response(200, text, content_type=content_type)
     if path == "/index.html":
         path = "/"
     static_dir = app.settings.static_dir

@@ -10,6 +10,7 @@ from the first scrape, so an alert on it always has a series to look at.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 
@@ -132,11 +133,21 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """The exposition text: every worker's metrics in multiprocess mode, else our own."""
         self.sync()
+        return self._exposition(), CONTENT_TYPE_LATEST
+
+    async def render_async(self) -> tuple[bytes, str]:
+        """`render`, with the exposition built in a thread: in multiprocess mode it reads
+        and parses every worker's files, which must not stall this worker's clients. The
+        sync (our own counters into prometheus) stays on the loop, where the stats live."""
+        self.sync()
+        return await asyncio.to_thread(self._exposition), CONTENT_TYPE_LATEST
+
+    def _exposition(self) -> bytes:
         if self.multiprocess:
             registry = CollectorRegistry()
             prom_multiprocess.MultiProcessCollector(registry)
-            return generate_latest(registry), CONTENT_TYPE_LATEST
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+            return generate_latest(registry)
+        return generate_latest(self.registry)
 
 
 def series_names() -> list[str]:

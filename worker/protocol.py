@@ -28,6 +28,12 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from broker import errors
+from broker.client_address import (
+    forwarded_client,
+    parse_proxy_header,
+    starts_like_proxy_header,
+    trusted_proxies,
+)
 from broker.connection import (
     BinaryMessage,
     CloseReceived,
@@ -83,6 +89,7 @@ class WebSocket(asyncio.Protocol):
     __slots__ = (
         "_close_timer",
         "_failed",
+        "_first_bytes",
         "_handshake_timer",
         "_idle_timer",
         "_input_holds",
@@ -91,8 +98,10 @@ class WebSocket(asyncio.Protocol):
         "_paused_reading",
         "_ping_timer",
         "_pong_timer",
+        "_proxy_buffer",
         "_release_slot",
         "app",
+        "client_ip",
         "compress_key",
         "conn",
         "identity",
@@ -137,6 +146,11 @@ class WebSocket(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._last_activity = 0.0  # loop time of the last bytes received on the WebSocket
         self._release_slot: Callable[[], None] | None = None  # from the app's admit()
+        # The client's address (broker/client_address.py): the TCP peer's, or what a trusted
+        # proxy says in its PROXY header (read into _proxy_buffer first) or X-Forwarded-For.
+        self.client_ip = "local"
+        self._proxy_buffer: bytearray | None = None
+        self._first_bytes = True  # nothing of the request received yet
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 
@@ -145,12 +159,17 @@ class WebSocket(asyncio.Protocol):
         s = self.settings
         self.transport.set_write_buffer_limits(s.write_buffer_high_bytes, s.write_buffer_low_bytes)
         self._handshake_timer = self._call_later(s.handshake_timeout_s, self._handshake_expired)
+        self.client_ip = self._peer_ip()
+        if s.proxy_protocol and trusted_proxies(s.trusted_proxies).contains(self.client_ip):
+            self._proxy_buffer = bytearray()
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
         if conn is not None:
             self._last_activity = self.loop.time()
             self._receive_ws(conn, data)
+        elif self._proxy_buffer is not None:
+            self._receive_proxy_header(data)
         elif self._parser is not None:
             self._receive_http(data)
         # else: a request is being handled asynchronously; ignore further bytes until then.
@@ -204,14 +223,42 @@ class WebSocket(asyncio.Protocol):
             if not transport.is_closing():
                 transport.resume_reading()
 
-    # --- HTTP phase --------------------------------------------------------------------------
+    # --- PROXY header and HTTP phase ----------------------------------------------------------
+
+    def _receive_proxy_header(self, data: bytes) -> None:
+        """A trusted load balancer's PROXY header, before the request: it names the client."""
+        buffer = self._proxy_buffer
+        assert buffer is not None
+        buffer += data
+        try:
+            header = parse_proxy_header(bytes(buffer))
+        except HandshakeError as exc:
+            self._proxy_buffer = None
+            self._refuse(exc)
+            return
+        if header is None:
+            return
+        self._proxy_buffer = None
+        if header.source is not None:
+            self.client_ip = header.source
+        rest = bytes(buffer[header.length :])
+        if rest:
+            self._receive_http(rest)
 
     def _receive_http(self, data: bytes) -> None:
         assert self._parser is not None
+        s = self.settings
+        if self._first_bytes:
+            self._first_bytes = False
+            if s.proxy_protocol and starts_like_proxy_header(data):
+                self._refuse(HandshakeError(400, "PROXY header from an address not trusted"))
+                return
         try:
             request = self._parser.feed(data)
             if request is not None:
-                check_host(request, self.settings.allowed_hosts)
+                check_host(request, s.allowed_hosts)
+                if not s.proxy_protocol and s.trusted_proxies:
+                    self._forwarded_client(request)
         except HandshakeError as exc:
             self._refuse(exc, self._parser.target)
             return
@@ -253,8 +300,16 @@ class WebSocket(asyncio.Protocol):
         if release is not None:
             release()
 
+    def _forwarded_client(self, request: Request) -> None:
+        """From a trusted proxy, the client X-Forwarded-For names (else the peer stays)."""
+        trusted = trusted_proxies(self.settings.trusted_proxies)
+        if trusted.contains(self.client_ip):
+            values = request.header_values("X-Forwarded-For")
+            if values:
+                self.client_ip = forwarded_client(values, self.client_ip, trusted)
+
     def _peer_ip(self) -> str:
-        """The TCP peer's address (no proxy header is trusted); "local" for a Unix socket."""
+        """The TCP peer's address; "local" for a Unix socket."""
         peer = self.transport.get_extra_info("peername") if self.transport is not None else None
         if isinstance(peer, tuple) and peer:
             return str(peer[0])
@@ -266,7 +321,7 @@ class WebSocket(asyncio.Protocol):
         admit: Callable[[str], Callable[[], None]] | None = getattr(app, "admit", None)
         try:
             if admit is not None:  # connection caps: refused before any hook or session
-                self._release_slot = admit(self._peer_ip())
+                self._release_slot = admit(self.client_ip)
             accepted = accept_upgrade(
                 request,
                 allowed_origins=s.allowed_origins,

@@ -16,10 +16,12 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from broker import errors
 from broker.errors import HandshakeError
 from broker.settings import Settings
+from broker.tls import server_context
 from worker.protocol import ServerApp, WebSocket
 from worker.stats import WorkerStats
 
@@ -91,10 +93,16 @@ class Server:
     async def start(
         self, *, sock: socket.socket | None = None, reuse_port: bool = False
     ) -> tuple[str, int]:
+        """Listen; with `certfile` set, TLS on the same port (broker/tls.py), the TLS
+        handshake bounded by `handshake_timeout_s` like the HTTP one."""
         loop = asyncio.get_running_loop()
+        context = server_context(self.settings)
+        tls: dict[str, Any] = {}
+        if context is not None:
+            tls = {"ssl": context, "ssl_handshake_timeout": self.settings.handshake_timeout_s}
         if sock is not None:
             self._server = await loop.create_server(
-                self._make_protocol, sock=sock, backlog=self.settings.listen_backlog
+                self._make_protocol, sock=sock, backlog=self.settings.listen_backlog, **tls
             )
         else:
             self._server = await loop.create_server(
@@ -103,6 +111,7 @@ class Server:
                 port=self.settings.port,
                 reuse_port=reuse_port or None,
                 backlog=self.settings.listen_backlog,
+                **tls,
             )
         address = self._server.sockets[0].getsockname()
         return address[0], address[1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -215,9 +216,11 @@ async def test_open_timeout_against_a_server_that_never_answers() -> None:
         assert 0.25 <= elapsed < 2.0
 
 
-async def test_only_ws_urls() -> None:
-    with pytest.raises(ValueError, match="ws://"):
-        await connect("wss://127.0.0.1:1/")
+async def test_only_ws_and_wss_urls() -> None:
+    with pytest.raises(ValueError, match="ws:// or wss://"):
+        await connect("http://127.0.0.1:1/")
+    with pytest.raises(ValueError, match="use wss://"):
+        await connect("ws://127.0.0.1:1/", ssl=ssl.create_default_context())
 
 
 async def test_send_nowait_writes_at_once_and_raises_once_closed(
