@@ -188,6 +188,12 @@ class Connection:
 
     # --- receiving ---------------------------------------------------------------------------
 
+    @property
+    def buffered_in_bytes(self) -> int:
+        """Received bytes held for what is not complete yet: the frame being received plus
+        the parts of the message being reassembled (compressed size when compressed)."""
+        return self._parser.buffered_bytes + self._msg_size
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Feed received bytes; return what happened. Empty `data` means end of stream."""
         if self.state is State.CLOSED:

@@ -50,9 +50,17 @@ class TopicRule:
     history_ttl_s: float = 0.0  # history entries older than this are dropped; 0: no age bound
     presence: bool = False  # the bus keeps who is subscribed (`Bus.presence`)
     join_leave: bool = False  # presence changes are announced to subscribers; needs presence
+    # Who may subscribe / publish / ask `presence` (broker/auth.py): "any" (anonymous too),
+    # "authenticated" (a verified token), "claim" (a token whose subs/pubs claim lists the
+    # topic), "none". A token's subs/pubs claims narrow any of them; hooks run after.
+    allow_subscribe: str = "any"
+    allow_publish: str = "any"
+    allow_presence: str = "any"
+    allow_browser_publish: bool = True  # False: a connection whose upgrade had Origin may not
 
 
 _RULE_KEYS = frozenset(f.name for f in fields(TopicRule))
+_ACCESS_LEVELS = ("any", "authenticated", "claim", "none")  # broker/auth.py ACCESS_LEVELS
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +105,10 @@ class Settings:
 
     # --- WebSocket limits and timers ---
     max_message_bytes: int = 1 * MIB  # after reassembly and decompression
+    # Bytes all of a worker's WebSockets may hold for frames and messages not complete yet
+    # (a stalled half-sent message holds what it sent). A connection whose partial input
+    # would pass it is closed 1013. None: no cap beyond max_message_bytes per connection.
+    max_partial_input_bytes_per_worker: int | None = 256 * MIB
     ping_interval_s: float | None = 20.0  # protocol-level keepalive ping; None disables
     ping_timeout_s: float = 20.0  # no pong within this: close 1011 and drop
     close_timeout_s: float = 5.0  # wait this long for the peer's close frame, then drop
@@ -135,6 +147,26 @@ class Settings:
     # A WebSocket that sends nothing (no frame, no ping, no pong) this long while it is
     # subscribed to nothing and has no request pending is closed 1008 "idle". None: never.
     idle_timeout_s: float | None = 300.0
+
+    # --- connection tokens (JWT; broker/auth.py, docs/security.md "Authentication") ---
+    # Any key turns verification on. HS* secrets (several: rotation, any may have signed), or
+    # jwt_secret_file (one per line, read when the settings are made: never in argv/environ).
+    jwt_secrets: tuple[str, ...] = ()
+    jwt_secret_file: str | None = None
+    jwt_public_key_file: str | None = None  # PEM public key (RSA, EC, Ed25519) for RS/PS/ES/EdDSA
+    jwt_jwks: str | None = None  # a JWKS: a file path, or an http(s):// URL each worker fetches
+    jwt_jwks_refresh_s: float = 300.0  # read or fetch the JWKS again this often
+    jwt_jwks_timeout_s: float = 5.0  # one JWKS fetch; a failed one keeps the keys it has
+    jwt_jwks_max_bytes: int = 1 * MIB  # a larger JWKS document is refused
+    jwt_algorithms: tuple[str, ...] = ()  # pinned; (): HS256 with secrets, RS256 with keys
+    jwt_audience: str | None = None  # when set, tokens need this `aud`
+    jwt_issuer: str | None = None  # when set, tokens need this `iss`
+    jwt_leeway_s: float = 5.0  # clock skew allowed on exp/nbf/iat
+    jwt_require_exp: bool = True  # refuse tokens without `exp`
+    # Before a token's exp the server asks for a new one ({"op":"refresh"}) this long ahead;
+    # none by exp (+ leeway): close 4001.
+    token_refresh_margin_s: float = 30.0
+    allow_anonymous: bool | None = None  # connect without a token; None: only with no JWT key
 
     # --- bus ---
     bus_reconnect_min_s: float = 0.05
@@ -175,6 +207,21 @@ class Settings:
         _validate(self)
         if self.api_key_file is not None and self.api_key is None:
             object.__setattr__(self, "api_key", _read_secret("api_key_file", self.api_key_file))
+        if self.jwt_secret_file is not None and not self.jwt_secrets:
+            secrets = _read_secret("jwt_secret_file", self.jwt_secret_file).splitlines()
+            secrets_t = tuple(line.strip() for line in secrets if line.strip())
+            object.__setattr__(self, "jwt_secrets", secrets_t)
+        if self.jwt_secrets or self.jwt_public_key_file is not None or self.jwt_jwks:
+            from broker.auth import check_settings  # keys readable, algorithms fit the keys
+
+            check_settings(self)
+
+    @property
+    def anonymous_allowed(self) -> bool:
+        """Whether a connection without a token is accepted (`allow_anonymous`)."""
+        if self.allow_anonymous is not None:
+            return self.allow_anonymous
+        return not (self.jwt_secrets or self.jwt_public_key_file is not None or self.jwt_jwks)
 
     def __repr__(self) -> str:
         """Every field, with the API key hidden and a password in redis_url masked."""
@@ -183,6 +230,8 @@ class Settings:
             value = getattr(self, f.name)
             if f.name == "api_key" and value is not None:
                 value = "***"
+            elif f.name == "jwt_secrets" and value:
+                value = ("***",) * len(value)
             elif f.name == "redis_url" and value is not None:
                 value = mask_url(value)
             shown.append(f"{f.name}={value!r}")
@@ -234,6 +283,10 @@ class Settings:
         coerced = {k: _coerce(k, v) for k, v in values.items()}
         if coerced.get("api_key") is not None and coerced.get("api_key_file") is not None:
             raise ConfigError("api_key and api_key_file are both set: use one (api_key_file)")
+        if coerced.get("jwt_secrets") and coerced.get("jwt_secret_file") is not None:
+            raise ConfigError(
+                "jwt_secrets and jwt_secret_file are both set: use one (jwt_secret_file)"
+            )
         return cls(**coerced)
 
     def to_env(self) -> dict[str, str]:
@@ -245,6 +298,8 @@ class Settings:
                 continue
             if f.name == "api_key" and self.api_key_file is not None:
                 value = None  # the child reads the file itself: the key stays out of environ
+            if f.name == "jwt_secrets" and self.jwt_secret_file is not None:
+                value = ()  # the same: the child reads jwt_secret_file
             if value is None:
                 value = "none"
             elif f.name == "topics":
@@ -359,6 +414,10 @@ def _topic_rules(value: Any) -> tuple[TopicRule, ...]:
             "history_ttl_s": float,
             "presence": bool,
             "join_leave": bool,
+            "allow_subscribe": str,
+            "allow_publish": str,
+            "allow_presence": str,
+            "allow_browser_publish": bool,
         }
         values: dict[str, Any] = {"pattern": item["pattern"]}
         for key, kind in kinds.items():
@@ -450,6 +509,11 @@ def _validate(s: Settings) -> None:
     need(0 <= s.port <= 65535, f"port must be 0..65535, got {s.port}")
     need(s.workers >= 0, "workers must be >= 0 (0 = one per CPU)")
     need(s.max_message_bytes >= 125, "max_message_bytes must be >= 125")
+    need(
+        s.max_partial_input_bytes_per_worker is None
+        or s.max_partial_input_bytes_per_worker >= s.max_message_bytes,
+        "max_partial_input_bytes_per_worker must be >= max_message_bytes (none: no cap)",
+    )
     need(9 <= s.max_window_bits <= 15, "max_window_bits must be 9..15")
     need(-1 <= s.compression_level <= 9, "compression_level must be -1..9")
     need(
@@ -506,12 +570,38 @@ def _validate(s: Settings) -> None:
         need(getattr(s, name) >= 1, f"{name} must be >= 1")
     need(1 <= s.max_data_depth <= 512, "max_data_depth must be 1..512")
     need(isinstance(s.topics, tuple), "topics must be a tuple of TopicRule")
+    jwt_keys = bool(s.jwt_secrets or s.jwt_secret_file or s.jwt_public_key_file or s.jwt_jwks)
+    for name in ("jwt_jwks_refresh_s", "jwt_jwks_timeout_s", "token_refresh_margin_s"):
+        need(getattr(s, name) > 0, f"{name} must be > 0")
+    need(0 <= s.jwt_leeway_s <= 300, "jwt_leeway_s must be 0..300 (seconds)")
+    if s.jwt_jwks and not s.jwt_jwks.startswith(("https://", "http://")):
+        need(os.path.isfile(s.jwt_jwks), f"jwt_jwks: {s.jwt_jwks} is not a file nor an http(s) URL")
+    need(s.jwt_jwks_max_bytes >= 1024, "jwt_jwks_max_bytes must be >= 1024")
+    need(
+        not s.jwt_algorithms or jwt_keys,
+        "jwt_algorithms is set but no JWT key is (jwt_secret_file, jwt_public_key_file, jwt_jwks)",
+    )
+    need(
+        s.allow_anonymous is not False or jwt_keys,
+        "allow_anonymous = false needs JWT keys: otherwise nobody could connect",
+    )
     for i, rule in enumerate(s.topics):
         need(isinstance(rule, TopicRule), f"topics[{i}] must be a TopicRule")
         need(bool(rule.pattern), f"topics[{i}]: pattern must not be empty")
         need(rule.history_size >= 0, f"topics[{i}]: history_size must be >= 0")
         need(rule.history_ttl_s >= 0, f"topics[{i}]: history_ttl_s must be >= 0")
         need(rule.presence or not rule.join_leave, f"topics[{i}]: join_leave needs presence")
+        for action in ("subscribe", "publish", "presence"):
+            access = getattr(rule, f"allow_{action}")
+            need(
+                access in _ACCESS_LEVELS,
+                f"topics[{i}].allow_{action}: {access!r} is not one of {', '.join(_ACCESS_LEVELS)}",
+            )
+            need(
+                access in ("any", "none") or jwt_keys,
+                f"topics[{i}].allow_{action} = {access!r} needs JWT keys (jwt_secret_file,"
+                " jwt_public_key_file or jwt_jwks): without them no client has a token",
+            )
     need(
         s.keyfile is None or s.certfile is not None,
         "keyfile needs certfile (the certificate it is the key of)",

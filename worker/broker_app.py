@@ -22,7 +22,7 @@ from worker.hooks import Hooks, load_object
 from worker.hub import Hub
 from worker.metrics import Metrics
 from worker.protocol import WebSocket
-from worker.server import ConnectionLimits
+from worker.server import ConnectionLimits, InputBudget
 from worker.session import ClientSession
 from worker.stats import WorkerStats
 
@@ -43,6 +43,7 @@ class BrokerApp:
         self.metrics = Metrics(worker_id, self.stats, self.bus.stats)
         self.sessions: set[ClientSession] = set()
         self.limits = ConnectionLimits(settings, self.stats)
+        self.input_budget = InputBudget(settings, self.stats)  # read by worker.protocol
         self._metrics_timer: asyncio.TimerHandle | None = None
         self._metrics_listener: asyncio.AbstractServer | None = None  # on metrics_listen
 

@@ -38,6 +38,7 @@ _COUNTERS = {
     "recoveries_failed": "subscribes with since answered recovered: false",
     "rate_limited": "publishes refused with rate_limited (over publish_rate_per_s)",
     "idle_closes": "WebSockets closed 1008 idle (nothing sent for idle_timeout_s)",
+    "partial_input_closes": "WebSockets closed 1013: the worker's partial input bytes were full",
 }
 # Counters with a `reason` label as well: metric -> (help, {reason: WorkerStats field}).
 _REASON_COUNTERS = {

@@ -91,7 +91,9 @@ class WebSocket(asyncio.Protocol):
         "_failed",
         "_first_bytes",
         "_handshake_timer",
+        "_held_input",
         "_idle_timer",
+        "_input_budget",
         "_input_holds",
         "_last_activity",
         "_parser",
@@ -151,6 +153,10 @@ class WebSocket(asyncio.Protocol):
         self.client_ip = "local"
         self._proxy_buffer: bytearray | None = None
         self._first_bytes = True  # nothing of the request received yet
+        # The worker's partial-input budget (the app's `input_budget`, if it has one) and
+        # what this connection holds of it now.
+        self._input_budget: Any = None
+        self._held_input = 0
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 
@@ -182,6 +188,9 @@ class WebSocket(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
         self._give_back_slot()
+        if self._held_input:
+            self._input_budget.change(-self._held_input)
+            self._held_input = 0
         conn = self.conn
         if conn is not None and self.session is not None:
             if conn.close_received is not None:
@@ -355,6 +364,7 @@ class WebSocket(asyncio.Protocol):
             )
             self.compress_key = accepted.deflate.server_max_window_bits
         self.subprotocol = accepted.subprotocol
+        self._input_budget = getattr(app, "input_budget", None)
         self.conn = Connection(Role.SERVER, max_message_bytes=s.max_message_bytes, deflate=deflate)
         transport.write(accepted.response)
         try:
@@ -380,8 +390,26 @@ class WebSocket(asyncio.Protocol):
 
     def _receive_ws(self, conn: Connection, data: bytes) -> None:
         events = conn.receive_data(data)
+        budget = self._input_budget
+        if budget is not None:
+            held = conn.buffered_in_bytes
+            if held != self._held_input:
+                if not budget.change(held - self._held_input):
+                    self._over_input_budget(conn)
+                    return
+                self._held_input = held
         if events:
             self._handle_events(events)
+
+    def _over_input_budget(self, conn: Connection) -> None:
+        """The worker holds all the partial input it may: this connection, whose input
+        grew past it, is closed 1013 at once (what it had buffered is given back when the
+        connection goes), and what it had completed in this chunk is not handled."""
+        log.info("partial input budget full: closing a connection with 1013")
+        transport = self.transport
+        if transport is not None and conn.can_send:
+            transport.write(conn.close(errors.CLOSE_TRY_AGAIN_LATER, "server busy: retry later"))
+        self._end(flush=True)
 
     def _handle_events(self, events: list[Any]) -> None:
         """Handle events in order, so replies leave in the order their causes arrived."""

@@ -70,6 +70,27 @@ class ConnectionLimits:
         return release
 
 
+class InputBudget:
+    """Bytes of partial input (incomplete frames and messages) all of the worker's
+    WebSockets hold together, capped by `max_partial_input_bytes_per_worker` (None: no cap).
+    Each connection reports its own holding as it changes (`change`); one that would pass
+    the cap is refused (False), and the protocol closes it 1013."""
+
+    def __init__(self, settings: Settings, stats: WorkerStats) -> None:
+        self.cap = settings.max_partial_input_bytes_per_worker
+        self.stats = stats
+        self.held = 0
+
+    def change(self, delta: int) -> bool:
+        """Add `delta` (negative: released) to the total; False, adding nothing, when a
+        growth would pass the cap."""
+        if delta > 0 and self.cap is not None and self.held + delta > self.cap:
+            self.stats.partial_input_closes += 1
+            return False
+        self.held += delta
+        return True
+
+
 class Server:
     def __init__(self, app: ServerApp, settings: Settings) -> None:
         self.app = app

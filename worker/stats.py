@@ -28,6 +28,7 @@ class WorkerStats:
     refused_worker_full: int = 0  # upgrades refused 503: max_connections_per_worker
     refused_per_ip: int = 0  # upgrades refused 429: max_connections_per_ip
     idle_closes: int = 0  # WebSockets closed 1008 "idle" (idle_timeout_s)
+    partial_input_closes: int = 0  # closed 1013: max_partial_input_bytes_per_worker reached
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
