@@ -30,7 +30,8 @@ from broker.settings import ENV_PREFIX, Settings, mask_url
 DISTRIBUTION = "redwire"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 MASK = "***"
-_SECRETS = frozenset({"api_key"})  # shown as *** when set; redis_url: its password (mask_url)
+# Shown as *** when set; redis_url: its password (mask_url).
+_SECRETS = frozenset({"api_key", "jwt_secrets"})
 _PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 

@@ -5,6 +5,7 @@ RedwireError
 │   ├── PayloadTooBig      1009: a message or frame over the configured limit
 │   └── InvalidUTF8        1007: a text message or close reason that is not UTF-8
 ├── HandshakeError         an opening handshake we refuse; carries the HTTP status
+│   └── InvalidToken       401: a connection token refused (broker/auth.py)
 ├── ConnectionClosedError  use of a connection after it closed
 ├── ClientError            a well-formed WebSocket message the pub/sub protocol rejects;
 │                          carries a stable error code string (see docs/protocol.md)
@@ -33,6 +34,8 @@ CLOSE_MANDATORY_EXTENSION = 1010
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_SERVICE_RESTART = 1012
 CLOSE_TRY_AGAIN_LATER = 1013
+# Private-use codes (RFC 6455 section 7.4.2), docs/protocol.md "Close codes".
+CLOSE_TOKEN_EXPIRED = 4001  # no new token by exp: get a new token, then reconnect
 
 
 class RedwireError(Exception):
