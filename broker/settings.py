@@ -125,6 +125,10 @@ class Settings:
     slow_consumer_policy: str = "close"  # "close" (1013)
     coalesce_window_s: float = 0.002  # a busy hub writes to a subscriber at most this often
 
+    # --- fairness: one connection's input is handled in slices (worker/protocol.py) ---
+    read_slice_bytes: int = 64 * KIB  # most received bytes parsed per turn of the loop
+    read_slice_messages: int = 64  # most messages handled per turn; the rest waits a turn
+
     # --- pub/sub protocol ---
     max_topic_bytes: int = 200
     max_data_depth: int = 64  # published data nested deeper (arrays/objects) is refused
@@ -530,6 +534,8 @@ def _validate(s: Settings) -> None:
     need(s.slow_consumer_policy in ("close",), "slow_consumer_policy must be 'close'")
     need(1 <= s.max_topic_bytes <= 1024, "max_topic_bytes must be 1..1024")
     need(s.max_queued_requests >= 1, "max_queued_requests must be >= 1")
+    need(s.read_slice_bytes >= 1024, "read_slice_bytes must be >= 1024")
+    need(s.read_slice_messages >= 1, "read_slice_messages must be >= 1")
     need(s.listen_backlog >= 1, "listen_backlog must be >= 1")
     need(
         s.publish_rate_per_s is None or s.publish_rate_per_s > 0,

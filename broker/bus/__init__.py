@@ -45,9 +45,10 @@ History, offsets and presence (topics whose `Settings.rule_for` rule asks for th
   On join_leave topics each change is delivered to the topic's subscribers, in order with
   its messages, through `on_presence`.
 
-Implementations: `MemoryBus` (one process, `redis_url = "memory://"`) and `RedisBus`
-(`redis://`, `rediss://` or `unix://` URLs). Both pass one contract suite
-(tests/integration/test_bus_contract.py).
+Implementations: `MemoryBus` (one process, `redis_url = "memory://"`), `RedisBus`
+(`redis://`, `rediss://` or `unix://` URLs) and `RedisClusterBus` (`redis+cluster://h1:p1,
+h2:p2,...`: sharded pub/sub on a Redis Cluster >= 7, one RedisBus per master). All pass one
+contract suite (tests/integration/test_bus_contract.py, tests/integration/test_bus_cluster.py).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
     from broker.settings import Settings, TopicRule
 
 MEMORY_URL = "memory://"
+CLUSTER_SCHEME = "redis+cluster"  # broker/bus/redis_cluster.py
 
 StatsValue = int | float | bool
 
@@ -292,6 +294,10 @@ def make_bus(settings: Settings, origin: str) -> Bus:
         from broker.bus.memory import MemoryBus
 
         return MemoryBus(origin, settings=settings)
+    if url.startswith(CLUSTER_SCHEME + "://"):
+        from broker.bus.redis_cluster import RedisClusterBus
+
+        return RedisClusterBus(url, settings, origin)
     from broker.bus.redis import RedisBus
 
     return RedisBus(url, settings, origin)

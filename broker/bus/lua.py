@@ -10,13 +10,18 @@ at send time, from INFO fetched on each (re)connection of its publisher):
     ARGV[2]  '1' when a change of replication id means a restart that kept every
              acknowledged write: `master_replid2` is all zeros (the server did not take
              over another master's history) and `aof_enabled:1` (INFO persistence); else ''.
+             On a Redis Cluster (broker/bus/redis_cluster.py) that flag is followed by
+             `|id|id|...|`: the replication ids of the cluster's masters at the bus' last
+             look, whose data a slot migration (MIGRATE) may have brought here.
 The script's own arguments follow, from ARGV[3] on.
 
 Epochs. A script that keeps a topic position (`position` below) reads the topic's meta hash
 (`o` offset, `e` epoch, `r` the replication id of the epoch's last write) and:
 - keeps the epoch when `r` is the server's replication id (nothing happened since);
-- keeps it and records the new id in `r` when the id changed and ARGV[2] is '1' (a restart
-  with AOF: history is what was acknowledged);
+- keeps it and records the new id in `r` when the id changed and ARGV[2] starts with '1'
+  (a restart with AOF: history is what was acknowledged), or `r` is in ARGV[2]'s list of
+  live masters (a Cluster slot migration moved the keys here from a master that has had no
+  break since: MIGRATE is atomic per batch and acknowledged);
 - otherwise makes a new epoch, offset 0, and DELetes the topic's stream: the meta hash is
   missing (Redis came back empty, FLUSHALL, the meta expired), or the id changed on a
   server promoted from a replica (`master_replid2` set: writes the old master acknowledged
@@ -48,7 +53,9 @@ local function position(meta, stream, replid, candidate, meta_ttl)
   if m[2] and m[3] == replid then
     return tonumber(m[1]), m[2]
   end
-  if m[2] and ARGV[2] == '1' then  -- a restart that kept every acknowledged write
+  -- a restart that kept every acknowledged write, or keys migrated from a live master
+  if m[2] and (string.sub(ARGV[2], 1, 1) == '1'
+      or (m[3] and string.find(ARGV[2], '|' .. m[3] .. '|', 1, true))) then
     redis.call('HSET', meta, 'r', replid)
     return tonumber(m[1]), m[2]
   end
@@ -271,3 +278,14 @@ return 1
 )
 
 SCRIPTS = (PUBLISH, HISTORY, PRESENCE_ADD, PRESENCE_REMOVE, PRESENCE_LIST, PUBLISH_KEYED)
+
+
+def sharded(script: Script) -> Script:
+    """The same script with every PUBLISH made SPUBLISH (Redis >= 7 sharded pub/sub), for a
+    Redis Cluster: each channel a script publishes on is hash-tagged like its keys, so the
+    SPUBLISH stays in the script's slot (Redis refuses a script touching another slot)."""
+    source = script.source.replace(b"redis.call('PUBLISH'", b"redis.call('SPUBLISH'")
+    return Script(script.name + "_sharded", source)
+
+
+SHARDED = {script: sharded(script) for script in SCRIPTS}  # the Cluster bus' variants

@@ -98,6 +98,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -106,13 +107,21 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio.connection import AbstractConnection, Connection, parse_url
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from broker.bus import (
     JOIN,
@@ -156,6 +165,31 @@ _PRESENCE_BEATS_PER_TTL = 3  # the worker key is refreshed this often per presen
 
 class _SubscriptionWedged(BusError):
     """The probe did not come back: the subscription is silently dead."""
+
+
+class Redirected(BusUnavailable):
+    """A Redis Cluster node did not run the command: MOVED or ASK (the slot is served by
+    `addr`), TRYAGAIN or CLUSTERDOWN (try later). Never run, so a retry is safe."""
+
+    def __init__(self, kind: str, addr: str, text: str) -> None:
+        super().__init__(f"Redis Cluster: {text}")
+        self.kind = kind  # "MOVED", "ASK", "TRYAGAIN" or "CLUSTERDOWN"
+        self.addr = addr  # "host:port" for MOVED and ASK, else ""
+
+
+_REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError)
+# Set by the Cluster bus around a call it sends after an ASK redirection: the commands the
+# call queues go with ASKING ahead of them (read when each command is queued).
+ASKING: contextvars.ContextVar[bool] = contextvars.ContextVar("redwire_asking", default=False)
+
+
+def _redirected(exc: ResponseError) -> Redirected:
+    kind = type(exc).__name__.removesuffix("Error").upper()
+    addr = ""
+    if isinstance(exc, MovedError | AskError):
+        addr = f"{exc.host}:{exc.port}"
+        kind = "MOVED" if isinstance(exc, MovedError) else "ASK"
+    return Redirected(kind, addr, f"{kind} {exc}")
 
 
 def _client_name(kind: str, origin: str) -> str:
@@ -266,6 +300,7 @@ class _Command:
     script: Script | None = None
     keys: int = 0
     sent: bool = False  # its bytes went (or started to go) to Redis: it may have run
+    asking: bool = False  # sent after ASKING (a Cluster slot being imported by that node)
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,8 +364,12 @@ class _Publisher:
         connect: Callable[[], AbstractConnection],
         settings: Settings,
         on_change: Callable[[], None],
+        scripts: Sequence[Script] = SCRIPTS,
     ) -> None:
         self._connect = connect
+        self._scripts = scripts  # loaded together on NOSCRIPT
+        # appended to every script's ARGV[2]: the Cluster bus' `|replid|...|` (broker/bus/lua.py)
+        self.trust_extra = b""
         self._batch = settings.bus_publish_batch
         self._timeout_s = settings.bus_publish_timeout_s
         self.bound_s = (
@@ -369,7 +408,7 @@ class _Publisher:
 
     def send(self, *args: Any) -> asyncio.Future[Any]:
         """Queue one command; the future gets Redis' reply, or a BusError."""
-        return self._enqueue(_Command(args, self._new_future())).future
+        return self._enqueue(_Command(args, self._new_future(), asking=ASKING.get())).future
 
     def run(self, script: Script, keys: Sequence[Any], argv: Sequence[Any]) -> asyncio.Future[Any]:
         """Queue one script call (see `_Command`); the future gets its reply, or a BusError."""
@@ -377,14 +416,16 @@ class _Publisher:
 
     async def call(self, *args: Any) -> Any:
         """`send` and wait for the reply, bounded by `bound_s` (see `_wait`)."""
-        return await self._wait(self._enqueue(_Command(args, self._new_future())))
+        command = _Command(args, self._new_future(), asking=ASKING.get())
+        return await self._wait(self._enqueue(command))
 
     async def call_script(self, script: Script, keys: Sequence[Any], argv: Sequence[Any]) -> Any:
         """`run` and wait for the reply, bounded by `bound_s` (see `_wait`)."""
         return await self._wait(self._enqueue(self._script(script, keys, argv)))
 
     def _script(self, script: Script, keys: Sequence[Any], argv: Sequence[Any]) -> _Command:
-        return _Command((*keys, *argv), self._new_future(), script, len(keys))
+        future = self._new_future()
+        return _Command((*keys, *argv), future, script, len(keys), asking=ASKING.get())
 
     async def _wait(self, command: _Command) -> Any:
         """The command's reply. Past `bound_s` (the publisher misbehaves: it should have
@@ -452,7 +493,7 @@ class _Publisher:
                     # another not, which could reorder a topic's messages and presence
                     # events), then send the refused commands again, in order.
                     self.script_loads += 1
-                    loads = [(b"SCRIPT", b"LOAD", script.source) for script in SCRIPTS]
+                    loads = [(b"SCRIPT", b"LOAD", script.source) for script in self._scripts]
                     await self._pipeline(conn, loads, retry, retry_noscript=False)
         except _IO_ERRORS as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
@@ -495,8 +536,8 @@ class _Publisher:
         if script is None:
             return args
         n, server = command.keys, self.server
-        return (b"EVALSHA", script.sha, n, *args[:n], server.replid, server.trusted_restart,
-                *args[n:])  # fmt: skip
+        trust = server.trusted_restart + self.trust_extra
+        return (b"EVALSHA", script.sha, n, *args[:n], server.replid, trust, *args[n:])
 
     async def _pipeline(
         self,
@@ -508,7 +549,12 @@ class _Publisher:
     ) -> list[_Command]:
         """Send `prefix` then `commands` as one write and resolve each command's future with
         its reply; returns the scripts Redis did not know (when `retry_noscript`)."""
-        packed = conn.pack_commands([*prefix, *(self._encode(c) for c in commands)])
+        encoded: list[tuple[Any, ...]] = list(prefix)
+        for command in commands:
+            if command.asking:
+                encoded.append((b"ASKING",))
+            encoded.append(self._encode(command))
+        packed = conn.pack_commands(encoded)
         for command in commands:
             command.sent = True
         await conn.send_packed_command(packed, check_health=False)
@@ -521,7 +567,11 @@ class _Publisher:
         retry: list[_Command] = []
         for command in commands:
             try:
+                if command.asking:
+                    await read(disable_decoding=True, timeout=math.inf)  # ASKING's OK
                 result = await read(disable_decoding=True, timeout=math.inf)
+            except _REDIRECTS as exc:  # a Cluster node did not run it: the bus re-routes it
+                _reject(command.future, _redirected(exc))
             except NoScriptError as exc:  # not run: safe to send again
                 if retry_noscript:
                     command.sent = False
@@ -601,8 +651,16 @@ class _Session:
             self.waiters.setdefault(ch, []).append(waiter)
         return future
 
-    def reconcile(self, wanted: Callable[[bytes], bool], batch: int) -> list[tuple[bytes, ...]]:
-        """The commands that make Redis' channel set match `wanted` for the dirty channels."""
+    def reconcile(
+        self,
+        wanted: Callable[[bytes], bool],
+        batch: int,
+        verbs: tuple[bytes, bytes] = (b"SUBSCRIBE", b"UNSUBSCRIBE"),
+        group: Callable[[bytes], int] | None = None,
+    ) -> list[tuple[bytes, ...]]:
+        """The commands (`verbs`: subscribe, unsubscribe) that make Redis' channel set match
+        `wanted` for the dirty channels, at most `batch` channels each, and with `group`
+        only channels of one group each (a Cluster's SSUBSCRIBE takes one slot's)."""
         dirty, self.dirty = self.dirty, set()
         server, inflight = self.server, self.inflight
         sub = [ch for ch in dirty if ch not in server and wanted(ch)]
@@ -614,14 +672,21 @@ class _Session:
         for ch in dirty:
             if ch not in inflight:
                 self._settle(ch)
+        groups: list[tuple[bytes, list[bytes]]] = [(verbs[0], sub), (verbs[1], unsub)]
+        if group is not None:
+            groups = [
+                (verb, members)
+                for verb, channels in groups
+                for members in _grouped(channels, group).values()
+            ]
         return [
             (verb, *channels[i : i + batch])
-            for verb, channels in ((b"SUBSCRIBE", sub), (b"UNSUBSCRIBE", unsub))
+            for verb, channels in groups
             for i in range(0, len(channels), batch)
         ]
 
-    def confirmed_by_redis(self, kind: bytes, channel: bytes) -> None:
-        if kind == b"subscribe":
+    def confirmed_by_redis(self, subscribed: bool, channel: bytes) -> None:
+        if subscribed:
             self.confirmed.add(channel)
         else:
             self.confirmed.discard(channel)
@@ -650,10 +715,26 @@ class _Session:
         self.waiters.clear()
 
 
+def _grouped(channels: list[bytes], group: Callable[[bytes], int]) -> dict[int, list[bytes]]:
+    groups: dict[int, list[bytes]] = {}
+    for channel in channels:
+        groups.setdefault(group(channel), []).append(channel)
+    return groups
+
+
 # --- the bus ---------------------------------------------------------------------------------
 
 
 class RedisBus(Bus):
+    # Classic pub/sub. broker/bus/redis_cluster.py's shard bus swaps in the sharded verbs,
+    # reply kinds and scripts (Redis >= 7: SSUBSCRIBE, SPUBLISH, smessage, ...).
+    SUBSCRIBE_VERBS = (b"SUBSCRIBE", b"UNSUBSCRIBE")
+    PUBLISH_VERB = b"PUBLISH"
+    MESSAGE_KIND = b"message"
+    CONFIRM_KINDS = (b"subscribe", b"unsubscribe")
+    CHANNEL_GROUP: Callable[[bytes], int] | None = None  # channels one (UN)SUBSCRIBE may mix
+    LUA: Mapping[Script, Script] = {script: script for script in SCRIPTS}
+
     def __init__(self, url: str, settings: Settings, origin: str) -> None:
         super().__init__()
         self.settings = settings
@@ -664,6 +745,7 @@ class RedisBus(Bus):
             connection_factory(url, _client_name("pub", origin), timeout),
             settings,
             self._update_health,
+            tuple(self.LUA.values()),
         )
         prefix = settings.channel_prefix.encode()
         self._prefix = prefix
@@ -735,8 +817,9 @@ class RedisBus(Bus):
                 await presence_task
         if self._presence_used and self._publisher.running and self._publisher.ok:
             # Our entries die with the worker key: other buses sweep them (announcing leave).
+            deletes = [self._publisher.send(b"DEL", key) for key in self._worker_keys()]
             with contextlib.suppress(BusError):
-                await self._publisher.send(b"DEL", self.worker_key)
+                await asyncio.gather(*deletes)
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -775,8 +858,7 @@ class RedisBus(Bus):
                 wanted = []
             s.topics = {self.channel(topic): topic for topic in wanted}
             s.initial = frozenset(wanted)
-            # No gap on the connection start() waits for: nothing was delivered before it.
-            if self._started is None or self._started.done():
+            if self._gap_on_connect():
                 s.unreported = set(wanted)
             channels = [*s.topics, self.probe_channel]
             s.touch(channels)
@@ -810,6 +892,11 @@ class RedisBus(Bus):
         finally:
             await self._end_session(s, tasks, ready)
         return s.live
+
+    def _gap_on_connect(self) -> bool:
+        """True when this session's topics get a gap. Not on the connection start() waits
+        for: nothing was delivered before it."""
+        return self._started is None or self._started.done()
 
     def _log_loss(self, was_live: bool, failures: int, exc: BaseException) -> None:
         if not was_live:
@@ -869,6 +956,7 @@ class RedisBus(Bus):
         probe_channel = self.probe_channel
         limit = self.settings.bus_read_batch
         forever = math.inf
+        message_kind = self.MESSAGE_KIND
         while True:
             reply = await read(disable_decoding=True, timeout=forever)
             self._last_rx = time.monotonic()
@@ -876,7 +964,7 @@ class RedisBus(Bus):
             count = 0
             while True:
                 count += 1
-                if type(reply) is list and len(reply) == 3 and reply[0] == b"message":
+                if type(reply) is list and len(reply) == 3 and reply[0] == message_kind:
                     channel = reply[1]
                     topic = topics.get(channel)
                     if topic is not None:
@@ -920,9 +1008,14 @@ class RedisBus(Bus):
         return []
 
     def _control(self, s: _Session, reply: Any) -> None:
-        if type(reply) is list and len(reply) == 3 and reply[0] in (b"subscribe", b"unsubscribe"):
-            s.confirmed_by_redis(reply[0], reply[1])
-            if reply[0] == b"subscribe" and s.unreported:
+        kinds = self.CONFIRM_KINDS
+        if type(reply) is list and len(reply) == 3 and reply[0] in kinds:
+            subscribed = reply[0] == kinds[0]
+            if not subscribed and reply[1] not in s.inflight:
+                self._dropped_by_server(s, reply[1])
+                return
+            s.confirmed_by_redis(subscribed, reply[1])
+            if subscribed and s.unreported:
                 topic = s.topics.get(reply[1])
                 if topic is not None and topic in s.unreported:
                     s.unreported.discard(topic)
@@ -930,18 +1023,30 @@ class RedisBus(Bus):
         elif not (type(reply) is list and reply and reply[0] == b"pong"):
             log.warning("bus: unexpected reply on the subscriber connection: %.200r", reply)
 
+    def _dropped_by_server(self, s: _Session, channel: bytes) -> None:
+        """An unsubscribe nobody asked for. A single Redis never sends one; a Cluster node
+        does after a slot migration (the shard bus overrides this)."""
+        log.warning("bus: Redis unsubscribed %r by itself", channel)
+        s.confirmed_by_redis(False, channel)
+
     async def _send_loop(self, s: _Session) -> None:
         batch = self.settings.bus_resubscribe_batch
         while True:
             await s.wake.wait()
             s.wake.clear()
-            commands = s.reconcile(lambda ch: ch in s.topics or ch == self.probe_channel, batch)
+            commands = s.reconcile(
+                lambda ch: ch in s.topics or ch == self.probe_channel,
+                batch,
+                self.SUBSCRIBE_VERBS,
+                self.CHANNEL_GROUP,
+            )
             if not commands:
                 continue
             assert s.conn is not None
             if not s.conn.is_connected:  # never let redis-py reconnect behind our back
                 raise RedisConnectionError("subscriber connection closed")
-            self.subscribe_commands += sum(1 for c in commands if c[0] == b"SUBSCRIBE")
+            verb = self.SUBSCRIBE_VERBS[0]
+            self.subscribe_commands += sum(1 for c in commands if c[0] == verb)
             await s.conn.send_packed_command(s.conn.pack_commands(commands), check_health=False)
 
     async def _probe_loop(self, s: _Session) -> None:
@@ -966,7 +1071,8 @@ class RedisBus(Bus):
         try:
             try:
                 nonce = self._probe_nonce
-                receivers = await self._publisher.send(b"PUBLISH", self.probe_channel, nonce)
+                channel = self.probe_channel
+                receivers = await self._publisher.send(self.PUBLISH_VERB, channel, nonce)
             except BusError as exc:  # the publisher's trouble; `healthy` reflects it
                 log.debug("bus: probe not sent: %s", exc)
                 return
@@ -1022,12 +1128,12 @@ class RedisBus(Bus):
             if rule is not None and rule.history_size > 0:
                 result = await self._publish_history(topic, rule, data, key)
             elif key is None:
-                await self._publisher.call(b"PUBLISH", self.channel(topic), data)
+                await self._publisher.call(self.PUBLISH_VERB, self.channel(topic), data)
                 result = _PUBLISHED
             else:
                 argv = (self.channel(topic), data, _ms(self.settings.idempotency_ttl_s))
                 keys = (self.key(topic, "k:" + key),)
-                published = await self._publisher.call_script(PUBLISH_KEYED, keys, argv)
+                published = await self._publisher.call_script(self.LUA[PUBLISH_KEYED], keys, argv)
                 result = _PUBLISHED if published else _DUPLICATE
         except BusError:
             self.publish_errors += 1
@@ -1053,7 +1159,7 @@ class RedisBus(Bus):
             _ms(meta_ttl_s(rule)),
             _ms(self.settings.idempotency_ttl_s),
         )
-        offset, epoch, duplicate = await self._publisher.call_script(PUBLISH, keys, argv)
+        offset, epoch, duplicate = await self._publisher.call_script(self.LUA[PUBLISH], keys, argv)
         return Published(offset, epoch.decode(), bool(duplicate))
 
     async def history(
@@ -1073,7 +1179,7 @@ class RedisBus(Bus):
         )
         keys = (self.key(topic, "m"), self.key(topic, "h"))
         self.history_reads += 1
-        reply = await self._publisher.call_script(HISTORY, keys, argv)
+        reply = await self._publisher.call_script(self.LUA[HISTORY], keys, argv)
         offset, top_epoch, complete, entries = reply
         messages = []
         for data in entries:
@@ -1090,10 +1196,7 @@ class RedisBus(Bus):
         text = info_json(info)
         if self._task is None:
             raise BusUnavailable("the bus is not running")
-        if not self._presence_used:
-            # The first entry: make the worker key now, ahead of it in the same queue.
-            self._presence_used = True
-            self._beat().add_done_callback(_retrieve)
+        self._presence_first(topic)  # the worker key, ahead of the entry in the same queue
         self._present.setdefault(topic, {})[client_id] = text
         await self._write_presence(topic, client_id)
 
@@ -1137,21 +1240,37 @@ class RedisBus(Bus):
                 event = ('P{"k":"join","c":' + client + ',"i":' + text + "}").encode()
             value = _presence_value(self.instance, text)
             argv: tuple[Any, ...] = (client_id, value, channel, event)
-            await self._publisher.call_script(PRESENCE_ADD, (hash_key,), argv)
+            await self._publisher.call_script(self.LUA[PRESENCE_ADD], (hash_key,), argv)
         else:
             argv = (client_id, channel, b"1" if announce else b"")
-            await self._publisher.call_script(PRESENCE_REMOVE, (hash_key,), argv)
+            await self._publisher.call_script(self.LUA[PRESENCE_REMOVE], (hash_key,), argv)
         if self._present.get(topic, {}).get(client_id) == text:  # no newer change since
             self._presence_dirty.discard(entry)
 
     def _run_presence_list(self, topic: str, *, listing: bool) -> asyncio.Future[Any]:
         argv = (
-            self._worker_prefix,
+            self._worker_prefix_for(topic),
             self.channel(topic),
             b"1" if self._announces(topic) else b"",
             b"1" if listing else b"",
         )
-        return self._publisher.run(PRESENCE_LIST, (self.key(topic, "p"),), argv)
+        return self._publisher.run(self.LUA[PRESENCE_LIST], (self.key(topic, "p"),), argv)
+
+    # Seams for the Cluster's shard bus, whose worker keys live in each topic's slot.
+    def _worker_prefix_for(self, topic: str) -> bytes:
+        """The prefix of the worker keys `topic`'s presence entries are checked against."""
+        return self._worker_prefix
+
+    def _worker_keys(self) -> list[bytes]:
+        """The keys that keep this bus' presence entries alive."""
+        return [self.worker_key]
+
+    def _presence_first(self, topic: str) -> None:
+        """Before an entry is written on `topic`: make sure its worker key exists (queued
+        ahead of the entry on the same publisher)."""
+        if not self._presence_used:
+            self._presence_used = True
+            self._beat().add_done_callback(_retrieve)
 
     def _beat(self) -> asyncio.Future[Any]:
         """Refresh the worker key; the future gets its previous value (None: it was gone)."""
