@@ -54,6 +54,15 @@ _SERVE_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         "api_key_file",
         {"metavar": "FILE", "help": "read the API key from FILE (kept out of argv and environ)"},
     ),
+    (
+        "--jwt-secret-file",
+        "jwt_secret_file",
+        {
+            "metavar": "FILE",
+            "help": "verify connection JWTs (HS256) with the secrets in FILE,"
+            " one per line (rotation)",
+        },
+    ),
     ("--static-dir", "static_dir", {"help": "serve these web files at /"}),
     (
         "--certfile",
@@ -197,7 +206,8 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
             overrides[field] = tuple(value)
     if "log_level" in overrides:
         overrides["log_level"] = overrides["log_level"].upper()
-    for path in ("static_dir", "api_key_file"):  # workers share our cwd, but say it plainly
+    # Workers share our cwd, but say it plainly.
+    for path in ("static_dir", "api_key_file", "jwt_secret_file"):
         if overrides.get(path):
             overrides[path] = os.path.abspath(overrides[path])
     return overrides

@@ -1,8 +1,9 @@
 """The broker application a worker serves: sessions over the hub and bus, HTTP routes.
 
 `BrokerApp` implements `worker.protocol.ServerApp`: WebSocket upgrades become
-`ClientSession`s (after the application's `on_connect` hook); plain HTTP requests go to
-`worker.http_routes`. It owns the worker's bus, hub, stats, metrics and hooks.
+`ClientSession`s (after the connection token, broker/auth.py, and the application's
+`on_connect` hook); plain HTTP requests go to `worker.http_routes`. It owns the worker's
+bus, hub, stats, metrics, hooks and token verifier (with its JWKS refresher, worker/jwks.py).
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from broker import auth
 from broker.bus import Bus, make_bus
 from broker.errors import HandshakeError
 from broker.handshake import Request
 from broker.settings import Settings
 from broker.tasks import spawn
 from worker import http_routes, metrics_listener, wire
+from worker.dashboard import StatsPublisher
 from worker.hooks import Hooks, load_object
 from worker.hub import Hub
+from worker.jwks import JwksRefresher
 from worker.metrics import Metrics
 from worker.protocol import WebSocket
 from worker.server import ConnectionLimits, InputBudget
@@ -44,7 +48,13 @@ class BrokerApp:
         self.sessions: set[ClientSession] = set()
         self.limits = ConnectionLimits(settings, self.stats)
         self.input_budget = InputBudget(settings, self.stats)  # read by worker.protocol
+        self.verifier = auth.TokenVerifier.from_settings(settings)  # None: no JWT keys
+        self._jwks: JwksRefresher | None = None
+        if self.verifier is not None and settings.jwt_jwks:
+            self._jwks = JwksRefresher(self.verifier, settings)
         self._metrics_timer: asyncio.TimerHandle | None = None
+        # The dashboard's `$sys.stats` snapshots: only where the API key lets one see them.
+        self.dashboard = StatsPublisher(self) if settings.api_key is not None else None
         self._metrics_listener: asyncio.AbstractServer | None = None  # on metrics_listen
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -55,9 +65,17 @@ class BrokerApp:
         if self.settings.metrics_listen is not None:
             self._metrics_listener = await metrics_listener.start(self)
         await self.bus.start()
+        if self._jwks is not None:
+            await self._jwks.start()
         self._tick_metrics()
+        if self.dashboard is not None:
+            self.dashboard.start()
 
     async def stop(self) -> None:
+        if self.dashboard is not None:
+            await self.dashboard.stop()
+        if self._jwks is not None:
+            self._jwks.stop()
         if self._metrics_listener is not None:
             self._metrics_listener.close()
         if self._metrics_timer is not None:
@@ -86,7 +104,30 @@ class BrokerApp:
         return self.limits.admit(ip)
 
     async def authorize(self, request: Request) -> Any:
-        return await self.hooks.on_connect(request)
+        return (await self.authenticate(request))[0]
+
+    async def authenticate(self, request: Request) -> tuple[Any, auth.Auth]:
+        """(identity, Auth) for an upgrade: the connection token when JWT keys are set
+        (InvalidToken 401 when it is bad, or missing without `allow_anonymous`), then the
+        application's on_connect hook, which sees the Auth. The identity is what the hook
+        returned, else the token's `sub`."""
+        verified = auth.ANONYMOUS
+        if self.verifier is not None:
+            try:
+                token = auth.token_from_request(request)
+                if token is not None:
+                    verified = self.verifier.verify(token)
+                elif not self.settings.anonymous_allowed:
+                    raise auth.InvalidToken(
+                        "a token is required: the token query parameter, a"
+                        " Sec-WebSocket-Protocol entry redwire.token.<jwt>, or"
+                        " Authorization: Bearer <jwt>"
+                    )
+            except auth.InvalidToken:
+                self.stats.tokens_refused += 1
+                raise
+        identity = await self.hooks.on_connect(request, verified)
+        return (verified.subject if identity is None else identity), verified
 
     def open_session(self, ws: WebSocket) -> ClientSession:
         session = ClientSession(self, ws)

@@ -3,16 +3,23 @@
 The object may define any of these async methods; a missing one allows everything.
 
     async def on_connect(self, request) -> identity      # raise HandshakeError to refuse
+    async def on_connect(self, request, auth) -> identity  # the same, seeing the token
     async def on_subscribe(self, session, topic) -> None  # raise ClientError to deny
     async def on_publish(self, session, topic, data) -> data   # return (transformed) data,
                                                                # raise ClientError to deny
 
-`session.identity` is what `on_connect` returned; `session.id` is the client id.
+`session.identity` is what `on_connect` returned (None: the token's `sub`); `session.id`
+is the client id. With JWT keys configured (broker/auth.py) the connection token is checked
+before `on_connect` runs; a hook taking two arguments gets the verified `broker.auth.Auth`
+(`auth.subject`, `auth.claims`; `broker.auth.ANONYMOUS` without a token), and so does
+`session.auth` in the other hooks. Topic rules (`allow_subscribe`, ...) are checked before
+`on_subscribe` / `on_publish`: a hook can only narrow them.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +54,7 @@ class Hooks:
     def __init__(self, app: Any | None) -> None:
         self.app = app
         self._connect = getattr(app, "on_connect", None)
+        self._connect_takes_auth = self._connect is not None and _takes_two(self._connect)
         self._subscribe = getattr(app, "on_subscribe", None)
         self._publish = getattr(app, "on_publish", None)
 
@@ -55,9 +63,11 @@ class Hooks:
         """No on_publish hook: published data goes to the bus exactly as received."""
         return self._publish is None
 
-    async def on_connect(self, request: Request) -> Any:
+    async def on_connect(self, request: Request, auth: Any = None) -> Any:
         if self._connect is None:
             return None
+        if self._connect_takes_auth:
+            return await self._connect(request, auth)
         return await self._connect(request)
 
     async def on_subscribe(self, session: ClientSession, topic: str) -> None:
@@ -75,3 +85,13 @@ class Hooks:
             data = json.loads(request.payload)
         result = await self._publish(session, request.topic, data)
         return session.codec.encode_data(result)
+
+
+def _takes_two(fn: Any) -> bool:
+    """Whether `fn` accepts (request, auth) positionally."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)

@@ -39,6 +39,10 @@ _COUNTERS = {
     "rate_limited": "publishes refused with rate_limited (over publish_rate_per_s)",
     "idle_closes": "WebSockets closed 1008 idle (nothing sent for idle_timeout_s)",
     "partial_input_closes": "WebSockets closed 1013: the worker's partial input bytes were full",
+    "tokens_refused": "WebSocket upgrades refused for a bad or missing connection token",
+    "token_refreshes": "connection tokens replaced by a refresh request",
+    "token_expired_closes": "WebSockets closed 4001: no new token by its exp",
+    "forbidden": "requests refused with forbidden (topic rules or token claims)",
 }
 # Counters with a `reason` label as well: metric -> (help, {reason: WorkerStats field}).
 _REASON_COUNTERS = {

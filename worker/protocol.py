@@ -16,8 +16,20 @@ writes through its ordered outbox (`worker.outbox`), which asks `frame` for the 
 `write_frame` to write them; RFC 6455 control frames and the close frame are written here
 directly. The transport's
 high/low water marks pause reading from a peer we cannot write to fast enough, and call
-`on_writable` when it drains. Anything unexpected raised while a session handles a message
-closes that one connection with 1011 (`_session_failed`), never the worker.
+`on_writable` when it drains.
+
+Fairness. One connection's input is handled in slices: at most `read_slice_bytes` of
+received bytes are parsed, and at most `read_slice_messages` messages handed to the
+session, per turn of the event loop. What is left waits in `_backlog` (bytes) and
+`_pending_events` (parsed), the connection stops being read (input hold "slice"), and the
+next slice runs from `call_soon`: after every callback already ready, other connections'
+reads and timers included, so a flooding client gets its turn like everybody else, in
+order, and no client's burst delays the others by more than one slice. A slice waits
+while anything else holds the input (the session's request queue, the write buffer). An
+EOF that arrives behind a backlog is handled after it.
+
+Anything unexpected raised while a session handles a message closes that one connection
+with 1011 (`_session_failed`), never the worker.
 """
 
 from __future__ import annotations
@@ -78,7 +90,9 @@ class ServerApp(Protocol):
     async def http(self, request: Request) -> bytes: ...
 
     async def authorize(self, request: Request) -> Any:
-        """Return an identity (any value) or raise HandshakeError to refuse."""
+        """Return an identity (any value) or raise HandshakeError to refuse. An app with an
+        `authenticate(request) -> (identity, auth)` coroutine is asked that instead (the
+        broker: connection token, then hooks); `auth` is kept as `WebSocket.auth`."""
 
     def open_session(self, ws: WebSocket) -> Session: ...
 
@@ -87,7 +101,10 @@ class WebSocket(asyncio.Protocol):
     """One TCP connection: HTTP first, then (after a 101) one WebSocket."""
 
     __slots__ = (
+        "_backlog",
+        "_backlog_at",
         "_close_timer",
+        "_eof_pending",
         "_failed",
         "_first_bytes",
         "_handshake_timer",
@@ -98,11 +115,15 @@ class WebSocket(asyncio.Protocol):
         "_last_activity",
         "_parser",
         "_paused_reading",
+        "_pending_events",
         "_ping_timer",
         "_pong_timer",
         "_proxy_buffer",
         "_release_slot",
+        "_slice_scheduled",
+        "_slice_waiting",
         "app",
+        "auth",
         "client_ip",
         "compress_key",
         "conn",
@@ -135,6 +156,7 @@ class WebSocket(asyncio.Protocol):
         self.session: Session | None = None
         self.subprotocol: str | None = None
         self.identity: Any = None
+        self.auth: Any = None  # the app's `authenticate` result (broker.auth.Auth), if it has one
         self.compress_key: int | None = None  # window bits when this peer gets compressed frames
         self.write_paused = False
         self.on_writable: Callable[[], None] | None = None  # the transport drained
@@ -157,6 +179,13 @@ class WebSocket(asyncio.Protocol):
         # what this connection holds of it now.
         self._input_budget: Any = None
         self._held_input = 0
+        # Input not handled yet (see Fairness above).
+        self._backlog: bytes | None = None  # received bytes from _backlog_at on: not parsed
+        self._backlog_at = 0
+        self._pending_events: list[Any] | None = None  # parsed, not handled
+        self._slice_scheduled = False  # a _next_slice call is pending
+        self._slice_waiting = False  # _next_slice found another input hold: release resumes
+        self._eof_pending = False  # the peer's EOF came behind a backlog
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 
@@ -182,6 +211,9 @@ class WebSocket(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self.conn is not None:
+            if self._backlog is not None or self._pending_events is not None:
+                self._eof_pending = True  # handled after what came before it
+                return True  # keep the transport: the replies to the backlog go out first
             self._handle_events(self.conn.receive_data(b""))
         return None  # let the transport close itself
 
@@ -226,6 +258,9 @@ class WebSocket(asyncio.Protocol):
     def release_input(self, reason: str) -> None:
         held = self._input_holds
         held.discard(reason)
+        if self._slice_waiting and held <= {"slice"}:
+            self._slice_waiting = False
+            self._schedule_slice()
         transport = self.transport
         if not held and self._paused_reading and transport is not None:
             self._paused_reading = False
@@ -339,7 +374,11 @@ class WebSocket(asyncio.Protocol):
                 compression=s.compression,
                 max_window_bits=s.max_window_bits,
             )
-            self.identity = await app.authorize(request)
+            authenticate = getattr(app, "authenticate", None)
+            if authenticate is not None:  # a connection token first, then the app's hook
+                self.identity, self.auth = await authenticate(request)
+            else:
+                self.identity = await app.authorize(request)
         except HandshakeError as exc:
             self._refuse(exc)
             return
@@ -389,6 +428,66 @@ class WebSocket(asyncio.Protocol):
     # --- WebSocket phase ---------------------------------------------------------------------
 
     def _receive_ws(self, conn: Connection, data: bytes) -> None:
+        """Received bytes: parsed and handled a slice at a time (Fairness, above)."""
+        backlog = self._backlog
+        if backlog is not None:  # reading resumed (a close clears the holds): queue behind
+            self._backlog = backlog[self._backlog_at :] + data
+            self._backlog_at = 0
+            self.hold_input("slice")
+            return
+        self._feed_slice(conn, data)
+
+    def _schedule_slice(self) -> None:
+        if not self._slice_scheduled:
+            self._slice_scheduled = True
+            self.hold_input("slice")
+            self.loop.call_soon(self._next_slice)
+
+    def _next_slice(self) -> None:
+        self._slice_scheduled = False
+        conn, transport = self.conn, self.transport
+        if conn is None or transport is None or transport.is_closing():
+            self._backlog = self._pending_events = None
+            return
+        if self._input_holds - {"slice"}:
+            self._slice_waiting = True  # release_input schedules the next slice
+            return
+        try:
+            events, self._pending_events = self._pending_events, None
+            if events is not None:
+                self._handle_events(events)
+            elif self._backlog is not None:
+                data, at = self._backlog, self._backlog_at
+                self._backlog = None
+                self._feed_slice(conn, data[at:] if at else data)
+                return
+            self._after_slice()
+        except Exception:
+            log.exception("handling a slice of input failed")
+            self.abort()
+
+    def _resume_slices(self) -> None:
+        """The input holds were cleared (closing): go on with the backlog, where the peer's
+        close frame may be."""
+        if self._backlog is not None or self._pending_events is not None:
+            self._slice_waiting = False
+            self._schedule_slice()
+
+    def _after_slice(self) -> None:
+        if self._pending_events is not None or self._backlog is not None:
+            self._schedule_slice()
+            return
+        if "slice" in self._input_holds:
+            self.release_input("slice")
+        if self._eof_pending and self.conn is not None:
+            self._eof_pending = False
+            self._handle_events(self.conn.receive_data(b""))
+
+    def _feed_slice(self, conn: Connection, data: bytes) -> None:
+        limit = self.settings.read_slice_bytes
+        if len(data) > limit:
+            self._backlog, self._backlog_at = data, limit
+            data = data[:limit]
         events = conn.receive_data(data)
         budget = self._input_budget
         if budget is not None:
@@ -400,6 +499,7 @@ class WebSocket(asyncio.Protocol):
                 self._held_input = held
         if events:
             self._handle_events(events)
+        self._after_slice()
 
     def _over_input_budget(self, conn: Connection) -> None:
         """The worker holds all the partial input it may: this connection, whose input
@@ -417,9 +517,14 @@ class WebSocket(asyncio.Protocol):
         conn = self.conn
         transport = self.transport
         assert conn is not None
-        for event in events:
+        room = self.settings.read_slice_messages
+        for i, event in enumerate(events):
             kind = type(event)
             if kind is TextMessage or kind is BinaryMessage:
+                if not room:
+                    self._pending_events = events[i:]  # the next slice (Fairness, above)
+                    return
+                room -= 1
                 if session is not None and not self._failed:
                     try:
                         session.on_message(event.data)
@@ -435,6 +540,9 @@ class WebSocket(asyncio.Protocol):
                     self._pong_timer = None
             elif kind is CloseReceived:
                 if transport is not None:
+                    flush = getattr(session, "flush", None)
+                    if flush is not None:
+                        flush()  # what was queued before the peer's close leaves first
                     transport.write(conn.close_reply())
                 # Section 7.1.1: once the closing handshake is done, the server closes TCP.
                 self._end(flush=True)
@@ -444,7 +552,12 @@ class WebSocket(asyncio.Protocol):
                     transport.write(conn.fail_frame(event))
                 self._linger()
             elif kind is ConnectionLost:
-                self._end(flush=False)
+                # The peer's EOF (no close frame: 1006 for the session). It may still read:
+                # what was queued for it goes out, then the socket closes (as asyncio would).
+                flush = getattr(session, "flush", None)
+                if flush is not None:
+                    flush()
+                self._end(flush=True)
 
     def _session_failed(self) -> None:
         """The one place a session's unexpected error ends up: close 1011, this connection
@@ -480,6 +593,14 @@ class WebSocket(asyncio.Protocol):
         if conn is not None and conn.can_send and self.transport is not None:
             self.transport.write(frame)
 
+    def write_before_end(self, frames: bytes) -> None:
+        """Frames queued before the peer's close frame or EOF: written while our close
+        frame is not out, even though the stream has ended (the peer may still read)."""
+        conn, transport = self.conn, self.transport
+        if conn is not None and conn.close_sent is None and transport is not None:
+            if not transport.is_closing():
+                transport.write(frames)
+
     def close(self, code: int = errors.CLOSE_NORMAL, reason: str = "") -> None:
         """Start the closing handshake; the TCP connection is dropped after close_timeout_s."""
         conn = self.conn
@@ -499,6 +620,7 @@ class WebSocket(asyncio.Protocol):
             if self._paused_reading:
                 self._paused_reading = False
                 self.transport.resume_reading()
+            self._resume_slices()
             if self._close_timer is None:
                 self._close_timer = self._call_later(
                     self.settings.close_timeout_s, self._close_expired
@@ -533,6 +655,7 @@ class WebSocket(asyncio.Protocol):
         if self._paused_reading:
             self._paused_reading = False
             transport.resume_reading()
+        self._resume_slices()
         if transport.can_write_eof():
             transport.write_eof()
         self._close_timer = self._call_later(self.settings.close_timeout_s, self._close_expired)

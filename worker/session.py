@@ -10,6 +10,11 @@ the order decided here and in the hub; subscribing, recovering and repairing are
 job (worker/hub.py). Outcomes, in one place each:
 - a publish over the connection's token bucket (`publish_rate_per_s`, `publish_burst`) →
   an `error` with `rate_limited` and `retry_after` (seconds); never counted, never a close;
+- a request the topic rules or the connection token do not allow (broker/auth.py) → an
+  `error` with `forbidden`; never counted, never a close (see `_UNCOUNTED`);
+- a connection token near its `exp` → `{"op":"refresh"}` `token_refresh_margin_s` ahead; a
+  `refresh` request with a valid token for the same `sub` replaces the claims; none by
+  exp (+ `jwt_leeway_s`) → close 4001;
 - a request the protocol rejects → an `error` reply; more than `max_errors_per_window` of
   them within `error_window_s` → close 1008. Bus trouble (`unavailable`, `outcome_unknown`)
   is not the client's fault: it never counts toward that flood and never closes;
@@ -30,12 +35,13 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from broker import errors
+from broker import auth, errors
 from broker.bus import Published
 from broker.envelope import BusMessage
 from broker.errors import BusError, BusOutcomeUnknown, ClientError
 from broker.tasks import spawn
 from worker import wire
+from worker.dashboard import check_reserved_topic, presents_api_key
 from worker.outbox import Outbox
 
 if TYPE_CHECKING:
@@ -100,7 +106,11 @@ class ClientSession:
         "_error_times",
         "_inflight",
         "_queue",
+        "_token_timers",
+        "admin",
         "app",
+        "auth",
+        "browser",
         "codec",
         "id",
         "live",
@@ -133,6 +143,15 @@ class ClientSession:
         )
         ws.on_writable = self.outbox.writable
         self.topics: set[str] = set()
+        # The verified connection token (broker/auth.py; replaced by a `refresh`), and
+        # whether the upgrade came from a browser (it carried Origin): for the topic rules.
+        self.auth: auth.Auth = getattr(ws, "auth", None) or auth.ANONYMOUS
+        request = getattr(ws, "request", None)
+        self.browser = request is not None and request.header("Origin") is not None
+        self._token_timers: tuple[asyncio.TimerHandle, ...] = ()
+        # Presented the API key (`key` query parameter or the dashboard cookie): may
+        # subscribe to reserved `$sys.` topics (worker/dashboard.py).
+        self.admin = presents_api_key(s.api_key, getattr(ws, "request", None))
         self.live = True
         self._queue: deque[Any] | None = None
         self._error_times: deque[float] | None = None
@@ -157,6 +176,7 @@ class ClientSession:
                 },
             }
         )
+        self._schedule_token()
 
     @property
     def identity(self) -> Any:
@@ -186,6 +206,10 @@ class ClientSession:
         """Write what is queued, then close with `code`."""
         self.live = False
         self.outbox.close(code, reason)
+
+    def flush(self) -> None:
+        """The peer closed: what is queued for it leaves now, before the close reply."""
+        self.outbox.flush()
 
     @property
     def keeps_alive(self) -> bool:
@@ -225,13 +249,28 @@ class ClientSession:
             self._reply_error(exc.request_id, exc)
             return
         op = request.op
+        if request.topic is not None and request.topic.startswith(wire.SYS_PREFIX):
+            try:
+                check_reserved_topic(op, request.topic, self.admin)
+            except ClientError as exc:
+                self._reply_error(request.id, exc)
+                return
         if op == "publish" and self._bucket is not None:
             wait_s = self._bucket.take()
             if wait_s > 0:
                 self._rate_limited(request.id, wait_s)
                 return
+        if op in ("subscribe", "publish", "presence"):
+            assert request.topic is not None
+            denied = self._denied(op, request.topic)
+            if denied is not None:
+                self.app.stats.forbidden += 1
+                self._reply_error(request.id, ClientError(wire.FORBIDDEN, denied), counted=False)
+                return
         if op == "ping":
             self.send_control({"op": "pong", "id": request.id})
+        elif op == "refresh":
+            self._refresh(request)
         elif op == "unsubscribe":
             assert request.topic is not None
             if request.topic in self.topics:
@@ -254,7 +293,7 @@ class ClientSession:
             else:
                 await self._presence(request)
         except ClientError as exc:
-            self._reply_error(request.id, exc, counted=exc.code not in _BUS_CODES)
+            self._reply_error(request.id, exc, counted=exc.code not in _UNCOUNTED)
         queue, self._queue = self._queue, None
         while queue and self._queue is None and self.live:
             self._handle(queue.popleft())
@@ -428,6 +467,83 @@ class ClientSession:
             stats.error_flood_closes += 1
             self.close(errors.CLOSE_POLICY_VIOLATION, "too many errors")
 
+    # --- connection token and permissions (broker/auth.py) --------------------------------------
+
+    def _denied(self, action: str, topic: str) -> str | None:
+        """Why the topic rules and the token forbid `action` on `topic`; None: allowed."""
+        rule = self.app.settings.rule_for(topic)
+        return auth.permission(rule, self.auth, action, topic, browser=self.browser)
+
+    def _refresh(self, request: wire.Request) -> None:
+        """A `refresh` request: a new token for the same `sub` replaces the claims."""
+        verifier = getattr(self.app, "verifier", None)
+        if verifier is None:
+            self._reply_error(
+                request.id, ClientError(wire.NOT_ENABLED, "this server takes no tokens")
+            )
+            return
+        token = (request.options or {}).get("token", "")
+        try:
+            new = verifier.verify(token)
+        except auth.InvalidToken as exc:
+            if exc.status == 503:  # the JWKS is not loaded yet: our trouble, not the client's
+                error = ClientError(wire.UNAVAILABLE, exc.reason)
+                self._reply_error(request.id, error, counted=False)
+            else:
+                self._reply_error(request.id, ClientError(wire.UNAUTHORIZED, exc.reason))
+            return
+        if new.subject != self.auth.subject:
+            reason = "the new token is for another sub: connect again with it"
+            self._reply_error(request.id, ClientError(wire.UNAUTHORIZED, reason))
+            return
+        self.auth = new
+        self.app.stats.token_refreshes += 1
+        for topic in sorted(self.topics):  # a narrower token: leave what it no longer allows
+            denied = self._denied("subscribe", topic)
+            if denied is not None:
+                self._leave(topic)
+                reply = {"op": "error", "code": wire.FORBIDDEN, "topic": topic}
+                self.send_control({**reply, "reason": f"{denied}: unsubscribed"})
+        self._schedule_token()
+        fields = {} if new.expires_at is None else {"expires_in": self._expires_in()}
+        self._ack(request.id, **fields)
+
+    def _expires_in(self) -> float:
+        exp = self.auth.expires_at
+        return 0.0 if exp is None else round(max(exp - time.time(), 0.0), 1)
+
+    def _schedule_token(self) -> None:
+        """Timers for the token's exp: ask for a new one `token_refresh_margin_s` ahead,
+        close 4001 at exp + `jwt_leeway_s` (the leeway a connecting token gets too)."""
+        self._cancel_token_timers()
+        exp = self.auth.expires_at
+        if exp is None:
+            return
+        s = self.app.settings
+        until_exp = exp - time.time()
+        loop = asyncio.get_running_loop()
+        self._token_timers = (
+            loop.call_later(
+                max(until_exp - s.token_refresh_margin_s, 0.0), _guarded, self._ask_refresh
+            ),
+            loop.call_later(max(until_exp + s.jwt_leeway_s, 0.0), _guarded, self._token_expired),
+        )
+
+    def _cancel_token_timers(self) -> None:
+        for timer in self._token_timers:
+            timer.cancel()
+        self._token_timers = ()
+
+    def _ask_refresh(self) -> None:
+        if self.live:
+            self.send_control({"op": "refresh", "expires_in": self._expires_in()})
+
+    def _token_expired(self) -> None:
+        if self.live:
+            self.app.stats.token_expired_closes += 1
+            log.info("closing %s: token expired (4001)", self.id)
+            self.close(errors.CLOSE_TOKEN_EXPIRED, "token expired: get a new token, then reconnect")
+
     # --- draining and closing ----------------------------------------------------------------
 
     async def drain(self) -> None:
@@ -447,6 +563,7 @@ class ClientSession:
 
     def on_close(self, code: int, reason: str) -> None:
         self.live = False
+        self._cancel_token_timers()
         self.outbox.lost()
         self.app.stats.connections -= 1
         for task in list(self._inflight):
@@ -460,6 +577,21 @@ class ClientSession:
 
 
 _BUS_CODES = frozenset((wire.UNAVAILABLE, wire.OUTCOME_UNKNOWN))
+# Error replies that never count toward the error flood (`max_errors_per_window`): the bus'
+# trouble, and `forbidden`. A denial answers a well-formed request about a topic the client
+# may not use; a legitimate client meets it in bulk (resubscribing after a refresh narrowed
+# its claims, a stream of publishes to a read-only topic), and counting it would turn a
+# permission answer into a 1008 close after which the clients never reconnect. Answering one
+# costs no more than an ack, and publishes stay bounded by the rate limit checked first.
+_UNCOUNTED = _BUS_CODES | {wire.FORBIDDEN}
+
+
+def _guarded(callback: Callable[[], None]) -> None:
+    """A timer callback: what it raises is logged, never the loop's problem."""
+    try:
+        callback()
+    except Exception:
+        log.exception("session timer %s failed", getattr(callback, "__name__", callback))
 
 
 def _since(options: dict[str, Any] | None) -> tuple[int, str] | None:

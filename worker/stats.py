@@ -29,6 +29,10 @@ class WorkerStats:
     refused_per_ip: int = 0  # upgrades refused 429: max_connections_per_ip
     idle_closes: int = 0  # WebSockets closed 1008 "idle" (idle_timeout_s)
     partial_input_closes: int = 0  # closed 1013: max_partial_input_bytes_per_worker reached
+    tokens_refused: int = 0  # upgrades refused 401/503: a bad or missing connection token
+    token_refreshes: int = 0  # `refresh` requests that replaced a connection's token
+    token_expired_closes: int = 0  # closed 4001: no new token by exp
+    forbidden: int = 0  # requests refused with forbidden (topic rules, token claims)
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -36,7 +36,12 @@ NOT_ENABLED = "not_enabled"
 INTERNAL = "internal"
 RATE_LIMITED = "rate_limited"  # over publish_rate_per_s: retry after `retry_after` seconds
 
-_OPS = frozenset({"subscribe", "unsubscribe", "publish", "ping", "presence"})
+# Reserved topics: `$sys.` and the grammar after it, the broker's own (worker/dashboard.py
+# `check_reserved_topic` decides who may use them: no client publishes there).
+SYS_PREFIX = "$sys."
+UNAUTHORIZED = "unauthorized"  # a `refresh` token refused (the connection keeps its old one)
+
+_OPS = frozenset({"subscribe", "unsubscribe", "publish", "ping", "presence", "refresh"})
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack can carry
 
@@ -84,6 +89,16 @@ def check_data(data: Any, max_depth: int, *, finite: bool) -> None:
                 raise ClientError(
                     BAD_REQUEST, "NaN and infinite numbers cannot reach JSON subscribers"
                 )
+
+
+def check_client_topic(topic: Any, max_topic_bytes: int) -> str:
+    """A topic a request may name: the grammar (broker/topics.py), or a reserved topic,
+    `SYS_PREFIX` followed by the grammar; ClientError(bad_topic) otherwise."""
+    if isinstance(topic, str) and topic.startswith(SYS_PREFIX):
+        rest = topic[len(SYS_PREFIX) :]
+        check_topic(rest, max_topic_bytes - len(SYS_PREFIX))
+        return topic
+    return check_topic(topic, max_topic_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +172,12 @@ class WireCodec:
             raise ClientError(UNKNOWN_OP, f"unknown op {op!r}"[:120])
         if op == "ping":
             return Request("ping", None, req_id)
-        topic = check_topic(obj.get("topic"), self.max_topic_bytes)
+        if op == "refresh":  # a new connection token (docs/protocol.md, "Authentication")
+            token = obj.get("token")
+            if not isinstance(token, str) or not token:
+                raise ClientError(BAD_REQUEST, "refresh needs a token (a string)")
+            return Request("refresh", None, req_id, options={"token": token})
+        topic = check_client_topic(obj.get("topic"), self.max_topic_bytes)
         extra = {k: v for k, v in obj.items() if k not in ("op", "topic", "id", "data")} or None
         if op != "publish":
             return Request(op, topic, req_id, options=extra)

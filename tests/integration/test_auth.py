@@ -1,0 +1,293 @@
+"""Connection JWT and per-topic permissions against a real `redwire serve` and a real Redis.
+
+Independent clients (`websockets`, `aiohttp`), tokens made here with pyjwt:
+- a token in each of its three places (query, `Sec-WebSocket-Protocol` entry, Bearer)
+  gets a welcome, and the subprotocol selected is `redwire.json`, never the token entry;
+- no token, a forged one, an expired one: 401 before any session;
+- a token for `chat.a` used on `chat.b`: `forbidden` on subscribe and publish, and the
+  connection keeps working; topic rules (read-only topics, no browser publishing, topics
+  for tokens whose claim lists them) are `forbidden` too;
+- a token expiring mid-connection: the server asks (`refresh`); answered with a new token,
+  the connection outlives the old exp; not answered, it is closed 4001;
+- the application's on_connect hook runs after the token check and sees its claims.
+Short tokens (3 s) with generous waits on conditions: nothing asserts how long anything took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+import websockets
+from support.processes import ServerProcess, serve
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+SECRET = secrets.token_hex(32)
+OLD_SECRET = secrets.token_hex(32)
+LEEWAY_S = 0.5
+MARGIN_S = 1.5  # the server asks for a new token this long before exp
+SHORT_S = 3  # a short token's lifetime
+WAIT_S = 30.0  # generous: how long a condition may take on a busy machine
+
+HOOKS = """
+from broker.errors import ClientError
+
+
+class Hooks:
+    async def on_connect(self, request, auth):
+        return {"sub": auth.subject, "role": auth.claims.get("role")}
+
+    async def on_subscribe(self, session, topic):
+        if topic == "room.hooked":
+            raise ClientError("forbidden", "the hook says no")
+"""
+
+TOPICS = [
+    {"pattern": "room.*", "presence": True, "allow_presence": "authenticated"},
+    {"pattern": "ro.*", "allow_publish": "none"},
+    {"pattern": "web.*", "allow_browser_publish": False},
+    {"pattern": "strict.*", "allow_subscribe": "claim", "allow_publish": "claim"},
+]
+
+
+@pytest.fixture(scope="module")
+def broker(redis_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    root = tmp_path_factory.mktemp("auth")
+    secret_file = root / "jwt_secrets"
+    secret_file.write_text(f"{SECRET}\n{OLD_SECRET}\n")
+    (root / "auth_hooks.py").write_text(HOOKS)
+    server = serve(
+        redis_server.url,
+        workers=1,
+        env={
+            "PYTHONPATH": str(root),
+            "REDWIRE_APP": "auth_hooks:Hooks",
+            "REDWIRE_JWT_SECRET_FILE": str(secret_file),
+            "REDWIRE_JWT_AUDIENCE": "redwire-tests",
+            "REDWIRE_JWT_LEEWAY_S": str(LEEWAY_S),
+            "REDWIRE_TOKEN_REFRESH_MARGIN_S": str(MARGIN_S),
+            "REDWIRE_TOPICS": json.dumps(TOPICS),
+            "REDWIRE_CHANNEL_PREFIX": "auth-tests:",
+        },
+    )
+    yield server
+    assert server.stop() == 0
+    output = "".join(server.output)
+    assert SECRET not in output and OLD_SECRET not in output, "a secret reached the log"
+    assert "Traceback" not in output
+
+
+def token(sub: str = "alice", *, ttl_s: float = 600, secret: str = SECRET, **claims: Any) -> str:
+    now = time.time()
+    payload = {"sub": sub, "aud": "redwire-tests", "iat": int(now), "exp": int(now + ttl_s)}
+    payload.update(claims)
+    return jwt.encode(payload, secret, algorithm="HS256")
+
+
+class Peer:
+    """One `websockets` connection speaking the JSON protocol, with request ids."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.ids = iter(range(1, 1_000_000))
+        self.frames: list[dict[str, Any]] = []  # frames read while waiting for others
+
+    async def recv(self) -> dict[str, Any]:
+        if self.frames:
+            return self.frames.pop(0)
+        return json.loads(await asyncio.wait_for(self.ws.recv(), WAIT_S))
+
+    async def wait_for(self, **match: Any) -> dict[str, Any]:
+        """The first frame whose fields include `match` (others are kept for later)."""
+        for i, frame in enumerate(self.frames):
+            if all(frame.get(k) == v for k, v in match.items()):
+                return self.frames.pop(i)
+        kept: list[dict[str, Any]] = []
+        try:
+            while True:
+                frame = json.loads(await asyncio.wait_for(self.ws.recv(), WAIT_S))
+                if all(frame.get(k) == v for k, v in match.items()):
+                    return frame
+                kept.append(frame)
+        finally:
+            self.frames.extend(kept)
+
+    async def request(self, **fields: Any) -> dict[str, Any]:
+        req_id = next(self.ids)
+        await self.ws.send(json.dumps({**fields, "id": req_id}))
+        return await self.wait_for(id=req_id)
+
+
+async def open_peer(broker: ServerProcess, tok: str | None, **kwargs: Any) -> Peer:
+    url = f"{broker.url}/ws" + (f"?token={tok}" if tok else "")
+    ws = await websockets.connect(url, subprotocols=["redwire.json"], **kwargs)
+    peer = Peer(ws)
+    welcome = await peer.recv()
+    assert welcome["op"] == "welcome", welcome
+    return peer
+
+
+# --- where the token travels ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("place", ["query", "subprotocol", "bearer"])
+async def test_a_token_in_each_place(broker: ServerProcess, place: str) -> None:
+    tok = token()
+    url, kwargs = f"{broker.url}/ws", {}
+    protocols = ["redwire.json"]
+    if place == "query":
+        url += f"?token={tok}"
+    elif place == "subprotocol":
+        protocols.append(f"redwire.token.{tok}")
+    else:
+        kwargs["additional_headers"] = {"Authorization": f"Bearer {tok}"}
+    async with websockets.connect(url, subprotocols=protocols, **kwargs) as ws:
+        assert ws.subprotocol == "redwire.json"  # the token entry is never selected
+        peer = Peer(ws)
+        assert (await peer.recv())["op"] == "welcome"
+        assert (await peer.request(op="subscribe", topic="room.lobby"))["op"] == "ack"
+        reply = await peer.request(op="presence", topic="room.lobby")
+        infos = [c["identity"] for c in reply["clients"].values()]
+        assert {"sub": "alice", "role": None} in infos  # the hook saw the verified claims
+
+
+REFUSED = [
+    ("no token", None),
+    ("forged", lambda: token()[:-4] + "AAAA"),
+    ("unknown secret", lambda: token(secret=secrets.token_hex(32))),
+    ("expired", lambda: token(ttl_s=-60)),
+    ("wrong audience", lambda: token(aud="someone-else")),
+]
+
+
+@pytest.mark.parametrize(("name", "make"), REFUSED, ids=[r[0] for r in REFUSED])
+async def test_refused_at_connect_with_401(broker: ServerProcess, name: str, make: Any) -> None:
+    tok = make() if make else None
+    url = f"{broker.url}/ws" + (f"?token={tok}" if tok else "")
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await http.ws_connect(url, protocols=["redwire.json"])
+    assert info.value.status == 401
+    with pytest.raises(InvalidStatus) as refused:
+        await websockets.connect(url)
+    response = refused.value.response
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert SECRET not in response.body.decode()
+
+
+async def test_the_rotated_secret_still_verifies(broker: ServerProcess) -> None:
+    peer = await open_peer(broker, token(secret=OLD_SECRET))
+    assert (await peer.request(op="ping"))["op"] == "pong"
+    await peer.ws.close()
+
+
+# --- permissions ------------------------------------------------------------------------------
+
+
+async def test_a_token_for_chat_a_used_on_chat_b(broker: ServerProcess) -> None:
+    peer = await open_peer(broker, token(subs=["chat.a"], pubs=["chat.a"]))
+    for op in ("subscribe", "publish"):
+        denied = await peer.request(op=op, topic="chat.b", data={"x": 1})
+        assert denied["op"] == "error" and denied["code"] == "forbidden", denied
+    # Denials are answers, not a close, and not an error flood (far more than 20 of them).
+    for _ in range(30):
+        denied = await peer.request(op="publish", topic="chat.b", data=1)
+        assert denied["code"] == "forbidden"
+    assert (await peer.request(op="subscribe", topic="chat.a"))["op"] == "ack"
+    assert (await peer.request(op="publish", topic="chat.a", data={"n": 1}))["op"] == "ack"
+    message = await peer.wait_for(op="message", topic="chat.a")
+    assert message["data"] == {"n": 1}
+    await peer.ws.close()
+
+
+RULE_CASES = [
+    # (what, claims, op, topic, origin?, allowed)
+    ("read-only topic: subscribe", {}, "subscribe", "ro.news", False, True),
+    ("read-only topic: publish", {}, "publish", "ro.news", False, False),
+    ("no browser publishing: not a browser", {}, "publish", "web.feed", False, True),
+    ("no browser publishing: a browser", {}, "publish", "web.feed", True, False),
+    ("a browser may subscribe", {}, "subscribe", "web.feed", True, True),
+    ("claim needed, none", {}, "subscribe", "strict.x", False, False),
+    ("claim needed, listed", {"subs": ["strict.*"]}, "subscribe", "strict.x", False, True),
+    ("claim needed for publish", {"subs": ["strict.*"]}, "publish", "strict.x", False, False),
+    ("the hook narrows it", {}, "subscribe", "room.hooked", False, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "claims", "op", "topic", "browser", "allowed"),
+    RULE_CASES,
+    ids=[c[0] for c in RULE_CASES],
+)
+async def test_topic_rules(
+    broker: ServerProcess,
+    what: str,
+    claims: dict[str, Any],
+    op: str,
+    topic: str,
+    browser: bool,
+    allowed: bool,
+) -> None:
+    kwargs = {"origin": f"http://{broker.host}:{broker.port}"} if browser else {}
+    peer = await open_peer(broker, token(**claims), **kwargs)
+    reply = await peer.request(op=op, topic=topic, data=1)
+    if allowed:
+        assert reply["op"] == "ack", reply
+    else:
+        assert reply["op"] == "error" and reply["code"] == "forbidden", reply
+        assert (await peer.request(op="ping"))["op"] == "pong"  # still open
+    await peer.ws.close()
+
+
+# --- expiry during the connection -------------------------------------------------------------
+
+
+async def test_refreshed_before_exp_stays_open(broker: ServerProcess) -> None:
+    first = token(ttl_s=SHORT_S, subs=["chat.*"])
+    old_exp = jwt.decode(first, options={"verify_signature": False})["exp"]
+    peer = await open_peer(broker, first)
+    assert (await peer.request(op="subscribe", topic="chat.r"))["op"] == "ack"
+    asked = await peer.wait_for(op="refresh")
+    assert asked["expires_in"] <= SHORT_S
+    # Another sub is refused; the connection keeps its token.
+    other = await peer.request(op="refresh", token=token("mallory"))
+    assert other["op"] == "error" and other["code"] == "unauthorized", other
+    ack = await peer.request(op="refresh", token=token(ttl_s=600, subs=["chat.*"]))
+    assert ack["op"] == "ack" and ack["expires_in"] > SHORT_S, ack
+    # Past the old token's exp (and leeway), the connection still works.
+    while time.time() < old_exp + LEEWAY_S + 1:
+        assert (await peer.request(op="ping"))["op"] == "pong"
+        await asyncio.sleep(0.2)  # pace the pings while the old exp passes
+    assert (await peer.request(op="publish", topic="chat.r", data="after"))["op"] == "ack"
+    assert (await peer.wait_for(op="message", topic="chat.r"))["data"] == "after"
+    await peer.ws.close()
+
+
+async def test_a_narrower_token_leaves_what_it_no_longer_allows(broker: ServerProcess) -> None:
+    peer = await open_peer(broker, token(subs=["chat.*"]))
+    assert (await peer.request(op="subscribe", topic="chat.x"))["op"] == "ack"
+    assert (await peer.request(op="subscribe", topic="chat.y"))["op"] == "ack"
+    assert (await peer.request(op="refresh", token=token(subs=["chat.x"])))["op"] == "ack"
+    dropped = await peer.wait_for(op="error", topic="chat.y")
+    assert dropped["code"] == "forbidden"
+    assert (await peer.request(op="publish", topic="chat.x", data=1))["op"] == "ack"
+    await peer.ws.close()
+
+
+async def test_not_refreshed_is_closed_4001(broker: ServerProcess) -> None:
+    peer = await open_peer(broker, token(ttl_s=SHORT_S))
+    assert (await peer.wait_for(op="refresh"))["op"] == "refresh"
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await asyncio.wait_for(peer.ws.recv(), WAIT_S)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 4001
+    assert "new token" in closed.value.rcvd.reason
