@@ -22,6 +22,12 @@ history. Nothing is swallowed:
   `PublishOutcomeUnknown` (it may have happened: retry only with the same `key`). A publish
   with a `key` is re-sent with that key after a lost connection, an `unavailable` or an
   `outcome_unknown` reply, until `request_timeout_s` has passed;
+- a connection token (`token`: a string, or a function returning one, sync or async) is
+  sent with every connection attempt (`token` query parameter, or `Authorization: Bearer`
+  with `token_transport="header"`); a provider is asked again for each attempt, and when
+  the server asks (`{"op":"refresh"}`, docs/protocol.md "Authentication") the client sends
+  it a new one by itself. A close 4001 (token expired) reconnects with a fresh token from
+  the provider; with a fixed string it ends the client (the token cannot get any newer);
 - every buffer is bounded: a subscription holds at most `max_queue` items; when one is full
   the client stops reading the socket (the server sees a slow consumer: it may close 1013,
   and the client reconnects and recovers), at most `max_in_flight` requests wait for replies.
@@ -38,13 +44,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import json
 import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from ssl import SSLContext
 from types import MappingProxyType
@@ -60,11 +67,14 @@ from client.ws import connect as ws_connect
 
 log = logging.getLogger("redwire.client")
 
-ReconnectPolicy = Literal["never", "now", "backoff"]
+ReconnectPolicy = Literal["never", "now", "backoff", "refresh"]
+#: A connection token: the token itself, or a function (sync or async) returning a fresh one.
+TokenSource = str | Callable[[], str | Awaitable[str]]
 
 #: What a client does after the server closed with a code (docs/protocol.md, "Close
 #: codes"); redwire.js exports the same table as `CLOSE_CODE_POLICY`. Codes not listed
-#: (1006: no close frame, 1005, 4xxx, ...) back off.
+#: (1006: no close frame, 1005, other 4xxx, ...) back off. "refresh": get a new token from
+#: the token provider, then reconnect (without a provider: stop, as "never").
 CLOSE_CODE_POLICY: Mapping[int, ReconnectPolicy] = MappingProxyType(
     {
         1000: "never",  # normal closure
@@ -78,6 +88,7 @@ CLOSE_CODE_POLICY: Mapping[int, ReconnectPolicy] = MappingProxyType(
         1011: "backoff",  # server error
         1012: "backoff",  # service restart
         1013: "backoff",  # slow consumer / try again later
+        errors.CLOSE_TOKEN_EXPIRED: "refresh",  # 4001: refresh the token, then reconnect
     }
 )
 
@@ -215,7 +226,7 @@ class PubSubClient:
         self,
         url: str,
         *,
-        token: str | None,
+        token: TokenSource | None,
         encoding: str,
         reconnect: bool,
         min_delay_s: float,
@@ -225,12 +236,21 @@ class PubSubClient:
         max_queue: int = 1000,
         max_in_flight: int = 1000,
         ssl: SSLContext | None = None,
+        token_transport: str = "query",
     ) -> None:
         if encoding not in ("json", "msgpack"):
             raise ValueError("encoding must be 'json' or 'msgpack'")
         if max_queue < 1 or max_in_flight < 1:
             raise ValueError("max_queue and max_in_flight must be >= 1")
-        self.url = _with_token(url, token)
+        if token_transport not in ("query", "header"):
+            raise ValueError("token_transport must be 'query' or 'header'")
+        if token is not None and not isinstance(token, str) and not callable(token):
+            raise TypeError("token must be a string or a function returning one")
+        self.url = url
+        self.token = token
+        self.token_transport = token_transport
+        self.token_refreshes = 0  # tokens sent in answer to the server's refresh requests
+        self._refreshing: asyncio.Task[None] | None = None
         self.binary = encoding == "msgpack"
         self.reconnect = reconnect
         self.min_delay_s = min_delay_s
@@ -264,8 +284,23 @@ class PubSubClient:
 
     async def _connect_once(self) -> None:
         protocol = "redwire.msgpack" if self.binary else "redwire.json"
+        url, headers = self.url, []
+        try:
+            token = await self._token()
+        except Exception as exc:  # the application's provider: retried like a failed connect
+            raise ClientError(
+                "token_unavailable", f"the token provider failed: {exc!r:.200}"
+            ) from exc
+        if token is not None and self.token_transport == "header":
+            headers.append(("Authorization", f"Bearer {token}"))
+        elif token is not None:
+            url = _with_token(url, token)
         ws = await ws_connect(
-            self.url, subprotocols=[protocol], max_queue=self.max_queue, ssl=self.ssl
+            url,
+            subprotocols=[protocol],
+            max_queue=self.max_queue,
+            ssl=self.ssl,
+            extra_headers=headers,
         )
         try:
             welcome = self._decode(await ws.recv(timeout_s=self.request_timeout_s))
@@ -340,6 +375,8 @@ class PubSubClient:
                     break
                 self._set_state("disconnected", code)
                 policy = reconnect_policy(code)
+                if policy == "refresh" and not callable(self.token):
+                    policy = "never"  # a fixed token cannot get any newer
                 if not self.reconnect or policy == "never":
                     error = ConnectionClosedError(code, ws.close_reason)
                     self._end_everything(error, by_application=False)
@@ -348,6 +385,9 @@ class PubSubClient:
                 if policy == "now":
                     attempt = 0  # a draining server: another worker takes us at once
                     delay = 0.0
+                elif policy == "refresh":  # at once with a fresh token; backoff if it recurs
+                    delay = 0.0 if attempt == 0 else self._backoff(attempt)
+                    attempt += 1
                 else:
                     delay = self._backoff(attempt)
                     attempt += 1
@@ -410,6 +450,8 @@ class PubSubClient:
             op = frame.get("op")
             if op == "message":
                 await self._on_message(frame)
+            elif op == "refresh":
+                self._start_refresh(ws)
             elif op == "gap":
                 await self._on_gap(frame)
             elif op in ("ack", "error", "pong"):
@@ -422,6 +464,43 @@ class PubSubClient:
                     await self._on_subscribed(pending, frame)
                 if not pending.waiter.done():
                     pending.waiter.set_result(frame)
+
+    # --- connection tokens -----------------------------------------------------------------------
+
+    async def _token(self) -> str | None:
+        """The token for a connection attempt or a refresh: the fixed one, or the provider's."""
+        source = self.token
+        if source is None or isinstance(source, str):
+            return source
+        value = source()
+        if inspect.isawaitable(value):
+            value = await value
+        if not isinstance(value, str):
+            raise TypeError(f"the token provider returned {type(value).__name__}, not a string")
+        return value
+
+    def _start_refresh(self, ws: WebSocketClient) -> None:
+        """The server asked for a new token: send one (in the background, so frames keep
+        flowing), once at a time."""
+        if not callable(self.token):
+            log.warning("the server asks for a new token, but the client has a fixed one")
+            return
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh(ws))
+
+    async def _refresh(self, ws: WebSocketClient) -> None:
+        try:
+            token = await self._token()
+            pending = self._send_request({"op": "refresh", "token": token}, ws)
+            await ws.drain()
+            await self._await_reply(pending, self.request_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the server closes 4001 at exp; we reconnect from there
+            self.last_error = exc
+            log.warning("token refresh failed: %s", exc)
+            return
+        self.token_refreshes += 1
 
     async def _on_message(self, frame: dict[str, Any]) -> None:
         topic = frame.get("topic", "")
@@ -647,7 +726,7 @@ class PubSubClient:
         ws = self._ws
         if ws is not None:
             await ws.close()
-        for task in (self._runner, self._reader):
+        for task in (self._runner, self._reader, self._refreshing):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -679,7 +758,8 @@ def _with_token(url: str, token: str | None) -> str:
 async def connect(
     url: str,
     *,
-    token: str | None = None,
+    token: TokenSource | None = None,
+    token_transport: str = "query",
     encoding: str = "json",
     reconnect: bool = True,
     min_delay_s: float = 0.1,
@@ -694,10 +774,14 @@ async def connect(
 
     `max_queue`: items a subscription holds before the client stops reading the socket;
     `max_in_flight`: requests waiting for a reply at once (more wait for room); `ssl`: for a
-    wss:// URL, the context that checks the server's certificate (None: the system's CAs)."""
+    wss:// URL, the context that checks the server's certificate (None: the system's CAs);
+    `token`: a connection token, or a function (sync or async) returning a fresh one, asked
+    at every connection attempt and whenever the server asks for a refresh;
+    `token_transport`: "query" (the `token` query parameter) or "header" (Bearer)."""
     client = PubSubClient(
         url,
         token=token,
+        token_transport=token_transport,
         encoding=encoding,
         reconnect=reconnect,
         min_delay_s=min_delay_s,

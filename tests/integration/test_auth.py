@@ -9,7 +9,9 @@ Independent clients (`websockets`, `aiohttp`), tokens made here with pyjwt:
   for tokens whose claim lists them) are `forbidden` too;
 - a token expiring mid-connection: the server asks (`refresh`); answered with a new token,
   the connection outlives the old exp; not answered, it is closed 4001;
-- the application's on_connect hook runs after the token check and sees its claims.
+- the application's on_connect hook runs after the token check and sees its claims;
+- the Python client answers the server's refresh requests from its token provider, and
+  with a fixed token ends at the 4001 close.
 Short tokens (3 s) with generous waits on conditions: nothing asserts how long anything took.
 """
 
@@ -27,7 +29,12 @@ import jwt
 import pytest
 import websockets
 from support.processes import ServerProcess, serve
+from support.waiting import eventually
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from broker.errors import ClientError, ConnectionClosedError
+from client import connect
+from client.subscriber import Message
 
 SECRET = secrets.token_hex(32)
 OLD_SECRET = secrets.token_hex(32)
@@ -291,3 +298,46 @@ async def test_not_refreshed_is_closed_4001(broker: ServerProcess) -> None:
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == 4001
     assert "new token" in closed.value.rcvd.reason
+
+
+# --- the Python client ------------------------------------------------------------------------
+
+
+async def test_the_python_client_refreshes_through_its_provider(broker: ServerProcess) -> None:
+    asked: list[str] = []
+
+    async def provider() -> str:
+        asked.append(token(ttl_s=SHORT_S, subs=["py.*"], pubs=["py.*"]))
+        return asked[-1]
+
+    rw = await connect(f"{broker.url}/ws", token=provider, token_transport="header")
+    try:
+        sub = await rw.subscribe("py.t")
+
+        async def refreshed_past_the_first_exp() -> bool:
+            first_exp = jwt.decode(asked[0], options={"verify_signature": False})["exp"]
+            return rw.token_refreshes >= 2 and time.time() > first_exp + LEEWAY_S
+
+        await eventually(refreshed_past_the_first_exp, timeout_s=WAIT_S)
+        assert rw.disconnects == 0  # the same connection all along
+        await rw.publish("py.t", {"still": "here"})
+        message = await sub.get(timeout_s=WAIT_S)
+        assert isinstance(message, Message) and message.data == {"still": "here"}
+        with pytest.raises(ClientError) as denied:
+            await rw.publish("other.t", 1)
+        assert denied.value.code == "forbidden"
+    finally:
+        await rw.close()
+
+
+async def test_the_python_client_with_a_fixed_token_stops_at_4001(broker: ServerProcess) -> None:
+    rw = await connect(f"{broker.url}/ws", token=token(ttl_s=SHORT_S))
+    try:
+        sub = await rw.subscribe("py.fixed")
+        with pytest.raises(ConnectionClosedError) as closed:
+            while True:
+                await sub.get(timeout_s=WAIT_S)
+        assert closed.value.code == 4001
+        assert rw.state == "closed" and rw.last_close_code == 4001
+    finally:
+        await rw.close()

@@ -51,6 +51,7 @@ CLOSE_CODE_TABLE = {
     1013: "backoff",
     1005: "backoff",
     4000: "backoff",
+    4001: "refresh",  # token expired: a new token from the provider, then reconnect
 }
 
 
