@@ -4,6 +4,7 @@ GET  /            the demo page            GET /healthz   200 or 503, JSON
 GET  /redwire.js  the browser client       GET /metrics   Prometheus exposition (built in a
                                                           thread; 404 here with metrics_listen:
                                                           worker/metrics_listener.py serves it)
+GET  /dashboard   the live dashboard (worker/dashboard.py: with the API key only; 404 without one)
 POST /publish     {"topic": T, "data": D} with `Authorization: Bearer <api_key>`
                   (disabled, 404, when no api_key is set); every refusal of it is JSON,
                   `{"error": code, "reason": text}` (`publish_error`, docs/protocol.md)
@@ -16,7 +17,6 @@ route sees it; a path that resolves outside `static_dir` is a 404. Every respons
 
 from __future__ import annotations
 
-import hmac
 import json
 import mimetypes
 import os
@@ -30,7 +30,7 @@ from urllib.parse import unquote_to_bytes
 from broker.envelope import ENCODING_JSON, BusMessage
 from broker.errors import BusError, ClientError
 from broker.handshake import HandshakeError, Request, error_response, http_response
-from worker import wire
+from worker import dashboard, wire
 from worker.session import bus_error
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ def _json(status: int, obj: object) -> bytes:
 PUBLISH_ERROR_CODES = {
     400: wire.BAD_REQUEST,
     401: "unauthorized",
+    403: wire.FORBIDDEN,
     404: "disabled",
     405: "method_not_allowed",
     413: wire.TOO_LARGE,
@@ -116,6 +117,9 @@ async def handle(app: BrokerApp, request: Request) -> bytes:
     if path == "/metrics" and app.settings.metrics_listen is None:
         text, content_type = await app.metrics.render_async()
         response = http_response(200, text, content_type=content_type)
+    elif path == "/dashboard":  # needs the query and cookies: not one of the _get paths
+        html = _asset("worker", "static", "dashboard.html")
+        response = dashboard.page(app.settings, request, html)
     else:
         response = _get(app, path, decoded)
     if method == "HEAD":
@@ -130,6 +134,8 @@ _ASSETS = {
     "/demo.js": ("worker", ("static", "demo.js"), "text/javascript; charset=utf-8"),
     "/demo.css": ("worker", ("static", "demo.css"), "text/css; charset=utf-8"),
     "/favicon.ico": ("worker", ("static", "favicon.ico"), "image/x-icon"),
+    "/dashboard.js": ("worker", ("static", "dashboard.js"), "text/javascript; charset=utf-8"),
+    "/dashboard.css": ("worker", ("static", "dashboard.css"), "text/css; charset=utf-8"),
     "/": ("worker", ("static", "index.html"), "text/html; charset=utf-8"),
 }
 _PAGE_HEADERS = [
@@ -185,7 +191,7 @@ async def _publish(app: BrokerApp, request: Request) -> bytes:
         return publish_error(404, "POST /publish needs an api_key", "disabled")
     auth = request.header("authorization") or ""
     given = auth[7:] if auth.lower().startswith("bearer ") else request.header("x-api-key") or ""
-    if not hmac.compare_digest(given.encode(), key.encode()):
+    if not dashboard.api_key_matches(key, given):
         return publish_error(401, "missing or wrong API key", "unauthorized")
     try:
         body = wire.loads_json(request.body)  # 64-bit integers, no NaN: as WebSocket publishes
@@ -200,11 +206,12 @@ async def _publish(app: BrokerApp, request: Request) -> bytes:
         max_data_depth=app.settings.max_data_depth,
     )
     try:
-        topic = wire.check_topic(body.get("topic"), app.settings.max_topic_bytes)
+        topic = wire.check_client_topic(body.get("topic"), app.settings.max_topic_bytes)
+        dashboard.check_reserved_topic("publish", topic, admin=True)
         wire.check_data(body["data"], app.settings.max_data_depth, finite=False)
         payload = codec.encode_data(body["data"])
     except ClientError as exc:
-        status = 413 if exc.code == wire.TOO_LARGE else 400
+        status = {wire.TOO_LARGE: 413, wire.FORBIDDEN: 403}.get(exc.code, 400)
         return publish_error(status, exc.reason, exc.code)
     key = body.get("key")
     if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 64):

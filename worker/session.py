@@ -252,8 +252,9 @@ class ClientSession:
         if request.topic is not None and request.topic.startswith(wire.SYS_PREFIX):
             try:
                 check_reserved_topic(op, request.topic, self.admin)
-            except ClientError as exc:
-                self._reply_error(request.id, exc)
+            except ClientError as exc:  # forbidden: as the auth rules below, never counted
+                self.app.stats.forbidden += 1
+                self._reply_error(request.id, exc, counted=False)
                 return
         if op == "publish" and self._bucket is not None:
             wait_s = self._bucket.take()
