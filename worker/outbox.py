@@ -29,7 +29,8 @@ writable again: a history replay waits on it between chunks, so a recovering cli
 its replay as fast as it reads it, and its memory stays bounded, however long the replay.
 
 Closing. `close(code)` (drain, error flood, internal error) writes what is queued first,
-then the close frame; after any close nothing more is queued.
+then the close frame; after any close nothing more is queued. When the peer closes first,
+`flush()` writes what is queued before the protocol writes the close reply.
 """
 
 from __future__ import annotations
@@ -122,6 +123,15 @@ class Outbox:
             self.ws.write_frame(b"".join(frames))
         self._drop()
         self.ws.close(code, reason)
+
+    def flush(self) -> None:
+        """Write everything queued now, past the high water mark (the peer sent its close
+        frame: our close reply follows what we had queued, and nothing comes after it)."""
+        frames = self.frames
+        if frames and not self.closed:
+            self.ws.write_before_end(b"".join(frames))
+            self.frames = []
+            self.bytes = 0
 
     def lost(self) -> None:
         """The connection is gone: forget the backlog."""
