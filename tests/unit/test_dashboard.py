@@ -241,3 +241,18 @@ async def test_a_worker_with_a_key_publishes_snapshots_and_one_without_does_not(
         await app.stop()
     plain = BrokerApp(Settings(redis_url="memory://"), worker_id="4", bus=MemoryBus("w4"))
     assert plain.dashboard is None
+
+
+async def test_a_snapshot_the_bus_refuses_goes_to_the_workers_own_subscribers() -> None:
+    app = BrokerApp(
+        Settings(redis_url="memory://", api_key=KEY), worker_id="5", bus=MemoryBus("w5")
+    )
+    assert app.dashboard is not None
+    await app.start()
+    await app.stop()  # the bus is closed now: every publish is BusUnavailable
+    local: list[BusMessage] = []
+    app.hub.deliver = local.extend  # type: ignore[method-assign]  # where it lands
+    await app.dashboard.publish_once()
+    assert [m.topic for m in local] == [dashboard.STATS_TOPIC]
+    assert json.loads(local[0].payload)["worker"] == "5"
+    assert app.dashboard.rtt_s is None
