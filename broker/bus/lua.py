@@ -222,8 +222,9 @@ return 1
 # for each: HDEL inside the script, so only one caller ever announces one entry).
 # Returns {removed, {client, value, ...}} (the live entries when `list` is '1').
 #
-# The worker keys are not in KEYS: the one script that reaches outside its topic's slot
-# (Redis Cluster would need the worker keys hash-tagged with the topic).
+# The worker keys are not in KEYS. On one Redis they are outside the topic's slot; on a
+# Cluster the prefix is `P{T}:w:`, so they are in the topic's slot (Redis allows a script
+# keys it did not declare when they are in the slot of those it did).
 PRESENCE_LIST = Script(
     "presence_list",
     (

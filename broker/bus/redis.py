@@ -54,8 +54,8 @@ Theory of operation.
   script too (SET NX of the key, then PUBLISH).
 
 History, offsets and epochs (topics whose rule has `history_size > 0`). Keys are hash-tagged
-with the topic, so a Redis Cluster would keep one topic's keys in one slot (P is
-`channel_prefix`, T the topic):
+with the topic, so a Redis Cluster keeps one topic's keys in one slot (P is
+`channel_prefix`, T the topic; broker/bus/redis_cluster.py reuses this class per master):
     P{T}:m      hash: `o` last offset, `e` epoch (16 hex chars), `r` the replication id
                 of the epoch's last write. No expiry without `history_ttl_s`; with it,
                 expires max(10 x ttl, 3600 s) after the last publish.
@@ -87,8 +87,8 @@ presence_ttl_s) each bus sweeps its presence topics (subscribed, or holding its 
 same way; the HDEL inside the script makes exactly one sweeper announce each removal. On
 join_leave topics the scripts publish `b"P" + json({"k": "join"|"leave", "c": client, "i":
 info})` on the topic's channel, delivered in order with its messages through `on_presence`.
-(The sweep script reads worker keys outside the topic's slot: a Cluster would need them
-hash-tagged.)
+(The sweep script reads worker keys outside the topic's slot here; the Cluster bus,
+broker/bus/redis_cluster.py, keeps one worker key per topic in the topic's slot instead.)
 
 Needs Redis >= 6.2 (XTRIM MINID, SET ... GET); scripts use TIME, so effects replication
 (the default since Redis 5, the only kind since 7).

@@ -231,7 +231,7 @@ class _ShardBus(RedisBus):
 
             raise RedisConnectionError("the probe channel's slot moved away")
         log.info("bus: %s dropped %r (slot moved); re-routing", self.addr, channel)
-        self.cluster.refresh_soon(self.addr)
+        self.cluster.dropped(self.addr)
 
     def release(self, topics: Collection[str]) -> None:
         """Drop `topics` from the session now (their slot moved to another shard)."""
@@ -336,6 +336,7 @@ class RedisClusterBus(Bus):
         self._bound_s = (
             settings.bus_publish_timeout_s + settings.bus_connect_timeout_s + 1.0
         )  # as one RedisBus publish
+        self._dropped = False  # a node dropped a subscription since the last re-route
         self.refreshes = 0
         self.redirects = 0
 
@@ -384,13 +385,21 @@ class RedisClusterBus(Bus):
                     if asking not in self._shards:
                         await self.refresh(exc.addr)
                 elif exc.kind == "MOVED":
-                    await self.refresh(exc.addr)
+                    with contextlib.suppress(TimeoutError):  # the refresh goes on (shielded)
+                        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                            await self.refresh(exc.addr)
                 else:
                     await asyncio.sleep(_RETRY_PAUSE_S)
             finally:
                 ASKING.reset(token)
 
     # --- topology ------------------------------------------------------------------------
+
+    def dropped(self, addr: str) -> None:
+        """A node dropped one of our subscriptions: refresh, and re-route even if the map
+        looks the same (the topic is then subscribed again where it is)."""
+        self._dropped = True
+        self.refresh_soon(addr)
 
     def refresh_soon(self, hint: str | None = None) -> None:
         """Refresh the slot map in the background (coalesced)."""
@@ -409,11 +418,18 @@ class RedisClusterBus(Bus):
         return await asyncio.shield(task)
 
     async def _refresh_loop(self, hint: str | None) -> bool:
-        ok = await self._refresh_once(hint)
+        ok = await self._refresh_guarded(hint)
         while self._refresh_again is not None and self._running:
             hint, self._refresh_again = self._refresh_again or None, None
-            ok = await self._refresh_once(hint)
+            ok = await self._refresh_guarded(hint)
         return ok
+
+    async def _refresh_guarded(self, hint: str | None) -> bool:
+        try:
+            return await self._refresh_once(hint)
+        except Exception:  # a bug, or a reply we do not understand: keep the old map
+            log.exception("bus: Redis Cluster refresh failed")
+            return False
 
     async def _refresh_once(self, hint: str | None) -> bool:
         self.refreshes += 1
@@ -454,7 +470,9 @@ class RedisClusterBus(Bus):
             shard._publisher.trust_extra = self.trust
         if changed:
             log.info("bus: Redis Cluster slot map: %d masters", len(new_map.masters))
-        self._reroute(gone)
+        if changed or gone or self._dropped:
+            self._dropped = False
+            self._reroute(gone)
         if fresh:
             await asyncio.gather(*(shard.start() for shard in fresh))
             self._reroute(())
