@@ -20,7 +20,7 @@ from broker.handshake import Request
 from broker.settings import Settings
 from broker.tasks import spawn
 from worker import http_routes, metrics_listener, wire
-from worker.dashboard import StatsPublisher
+from worker.dashboard import StatsPublisher, presents_api_key
 from worker.hooks import Hooks, load_object
 from worker.hub import Hub
 from worker.jwks import JwksRefresher
@@ -117,7 +117,9 @@ class BrokerApp:
                 token = auth.token_from_request(request)
                 if token is not None:
                     verified = self.verifier.verify(token)
-                elif not self.settings.anonymous_allowed:
+                elif not self.settings.anonymous_allowed and not presents_api_key(
+                    self.settings.api_key, request
+                ):  # the API key (the dashboard's) is let in without a token, anonymous
                     raise auth.InvalidToken(
                         "a token is required: the token query parameter, a"
                         " Sec-WebSocket-Protocol entry redwire.token.<jwt>, or"

@@ -256,3 +256,17 @@ async def test_a_snapshot_the_bus_refuses_goes_to_the_workers_own_subscribers() 
     assert [m.topic for m in local] == [dashboard.STATS_TOPIC]
     assert json.loads(local[0].payload)["worker"] == "5"
     assert app.dashboard.rtt_s is None
+
+
+async def test_with_tokens_required_the_api_key_still_opens_the_dashboards_websocket() -> None:
+    from broker import auth
+
+    settings = Settings(redis_url="memory://", api_key=KEY, jwt_secrets=("x" * 32,))
+    app = BrokerApp(settings, worker_id="6", bus=MemoryBus("w6"))
+    cookie = ("Cookie", f"{dashboard.COOKIE}={dashboard.cookie_value(KEY)}")
+    for presented in (request("/ws", cookie), request(f"/ws?key={KEY}")):
+        _, verified = await app.authenticate(presented)
+        assert verified.anonymous
+    for refused in (request("/ws"), request("/ws?key=wrong")):
+        with pytest.raises(auth.InvalidToken):
+            await app.authenticate(refused)
