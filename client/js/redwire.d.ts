@@ -17,8 +17,12 @@
  * (or, after `pagehide`, until `pageshow` from the back/forward cache). */
 export type ClientState = "connecting" | "open" | "closed";
 
-/** What the client does after the socket closed with a code (`CLOSE_CODE_POLICY`). */
-export type ReconnectPolicy = "never" | "now" | "backoff";
+/** What the client does after the socket closed with a code (`CLOSE_CODE_POLICY`);
+ * "refresh": a new token from the token function, then reconnect (a fixed token: "never"). */
+export type ReconnectPolicy = "never" | "now" | "backoff" | "refresh";
+
+/** Returns a fresh connection token (e.g. from the application's login endpoint). */
+export type TokenProvider = () => string | Promise<string>;
 
 /** A place in a topic's history: store it and pass it back as `since`. */
 export interface Position {
@@ -113,8 +117,12 @@ export interface ReconnectOptions {
 }
 
 export interface ConnectOptions {
-  /** sent as the `token` query parameter */
-  token?: string | undefined;
+  /** a connection token, or a function returning a fresh one: asked before every connection
+   * attempt and whenever the server asks for a refresh (the client answers by itself) */
+  token?: string | TokenProvider | undefined;
+  /** where the token travels: the `token` query parameter (default) or a
+   * `redwire.token.<jwt>` subprotocol entry (kept out of URLs and their logs) */
+  tokenTransport?: "query" | "protocol" | undefined;
   /** WebSocket subprotocols (default `["redwire.json"]`) */
   protocols?: string[] | undefined;
   reconnect?: ReconnectOptions | undefined;
@@ -170,6 +178,8 @@ export type ServerErrorCode =
   | "outcome_unknown"
   | "too_many_subscriptions"
   | "not_enabled"
+  | "rate_limited"
+  | "unauthorized"
   | "internal";
 
 /** Codes the client itself raises. */
@@ -180,7 +190,8 @@ export type ClientErrorCode =
   | "closed"
   | "bad_request"
   | "bad_frame"
-  | "connect_failed";
+  | "connect_failed"
+  | "token_unavailable";
 
 /** Any of the above; a newer server may send other codes. */
 export type RedwireErrorCode = ServerErrorCode | ClientErrorCode | (string & {});
@@ -213,6 +224,7 @@ export const DEFAULTS: Readonly<{
   connectTimeoutMs: number;
   maxQueuedPublishes: number;
   maxPublishRetries: number;
+  tokenTransport: "query" | "protocol";
 }>;
 
 /** Close code → what the client does (docs/protocol.md, "Close codes"); codes not listed
@@ -227,6 +239,9 @@ export const CLOSE_GOING_AWAY: 1001;
 
 /** What the client reports when it abandons a socket that went silent. */
 export const CLOSE_ABNORMAL: 1006;
+
+/** The server closed: the connection token expired without a refresh (get a new token). */
+export const CLOSE_TOKEN_EXPIRED: 4001;
 
 /** Full jitter: random(0, min(maxDelayMs, minDelayMs * 2^attempt)) milliseconds. */
 export function backoffDelay(
@@ -276,7 +291,7 @@ export class Subscription {
 /** A connection to a Redwire broker that survives reconnects; made by `connect`. */
 export class Client {
   constructor(url: string | URL | undefined, options: ConnectOptions);
-  /** the resolved WebSocket URL */
+  /** the resolved WebSocket URL (with a fixed token sent as the query parameter: with it) */
   readonly url: string;
   /** the worker this connection is on (from welcome), null while not connected */
   worker: string | null;
@@ -287,6 +302,8 @@ export class Client {
   readonly stats: {
     /** messages dropped because their offset was seen already (should stay 0) */
     duplicatesDropped: number;
+    /** new tokens sent in answer to the server's refresh requests */
+    tokenRefreshes: number;
   };
   readonly state: ClientState;
   /** publishes waiting for a connection */

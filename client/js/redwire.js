@@ -46,13 +46,22 @@
  *   attempt count resets once a connection has stayed open for `healthyAfterMs`. What a close
  *   code means is one table, `CLOSE_CODE_POLICY` (docs/protocol.md, "Close codes"; the Python
  *   client exports the same): 1001 (the worker is draining) reconnects at once; 1000, 1002,
- *   1003, 1007, 1008, 1009 and 1010 never reconnect (a retry cannot help); anything else
- *   (1011, 1012, 1013, 1006, ...) backs off.
+ *   1003, 1007, 1008, 1009 and 1010 never reconnect (a retry cannot help); 4001 (the token
+ *   expired) reconnects at once with a new token from the token function (never with a
+ *   fixed token); anything else (1011, 1012, 1013, 1006, ...) backs off.
  * - Heartbeat: browsers cannot send protocol pings, so after `welcome` the client sends
  *   `{"op":"ping"}` every `heartbeat.interval` s; if no frame at all arrives within
  *   `heartbeat.timeout` s after a ping, the socket is abandoned and a reconnect follows. A
  *   socket that does not deliver `welcome` within `connectTimeoutMs` is abandoned the same way.
  * - In a page, `pagehide` closes the socket; `pageshow` from the back/forward cache reopens it.
+ * - Connection token (docs/protocol.md, "Authentication"): `token` is a string or a function
+ *   returning one (or a promise of one). A function is asked before every connection
+ *   attempt, and again whenever the server sends `{"op":"refresh"}` (its token nears `exp`):
+ *   the client answers `{"op":"refresh","token":...}` by itself. The token travels as the
+ *   `token` query parameter (`tokenTransport: "query"`, the default) or as a
+ *   `redwire.token.<jwt>` subprotocol entry (`"protocol"`: kept out of URLs and their logs).
+ *   Close 4001 (the token expired without a refresh) reconnects at once with a fresh token
+ *   from the function; with a fixed string it ends the client, as "never" codes do.
  *
  * Recovery (topics with history; others have no offsets and none of this applies)
  *
@@ -110,13 +119,16 @@ export const DEFAULTS = Object.freeze({
   connectTimeoutMs: 10_000,
   maxQueuedPublishes: 1000,
   maxPublishRetries: 5,
+  tokenTransport: "query",
 });
 
 /**
  * What the client does after the server closed with a code (docs/protocol.md, "Close
  * codes"; client/pubsub.py `CLOSE_CODE_POLICY` is the same table): "never" reconnect,
- * reconnect "now", or after a "backoff". Codes not listed (1006, 1005, 4xxx...) back off.
- * @type {Readonly<Record<number, "never" | "now" | "backoff">>}
+ * reconnect "now", or after a "backoff"; "refresh": get a new token from the token function,
+ * then reconnect (with a fixed token: as "never"). Codes not listed (1006, 1005, other
+ * 4xxx...) back off.
+ * @type {Readonly<Record<number, "never" | "now" | "backoff" | "refresh">>}
  */
 export const CLOSE_CODE_POLICY = Object.freeze({
   1000: "never", // normal closure
@@ -130,6 +142,7 @@ export const CLOSE_CODE_POLICY = Object.freeze({
   1011: "backoff", // server error
   1012: "backoff", // service restart
   1013: "backoff", // slow consumer / try again later
+  4001: "refresh", // the token expired: get a new one, then reconnect
 });
 
 /** Close codes after which reconnecting cannot help (derived from `CLOSE_CODE_POLICY`). */
@@ -142,6 +155,8 @@ export const NO_RECONNECT_CLOSE_CODES = Object.freeze(
 export const CLOSE_GOING_AWAY = 1001;
 /** What the client reports when it abandons a socket that went silent (like the browser). */
 export const CLOSE_ABNORMAL = 1006;
+/** The server closed: the connection token expired without a refresh (get a new token). */
+export const CLOSE_TOKEN_EXPIRED = 4001;
 /** The close code the client sends on a socket it abandons (RFC 6455 7.4.2: private use). */
 const CLOSE_CLIENT_TIMEOUT = 4000;
 
@@ -179,13 +194,18 @@ const EVENTS = new Set([
  *   DisconnectInfo
  * @typedef {{worker: string, clientId: string, reconnected: boolean}} ConnectInfo
  *
+ * @typedef {() => string | Promise<string>} TokenProvider
+ *
  * @typedef {object} ReconnectOptions
  * @property {number} [minDelayMs]      base of the exponential backoff (default 500)
  * @property {number} [maxDelayMs]      cap of the backoff (default 30000)
  * @property {number} [healthyAfterMs]  open this long: the next failure starts from attempt 0
  *
  * @typedef {object} ConnectOptions
- * @property {string} [token]              sent as the `token` query parameter
+ * @property {string | TokenProvider} [token] a connection token, or a function returning a
+ *   fresh one (asked before each attempt and when the server asks for a refresh)
+ * @property {"query" | "protocol"} [tokenTransport] the `token` query parameter (default)
+ *   or a `redwire.token.<jwt>` subprotocol entry
  * @property {string[]} [protocols]        WebSocket subprotocols (default ["redwire.json"])
  * @property {ReconnectOptions} [reconnect]
  * @property {number} [maxQueuedPublishes] publishes held while disconnected (default 1000)
@@ -203,6 +223,7 @@ const EVENTS = new Set([
  * @typedef {{kind: "publish", item: QueuedRequest & {kind: "publish"}}
  *   | {kind: "subscribe", state: TopicState, since: Position | null, resubscribe: boolean}
  *   | {kind: "unsubscribe", resolve: () => void, reject: (err: RedwireError) => void}
+ *   | {kind: "refresh", resolve: () => void, reject: (err: RedwireError) => void}
  *   | {kind: "presence", resolve: (clients: Record<string, unknown>) => void,
  *      reject: (err: RedwireError) => void}}
  *   Pending
@@ -256,7 +277,7 @@ export function backoffDelay(attempt, minDelayMs, maxDelayMs, random = Math.rand
 /**
  * What to do after the socket closed with `code` (docs/protocol.md, "Close codes").
  * @param {number} code
- * @returns {"never" | "now" | "backoff"}
+ * @returns {"never" | "now" | "backoff" | "refresh"}
  */
 export function reconnectPolicy(code) {
   return Object.hasOwn(CLOSE_CODE_POLICY, code) ? CLOSE_CODE_POLICY[code] : "backoff";
@@ -369,7 +390,22 @@ export class Client {
    */
   constructor(url, options) {
     const rc = options.reconnect ?? {};
-    this.url = resolveUrl(url, options.token);
+    const token = options.token;
+    if (token !== undefined && typeof token !== "string" && typeof token !== "function") {
+      throw new TypeError("redwire: token must be a string or a function returning one");
+    }
+    const transport = options.tokenTransport ?? DEFAULTS.tokenTransport;
+    if (transport !== "query" && transport !== "protocol") {
+      throw new TypeError('redwire: tokenTransport must be "query" or "protocol"');
+    }
+    /** @type {string | TokenProvider | undefined} */
+    this._token = token;
+    this._tokenTransport = transport;
+    /** the resolved WebSocket URL (with a fixed token sent as the query parameter: with it) */
+    this.url = resolveUrl(url, typeof token === "string" && transport === "query" ? token : undefined);
+    this._baseUrl = resolveUrl(url, undefined);
+    this._openSeq = 0; // the current connection attempt (a token fetch may outlive it)
+    this._refreshing = false; // a refresh request is being answered
     this._protocols = options.protocols ?? [...DEFAULTS.protocols];
     this._minDelayMs = nonNegative("reconnect.minDelayMs", rc.minDelayMs, DEFAULTS.minDelayMs);
     this._maxDelayMs = nonNegative("reconnect.maxDelayMs", rc.maxDelayMs, DEFAULTS.maxDelayMs);
@@ -430,6 +466,8 @@ export class Client {
     this.stats = {
       /** messages dropped because their offset was seen already (should stay 0) */
       duplicatesDropped: 0,
+      /** new tokens sent in answer to the server's refresh requests */
+      tokenRefreshes: 0,
     };
 
     this._onPageHide = () => this._suspend();
@@ -646,9 +684,48 @@ export class Client {
   _open() {
     this._timers.reconnect = null;
     this._setState("connecting");
+    const seq = ++this._openSeq;
+    if (typeof this._token !== "function") {
+      this._openSocket(this._token);
+      return;
+    }
+    this._fetchToken().then(
+      (token) => {
+        if (seq === this._openSeq && !this._closed && !this._suspended) this._openSocket(token);
+      },
+      (err) => {
+        if (seq !== this._openSeq || this._closed || this._suspended) return;
+        this._emit("error", new RedwireError("token_unavailable", errorText(err)));
+        this._afterSocket(CLOSE_ABNORMAL, `the token function failed: ${errorText(err)}`);
+      },
+    );
+  }
+
+  /**
+   * A fresh token from the token function.
+   * @returns {Promise<string>}
+   */
+  async _fetchToken() {
+    const token = await /** @type {TokenProvider} */ (this._token)();
+    if (typeof token !== "string" || token === "") {
+      throw new TypeError("the token function must return a non-empty string");
+    }
+    return token;
+  }
+
+  /** @param {string | undefined} token */
+  _openSocket(token) {
+    let url = this.url;
+    let protocols = this._protocols;
+    if (token !== undefined && this._tokenTransport === "protocol") {
+      url = this._baseUrl;
+      protocols = [...protocols, `redwire.token.${token}`];
+    } else if (token !== undefined) {
+      url = resolveUrl(this._baseUrl, token);
+    }
     let ws;
     try {
-      ws = new this._WebSocket(this.url, this._protocols);
+      ws = new this._WebSocket(url, protocols);
     } catch (err) {
       // e.g. a SecurityError: report it once listeners can see it, then back off.
       queueMicrotask(() =>
@@ -757,7 +834,8 @@ export class Client {
       this._emit("disconnected", { code, reason, willReconnect: false, delayMs: null });
       return;
     }
-    const policy = reconnectPolicy(code);
+    let policy = reconnectPolicy(code);
+    if (policy === "refresh" && typeof this._token !== "function") policy = "never";
     if (policy === "never") {
       this._closed = true;
       const err = new RedwireError("closed", reason || `closed by the server (${code})`, {
@@ -769,10 +847,12 @@ export class Client {
       this._emit("disconnected", { code, reason, willReconnect: false, delayMs: null });
       return;
     }
-    const delayMs =
-      policy === "now"
-        ? 0
-        : backoffDelay(this._attempt++, this._minDelayMs, this._maxDelayMs);
+    // "refresh": at once with a new token (the attempt count backs it off if it recurs).
+    const immediate = policy === "now" || (policy === "refresh" && this._attempt === 0);
+    const delayMs = immediate
+      ? 0
+      : backoffDelay(this._attempt++, this._minDelayMs, this._maxDelayMs);
+    if (policy === "refresh" && immediate) this._attempt++;
     this._setState("connecting");
     this._timers.reconnect = setTimeout(() => this._open(), delayMs);
     this._emit("disconnected", { code, reason, willReconnect: true, delayMs });
@@ -879,6 +959,9 @@ export class Client {
       case "join":
       case "leave":
         this._onPresence(frame);
+        break;
+      case "refresh":
+        this._onRefreshRequest();
         break;
       case "pong":
         break; // its arrival already reset the heartbeat deadline
@@ -994,6 +1077,32 @@ export class Client {
   _gap(state, gap) {
     for (const sub of [...state.subs]) if (sub._onGap) safeCall(sub._onGap, { ...gap });
     this._emit("gap", gap);
+  }
+
+  /** The server asks for a new token (its current one nears `exp`): send one, if we can. */
+  _onRefreshRequest() {
+    if (typeof this._token !== "function" || this._refreshing) return;
+    const ws = this._ws;
+    this._refreshing = true;
+    const fail = (/** @type {unknown} */ err) => {
+      if (!this._closed) this._emit("error", new RedwireError("token_unavailable", errorText(err)));
+    };
+    this._fetchToken()
+      .then((token) => {
+        if (ws === null || ws !== this._ws || this._closed) return;
+        const id = this._id();
+        this._pending.set(id, {
+          kind: "refresh",
+          resolve: () => this.stats.tokenRefreshes++,
+          reject: (err) => {
+            if (err.code !== "closed") this._emit("error", err);
+          },
+        });
+        this._send(JSON.stringify({ op: "refresh", token, id }));
+      }, fail)
+      .finally(() => {
+        this._refreshing = false;
+      });
   }
 
   /** @param {Record<string, any>} frame */

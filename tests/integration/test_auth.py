@@ -10,8 +10,8 @@ Independent clients (`websockets`, `aiohttp`), tokens made here with pyjwt:
 - a token expiring mid-connection: the server asks (`refresh`); answered with a new token,
   the connection outlives the old exp; not answered, it is closed 4001;
 - the application's on_connect hook runs after the token check and sees its claims;
-- the Python client answers the server's refresh requests from its token provider, and
-  with a fixed token ends at the 4001 close.
+- the Python client and redwire.js (in Node, over the `ws` package) answer the server's
+  refresh requests from their token functions, and with a fixed token end at the 4001 close.
 Short tokens (3 s) with generous waits on conditions: nothing asserts how long anything took.
 """
 
@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,7 +30,7 @@ import aiohttp
 import jwt
 import pytest
 import websockets
-from support.processes import ServerProcess, serve
+from support.processes import REPO, ServerProcess, serve
 from support.waiting import eventually
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -341,3 +343,96 @@ async def test_the_python_client_with_a_fixed_token_stops_at_4001(broker: Server
         assert rw.state == "closed" and rw.last_close_code == 4001
     finally:
         await rw.close()
+
+
+# --- redwire.js (in Node, with the `ws` package as its WebSocket) ------------------------------
+
+NODE_DIR = REPO / "tests" / "interop" / "node"
+REDWIRE_JS = REPO / "client" / "js" / "redwire.js"
+JS_REFRESH = """
+import { createHmac } from "node:crypto";
+import WebSocket from "ws";
+import * as rw from %(client)s;
+
+const [url, secret, audience, ttl, leeway] = %(args)s;
+const b64 = (x) => Buffer.from(typeof x === "string" ? x : JSON.stringify(x)).toString("base64url");
+function sign(claims) {  // an HS256 JWT, as an application's login endpoint would make it
+  const now = Math.floor(Date.now() / 1000);
+  const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64({ aud: audience, iat: now,
+                                                          exp: now + ttl, ...claims })}`;
+  return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
+}
+const within = (promise, what, ms = 30000) => {
+  let timer;
+  const late = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out: ${what}`)), ms);
+  });
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer));
+};
+const until = (check, what) => within(new Promise((resolve) => {
+  const poll = () => (check() ? resolve() : setTimeout(poll, 50));
+  poll();
+}), what);
+
+const result = {};
+// 1. A token function: the client answers each refresh request and stays connected.
+let firstExp = null;
+const provider = async () => {
+  const token = sign({ sub: "js-alice", subs: ["js.*"], pubs: ["js.*"] });
+  firstExp ??= JSON.parse(Buffer.from(token.split(".")[1], "base64url")).exp;
+  return token;
+};
+const client = rw.connect(url, { WebSocketImpl: WebSocket, token: provider,
+                                 tokenTransport: "protocol" });
+const disconnects = [];
+client.on("disconnected", (info) => disconnects.push(info.code));
+const got = [];
+const sub = client.subscribe("js.t", (data) => got.push(data));
+await within(sub.ready, "subscribe");
+await until(() => client.stats.tokenRefreshes >= 2 && Date.now() / 1000 > firstExp + leeway,
+            "two refreshes, past the first token's exp");
+await within(client.publish("js.t", { still: "here" }), "publish");
+await until(() => got.length > 0, "the message");
+result.got = got;
+result.disconnects = [...disconnects];  // before close() adds its own 1000
+result.denied = await within(client.publish("other.t", 1).then(() => "acked", (e) => e.code),
+                             "a forbidden publish");
+result.url = client.url;
+client.close();
+
+// 2. A fixed token: closed 4001 at its exp, and the client stops (it cannot refresh).
+const fixed = rw.connect(url, { WebSocketImpl: WebSocket, token: sign({ sub: "js-bob" }) });
+const ended = new Promise((resolve) => fixed.on("disconnected", resolve));
+const errors = [];
+fixed.on("error", (e) => errors.push({ code: e.code, closeCode: e.closeCode ?? null }));
+const info = await within(ended, "the 4001 close");
+result.fixed = { code: info.code, willReconnect: info.willReconnect, state: fixed.state, errors };
+console.log(JSON.stringify(result));
+"""
+
+
+def test_redwire_js_refreshes_through_its_token_function(broker: ServerProcess) -> None:
+    node = shutil.which("node")
+    assert node, "node is required (.ci/run installs it)"
+    assert (NODE_DIR / "node_modules" / "ws").is_dir(), "run npm install in tests/interop/node"
+    args = [f"{broker.url}/ws", SECRET, "redwire-tests", SHORT_S, LEEWAY_S]
+    script = JS_REFRESH % {
+        "client": json.dumps(REDWIRE_JS.as_uri()),
+        "args": json.dumps(args),
+    }
+    done = subprocess.run(
+        [node, "--input-type=module", "-e", script],
+        cwd=NODE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["got"] == [{"still": "here"}]
+    assert result["disconnects"] == []  # one connection all along
+    assert result["denied"] == "forbidden"
+    assert "token" not in result["url"]  # sent as a subprotocol entry, not in the URL
+    assert result["fixed"]["code"] == 4001
+    assert result["fixed"]["willReconnect"] is False and result["fixed"]["state"] == "closed"
+    assert {"code": "closed", "closeCode": 4001} in result["fixed"]["errors"]

@@ -8,6 +8,16 @@ import * as rw from "redwire";
 
 const client: rw.Client = rw.connect();
 rw.connect(new URL("ws://127.0.0.1:8765/ws"), { token: "t", connectTimeoutMs: 0 });
+// A token function, sync or async; the token as a subprotocol entry.
+rw.connect("ws://127.0.0.1:1/ws", { token: async () => "t", tokenTransport: "protocol" });
+rw.connect("ws://127.0.0.1:1/ws", { token: () => "t" });
+// @ts-expect-error: a token function returns a string
+rw.connect("ws://127.0.0.1:1/ws", { token: async () => 1 });
+// @ts-expect-error: the token travels in the query or a subprotocol entry only
+rw.connect("ws://127.0.0.1:1/ws", { token: "t", tokenTransport: "header" });
+const expired: 4001 = rw.CLOSE_TOKEN_EXPIRED;
+const refresh: rw.ReconnectPolicy = rw.reconnectPolicy(expired);
+void [refresh, client.stats.tokenRefreshes];
 // The browser's WebSocket class fits the `WebSocketImpl` option; so does a small fake.
 rw.connect("ws://127.0.0.1:1/ws", { WebSocketImpl: WebSocket });
 class FakeSocket implements rw.WebSocketLike {
