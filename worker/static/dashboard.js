@@ -343,8 +343,9 @@ function chart(id, lines) {
     ctx.moveTo(gx, top);
     ctx.lineTo(gx, bottom);
     ctx.stroke();
-    ctx.textAlign = minute === 0 ? "right" : "center";
-    ctx.fillText(minute === 0 ? "now" : `-${minute} min`, Math.max(gx, left + 14), bottom + 3);
+    const last = minute === SECONDS / 60;
+    ctx.textAlign = minute === 0 ? "right" : last ? "left" : "center";
+    ctx.fillText(minute === 0 ? "now" : `-${minute} min`, last ? left : gx, bottom + 3);
   }
 
   // The series: a 2 px line each, in its colour.
