@@ -457,3 +457,67 @@ def test_operations_lists_every_metric_the_workers_export() -> None:
     section = text.split("## Metrics", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `(redwire_[a-z_]+)`", section, re.MULTILINE))
     assert documented == exported
+
+
+# --- the Redis Cluster variant (compose override and Kubernetes overlay) -------------------
+
+
+def cluster_hosts(url: str) -> list[str]:
+    """host:port entries of a redis+cluster:// URL."""
+    assert url.startswith("redis+cluster://"), url
+    netloc = url[len("redis+cluster://") :].split("/", 1)[0].rpartition("@")[2]
+    return netloc.split(",")
+
+
+def test_compose_cluster_variant_points_the_brokers_at_every_cluster_node() -> None:
+    override = yaml.safe_load((DEPLOY / "docker-compose.cluster.yml").read_text())
+    services = override["services"]
+    redwire = services["redwire"]
+    url = redwire["environment"]["REDWIRE_REDIS_URL"]
+    assert load_settings({"REDWIRE_REDIS_URL": url}).redis_url == url
+    hosts = cluster_hosts(url)
+    nodes = [
+        name for name, svc in services.items() if "--cluster-enabled" in svc.get("command", [])
+    ]
+    assert sorted(h.split(":")[0] for h in hosts) == sorted(nodes)
+    for name in nodes:
+        command = services[name]["command"]
+        # each node announces its own service name, which the brokers resolve
+        assert command[command.index("--cluster-announce-hostname") + 1] == name
+    init = " ".join(services["redis-cluster-init"]["command"])
+    assert all(host in init for host in hosts) and "--cluster create" in init
+    condition = redwire["depends_on"]["redis-cluster-init"]["condition"]
+    assert condition == "service_completed_successfully"
+    assert set(compose()["services"]) >= {"redwire", "haproxy"}  # layered over the base
+
+
+def k8s_cluster_docs() -> list[dict[str, Any]]:
+    text = (K8S / "cluster" / "redis-cluster.yaml").read_text()
+    return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+
+
+def test_k8s_cluster_overlay_replaces_redis_with_a_cluster_the_brokers_can_reach() -> None:
+    kustomization = yaml.safe_load((K8S / "cluster" / "kustomization.yaml").read_text())
+    assert "../" in kustomization["resources"]
+    for resource in kustomization["resources"]:
+        assert (K8S / "cluster" / resource).exists(), resource
+    patches = [yaml.safe_load(p["patch"]) for p in kustomization["patches"]]
+    deleted = {(p["kind"], p["metadata"]["name"]) for p in patches if p.get("$patch") == "delete"}
+    assert deleted == {("StatefulSet", "redis"), ("Service", "redis")}
+    (config,) = [p for p in patches if p["kind"] == "ConfigMap"]
+    assert config["metadata"]["name"] == one("ConfigMap")["metadata"]["name"]
+    url = config["data"]["REDWIRE_REDIS_URL"]
+    assert load_settings({"REDWIRE_REDIS_URL": url}).redis_url == url
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in k8s_cluster_docs()}
+    service = docs[("Service", "redis-cluster")]
+    statefulset = docs[("StatefulSet", "redis-cluster")]
+    assert service["spec"]["clusterIP"] == "None"
+    assert statefulset["spec"]["serviceName"] == "redis-cluster"
+    replicas = statefulset["spec"]["replicas"]
+    expected = [f"redis-cluster-{i}.redis-cluster:6379" for i in range(replicas)]
+    assert cluster_hosts(url) == expected
+    ports = {p["name"] for p in service["spec"]["ports"]}
+    assert ports == {"redis", "cluster-bus"}
+    job = docs[("Job", "redis-cluster-init")]
+    init = " ".join(job["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert all(host in init for host in expected)
