@@ -50,7 +50,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from http.cookies import SimpleCookie
+from http.cookies import CookieError, SimpleCookie
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
@@ -120,7 +120,7 @@ def _cookie(request: Request) -> str | None:
     for header in request.header_values("cookie"):
         try:
             jar.load(header)
-        except Exception:  # http.cookies.CookieError: a malformed header holds no key
+        except CookieError:  # a malformed header holds no key
             continue
     morsel = jar.get(COOKIE)
     return None if morsel is None else morsel.value

@@ -249,7 +249,10 @@ class ClientSession:
             self._reply_error(exc.request_id, exc)
             return
         op = request.op
-        if request.topic is not None and request.topic.startswith(wire.SYS_PREFIX):
+        # Reserved `$sys.` topics answer to the API key alone (worker/dashboard.py), not to
+        # the topic rules and token claims below.
+        reserved = request.topic is not None and request.topic.startswith(wire.SYS_PREFIX)
+        if reserved:
             try:
                 check_reserved_topic(op, request.topic, self.admin)
             except ClientError as exc:  # forbidden: as the auth rules below, never counted
@@ -261,7 +264,7 @@ class ClientSession:
             if wait_s > 0:
                 self._rate_limited(request.id, wait_s)
                 return
-        if op in ("subscribe", "publish", "presence"):
+        if op in ("subscribe", "publish", "presence") and not reserved:
             assert request.topic is not None
             denied = self._denied(op, request.topic)
             if denied is not None:

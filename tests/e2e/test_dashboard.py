@@ -311,3 +311,34 @@ def test_no_api_key_no_dashboard(redis_server) -> None:
             assert request(ws, op="subscribe", topic="$sys.stats", id=1)["code"] == "forbidden"
     finally:
         assert server.stop() == 0
+
+
+def test_the_dashboard_works_where_tokens_and_topic_rules_are_strict(
+    browser: Browser, redis_server, tmp_path
+) -> None:
+    """JWT keys set (no anonymous connections) and a rule asking a claim for every topic: the
+    key alone still opens the page, its WebSocket and `$sys.stats`; nobody else gets in."""
+    secret_file = tmp_path / "jwt_secrets"
+    secret_file.write_text("y" * 32 + "\n")
+    env = {
+        "REDWIRE_API_KEY": KEY,
+        "REDWIRE_JWT_SECRET_FILE": str(secret_file),
+        "REDWIRE_TOPICS": json.dumps([{"pattern": "*", "allow_subscribe": "claim"}]),
+        "REDWIRE_CHANNEL_PREFIX": f"dash{uuid.uuid4().hex[:8]}:",
+    }
+    server = serve(redis_server.url, workers=1, env=env)
+    problems: list[str] = []
+    try:
+        page = open_dashboard(browser, server, problems)
+        try:
+            expect(page.get_by_test_id("worker-count")).to_have_text("1", timeout=WAIT_MS)
+            expect(page.get_by_test_id("connections")).to_have_text("1", timeout=WAIT_MS)
+            assert problems == []
+        finally:
+            page.context.close()
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            with ws_connect(f"{server.url}/ws"):
+                pass
+        assert refused.value.response.status_code == 401
+    finally:
+        assert server.stop() == 0
