@@ -52,6 +52,7 @@ from jwt.exceptions import (
     ImmatureSignatureError,
     InvalidAudienceError,
     InvalidIssuerError,
+    InvalidKeyError,
     InvalidSignatureError,
     MissingRequiredClaimError,
     PyJWKError,
@@ -271,10 +272,13 @@ class TokenVerifier:
         keys: list[Any] = [
             jwk
             for key_id, key_alg, jwk in self.jwks or ()
-            if (kid is None or key_id == kid) and key_alg in (None, alg)
+            if (kid is None or key_id == kid)
+            and key_alg in (None, alg)
+            and jwk.key_type == _KEY_TYPES[alg[:2]]
         ]
-        if self.public_key is not None and (kid is None or not keys):
-            keys.append(self.public_key)
+        public_key = self.public_key
+        if public_key is not None and (kid is None or not keys) and _fits(alg, public_key):
+            keys.append(public_key)
         if not keys:
             if self.expects_jwks and self.jwks is None:
                 raise InvalidToken("token keys not loaded yet (JWKS): try again", status=503)
@@ -314,7 +318,7 @@ class TokenVerifier:
                     options=options,  # type: ignore[arg-type]
                 )
                 break
-            except InvalidSignatureError:
+            except (InvalidSignatureError, InvalidKeyError, TypeError, ValueError):
                 continue  # rotation: another secret (or key) may have signed it
             except ExpiredSignatureError:
                 raise InvalidToken("invalid token: expired") from None
@@ -365,6 +369,20 @@ def _patterns(claims: Mapping[str, Any], name: str) -> tuple[str, ...] | None:
     ):
         raise InvalidToken(f"invalid token: {name} must be a list of topic patterns")
     return tuple(value)
+
+
+_KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}  # alg prefix -> JWK kty
+
+
+def _fits(alg: str, key: Any) -> bool:
+    """Whether a public key object is of the type `alg` needs (an EC key for ES256, ...)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+    if alg.startswith(("RS", "PS")):
+        return isinstance(key, rsa.RSAPublicKey)
+    if alg.startswith("ES"):
+        return isinstance(key, ec.EllipticCurvePublicKey)
+    return isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey)
 
 
 def load_public_key(path: str) -> Any:

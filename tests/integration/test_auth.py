@@ -11,17 +11,21 @@ Independent clients (`websockets`, `aiohttp`), tokens made here with pyjwt:
   the connection outlives the old exp; not answered, it is closed 4001;
 - the application's on_connect hook runs after the token check and sees its claims;
 - the Python client and redwire.js (in Node, over the `ws` package) answer the server's
-  refresh requests from their token functions, and with a fixed token end at the 4001 close.
+  refresh requests from their token functions, and with a fixed token end at the 4001 close;
+- RS256 tokens against a JWKS URL: a key added to the JWKS is picked up by the next reload,
+  and the keys loaded stay while the URL is unreachable.
 Short tokens (3 s) with generous waits on conditions: nothing asserts how long anything took.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import secrets
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +34,7 @@ import aiohttp
 import jwt
 import pytest
 import websockets
+from cryptography.hazmat.primitives.asymmetric import rsa
 from support.processes import REPO, ServerProcess, serve
 from support.waiting import eventually
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -436,3 +441,96 @@ def test_redwire_js_refreshes_through_its_token_function(broker: ServerProcess) 
     assert result["fixed"]["code"] == 4001
     assert result["fixed"]["willReconnect"] is False and result["fixed"]["state"] == "closed"
     assert {"code": "closed", "closeCode": 4001} in result["fixed"]["errors"]
+
+
+# --- a JWKS served over HTTP, reloaded by the workers ------------------------------------------
+
+
+class JwksServer:
+    """A JWKS document on a loopback HTTP server (a thread), replaceable and stoppable."""
+
+    def __init__(self) -> None:
+        self.document = b'{"keys": []}'
+        self.stopped = False
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # the http.server API names it
+                body = outer.document
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/jwks.json"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def publish(self, *keys: tuple[str, rsa.RSAPrivateKey]) -> None:
+        entries = []
+        for kid, key in keys:
+            jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+            entries.append({**jwk, "kid": kid, "alg": "RS256", "use": "sig"})
+        self.document = json.dumps({"keys": entries}).encode()
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+
+def rsa_token(key: rsa.RSAPrivateKey, kid: str) -> str:
+    now = int(time.time())
+    claims = {"sub": "carol", "aud": "redwire-tests", "iat": now, "exp": now + 600}
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid})
+
+
+async def connects(broker: ServerProcess, tok: str) -> bool:
+    """Whether an upgrade with `tok` is welcomed (False on 401/503)."""
+    try:
+        async with websockets.connect(f"{broker.url}/ws?token={tok}") as ws:
+            return json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))["op"] == "welcome"
+    except InvalidStatus as exc:
+        assert exc.response.status_code in (401, 503), exc.response.status_code
+        return False
+
+
+async def test_a_jwks_url_is_reloaded_and_kept_when_unreachable(redis_server) -> None:
+    first = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    second = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwks = JwksServer()
+    jwks.publish(("k1", first))
+    server = serve(
+        redis_server.url,
+        workers=1,
+        env={
+            "REDWIRE_JWT_JWKS": jwks.url,
+            "REDWIRE_JWT_JWKS_REFRESH_S": "0.5",
+            "REDWIRE_JWT_AUDIENCE": "redwire-tests",
+            "REDWIRE_CHANNEL_PREFIX": "auth-jwks:",
+        },
+    )
+    try:
+        assert await connects(server, rsa_token(first, "k1"))
+        assert not await connects(server, rsa_token(second, "k2"))  # not published yet
+        jwks.publish(("k1", first), ("k2", second))  # key rotation: the new key appears
+
+        async def second_key_works() -> bool:
+            return await connects(server, rsa_token(second, "k2"))
+
+        await eventually(second_key_works, timeout_s=WAIT_S, interval_s=0.2)
+        start = len(server.output)
+        jwks.stop()  # the JWKS endpoint goes away: the keys loaded stay
+        await asyncio.to_thread(server.wait_for_output, "JWKS .* not loaded", WAIT_S, start)
+        assert await connects(server, rsa_token(first, "k1"))
+        assert await connects(server, rsa_token(second, "k2"))
+    finally:
+        jwks.stop()
+        assert server.stop() == 0
+    assert "Traceback" not in "".join(server.output)

@@ -349,3 +349,49 @@ def test_topic_rules_from_the_environment() -> None:
     assert settings.rule_for("admin.x") == TopicRule(
         "admin.*", allow_subscribe="none", allow_publish="none"
     )
+
+
+def b64json(obj: Any) -> str:
+    raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+GARBAGE = [
+    "a.b.c",
+    f"{b64json([1, 2])}.{b64json({'sub': 'a'})}.",
+    f"{b64json({'alg': 'HS256'})}.{b64json(b'not json')}.AAAA",
+    f"{b64json({'alg': 'HS256'})}.{b64json([1])}.AAAA",
+    f"{b64json({'alg': ['HS256']})}.{b64json({'sub': 'a'})}.AAAA",
+    f"{b64json({'alg': 'RS256', 'kid': ['x']})}.{b64json({'sub': 'a'})}.AAAA",
+    f"{b64json({'alg': 'HS256', 'crit': ['exp']})}.{b64json({'sub': 'a'})}.AAAA",
+    hs(claims(exp="tomorrow")),
+    hs(claims(nbf={"x": 1})),
+    hs(claims(pubs=[1, 2])),
+    hs(claims(subs=["x" * 1000])),
+]
+
+
+@pytest.mark.parametrize("token", GARBAGE)
+def test_any_bad_token_is_an_invalid_token_and_nothing_else(token: str) -> None:
+    verifier = TokenVerifier(algorithms=["HS256", "RS256"], secrets=[SECRET], expects_jwks=True)
+    verifier.set_jwks(json.dumps({"keys": [{"kty": "oct", "k": b64json(b"k" * 32)}]}))
+    with pytest.raises(InvalidToken):
+        verifier.verify(token)
+
+
+def test_a_key_of_another_type_is_skipped(rsa_key: rsa.RSAPrivateKey) -> None:
+    """An RS256 token, an EC public key and a JWKS with an EC and an RSA key (no `alg`,
+    no `kid`): only the RSA one is tried, and a key of the wrong type is never a 500."""
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    only_ec = TokenVerifier(algorithms=["RS256", "ES256"], public_key=ec_key.public_key())
+    token = jwt.encode(claims(), rsa_key, algorithm="RS256")
+    with pytest.raises(InvalidToken, match="no key for RS256"):
+        only_ec.verify(token)
+    mixed = TokenVerifier(algorithms=["RS256", "ES256"], expects_jwks=True)
+    keys = [
+        json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key())),
+        json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key())),
+    ]
+    assert mixed.set_jwks(json.dumps({"keys": keys})) == 2
+    assert mixed.verify(token).subject == "alice"
+    assert mixed.verify(jwt.encode(claims(), ec_key, algorithm="ES256")).subject == "alice"
