@@ -150,8 +150,8 @@ class ClientSession:
         self.browser = request is not None and request.header("Origin") is not None
         self._token_timers: tuple[asyncio.TimerHandle, ...] = ()
         # Presented the API key (`key` query parameter or the dashboard cookie): may
-        # subscribe to reserved `$sys.` topics (worker/dashboard.py).
-        self.admin = presents_api_key(s.api_key, getattr(ws, "request", None))
+        # subscribe to reserved `$sys.` topics (worker/dashboard.py). None: not asked yet.
+        self.admin: bool | None = None
         self.live = True
         self._queue: deque[Any] | None = None
         self._error_times: deque[float] | None = None
@@ -251,10 +251,13 @@ class ClientSession:
         op = request.op
         # Reserved `$sys.` topics answer to the API key alone (worker/dashboard.py), not to
         # the topic rules and token claims below.
-        reserved = request.topic is not None and request.topic.startswith(wire.SYS_PREFIX)
-        if reserved:
+        topic = request.topic
+        reserved = topic is not None and topic.startswith(wire.SYS_PREFIX)
+        if reserved and topic is not None:
+            if self.admin is None:  # looked up once, when first needed
+                self.admin = presents_api_key(self.app.settings.api_key, self.ws.request)
             try:
-                check_reserved_topic(op, request.topic, self.admin)
+                check_reserved_topic(op, topic, self.admin)
             except ClientError as exc:  # forbidden: as the auth rules below, never counted
                 self.app.stats.forbidden += 1
                 self._reply_error(request.id, exc, counted=False)
