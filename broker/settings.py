@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from broker.errors import ConfigError
 
 ENV_PREFIX = "REDWIRE_"
-_BUS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "memory")  # memory://: one process
+_BUS_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "redis+sentinel", "memory")
 KIB = 1024
 MIB = 1024 * 1024
 _HOST_RE = r"(\[[0-9a-f:.]+\]|[^\s/?#@:\[\]]+)(:[0-9]{1,5})?"  # host[:port], [v6][:port]

@@ -47,8 +47,10 @@ History, offsets and presence (topics whose `Settings.rule_for` rule asks for th
 
 Implementations: `MemoryBus` (one process, `redis_url = "memory://"`), `RedisBus`
 (`redis://`, `rediss://` or `unix://` URLs) and `RedisClusterBus` (`redis+cluster://h1:p1,
-h2:p2,...`: sharded pub/sub on a Redis Cluster >= 7, one RedisBus per master). All pass one
-contract suite (tests/integration/test_bus_contract.py, tests/integration/test_bus_cluster.py).
+h2:p2,...`: sharded pub/sub on a Redis Cluster >= 7, one RedisBus per master), and
+`RedisSentinelBus` (`redis+sentinel://s1:p1,s2:p2/service`: a RedisBus whose connections go
+to the master Sentinel names). All pass one contract suite (tests/integration/
+test_bus_contract.py, test_bus_cluster.py, test_bus_sentinel.py).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ if TYPE_CHECKING:
 
 MEMORY_URL = "memory://"
 CLUSTER_SCHEME = "redis+cluster"  # broker/bus/redis_cluster.py
+SENTINEL_SCHEME = "redis+sentinel"  # broker/bus/redis_sentinel.py
 
 StatsValue = int | float | bool
 
@@ -298,6 +301,10 @@ def make_bus(settings: Settings, origin: str) -> Bus:
         from broker.bus.redis_cluster import RedisClusterBus
 
         return RedisClusterBus(url, settings, origin)
+    if url.startswith(SENTINEL_SCHEME + "://"):
+        from broker.bus.redis_sentinel import RedisSentinelBus
+
+        return RedisSentinelBus(url, settings, origin)
     from broker.bus.redis import RedisBus
 
     return RedisBus(url, settings, origin)

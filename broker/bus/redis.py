@@ -740,9 +740,9 @@ class RedisBus(Bus):
         self.settings = settings
         self.origin = origin
         timeout = settings.bus_connect_timeout_s
-        self._new_connection = connection_factory(url, _client_name("sub", origin), timeout)
+        self._new_connection = self._connections(url, _client_name("sub", origin), timeout)
         self._publisher = _Publisher(
-            connection_factory(url, _client_name("pub", origin), timeout),
+            self._connections(url, _client_name("pub", origin), timeout),
             settings,
             self._update_health,
             tuple(self.LUA.values()),
@@ -786,6 +786,12 @@ class RedisBus(Bus):
         self.history_reads = 0
         self.presence_events = 0
         self.presence_swept = 0
+
+    def _connections(
+        self, url: str, client_name: str, connect_timeout_s: float
+    ) -> Callable[[], AbstractConnection]:
+        """The factory of this bus' connections (the Sentinel bus asks Sentinel where)."""
+        return connection_factory(url, client_name, connect_timeout_s)
 
     def channel(self, topic: str) -> bytes:
         """The Redis channel carrying `topic`."""
