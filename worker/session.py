@@ -520,19 +520,19 @@ class ClientSession:
         return 0.0 if exp is None else round(max(exp - time.time(), 0.0), 1)
 
     def _schedule_token(self) -> None:
-        """Timers for the token's exp: ask for a new one `token_refresh_margin_s` ahead,
-        close 4001 at exp + `jwt_leeway_s` (the leeway a connecting token gets too)."""
+        """Timers for the token's exp: ask for a new one `token_refresh_margin_s` ahead (at
+        most half the time left, so tokens shorter than the margin do not make a refresh
+        loop), close 4001 at exp + `jwt_leeway_s` (the leeway a connecting token gets too)."""
         self._cancel_token_timers()
         exp = self.auth.expires_at
         if exp is None:
             return
         s = self.app.settings
         until_exp = exp - time.time()
+        ahead_s = min(s.token_refresh_margin_s, until_exp / 2)
         loop = asyncio.get_running_loop()
         self._token_timers = (
-            loop.call_later(
-                max(until_exp - s.token_refresh_margin_s, 0.0), _guarded, self._ask_refresh
-            ),
+            loop.call_later(max(until_exp - ahead_s, 0.0), _guarded, self._ask_refresh),
             loop.call_later(max(until_exp + s.jwt_leeway_s, 0.0), _guarded, self._token_expired),
         )
 
