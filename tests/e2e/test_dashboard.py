@@ -4,9 +4,10 @@ The page is opened with the API key, a few `websockets` publishers and subscribe
 thread of their own (Playwright's sync API holds this thread's event loop), and the test
 waits for what the page shows: both workers, the connections it made, non-zero rates that
 fall back when the load stops, the load's topic, and charts with pixels of their colours.
-Then the guard: no key → 401, no API key configured → 404, `$sys.` topics refused
-(`forbidden`) to a WebSocket without the key. Set DASHBOARD_SCREENSHOT=/path.png to keep a
-screenshot of the page under load.
+A second replica on the same Redis shows up beside the first. Then the guard: no key → 401,
+no API key configured → 404, `$sys.` topics refused (`forbidden`) to a WebSocket without
+the key, and the key still enough where tokens and topic rules are strict. Set
+DASHBOARD_SCREENSHOT=/path.png to keep a screenshot of the page under load.
 """
 
 from __future__ import annotations
@@ -35,15 +36,12 @@ SUBSCRIBERS = 4
 PUBLISHERS = 2
 RATE_PER_PUBLISHER = 40  # messages a second
 CHARTS = ("chart-rates", "chart-connections", "chart-redis")
+PREFIX = f"dash{uuid.uuid4().hex[:8]}:"  # this module's brokers only: others share the Redis
 
 
 @pytest.fixture(scope="module")
 def broker(redis_server) -> Iterator[ServerProcess]:
-    env = {
-        "REDWIRE_API_KEY": KEY,
-        # Only this broker's workers on the channels: other modules' brokers share the Redis.
-        "REDWIRE_CHANNEL_PREFIX": f"dash{uuid.uuid4().hex[:8]}:",
-    }
+    env = {"REDWIRE_API_KEY": KEY, "REDWIRE_CHANNEL_PREFIX": PREFIX}
     server = serve(redis_server.url, workers=WORKERS, env=env)
     yield server
     assert server.stop() == 0
@@ -228,6 +226,34 @@ def test_the_dashboard_shows_the_load_live(browser: Browser, broker: ServerProce
         expect(page.get_by_test_id("connections")).to_have_text("1", timeout=WAIT_MS)
         expect(page.get_by_test_id("publish-rate")).to_have_text("0", timeout=WAIT_MS)
         expect(page.locator(f'#topics tr[data-topic="{topic}"]')).to_have_count(0, timeout=WAIT_MS)
+        assert problems == []
+    finally:
+        page.context.close()
+
+
+def test_every_replica_on_the_redis_is_on_the_dashboard(
+    browser: Browser, broker: ServerProcess, redis_server
+) -> None:
+    problems: list[str] = []
+    page = open_dashboard(browser, broker, problems)
+    try:
+        expect(page.get_by_test_id("worker-count")).to_have_text(str(WORKERS), timeout=WAIT_MS)
+        env = {"REDWIRE_API_KEY": KEY, "REDWIRE_CHANNEL_PREFIX": PREFIX}
+        other = serve(redis_server.url, workers=1, env=env)
+        try:
+            expect(page.get_by_test_id("worker-count")).to_have_text(
+                str(WORKERS + 1), timeout=WAIT_MS
+            )
+            expect(page.locator("#replica-count")).to_have_text("2 replicas", timeout=WAIT_MS)
+            instances = page.locator("#workers tr").evaluate_all(
+                "(rows) => rows.map((r) => r.dataset.instance)"
+            )
+            assert len(instances) == WORKERS + 1 and len(set(instances)) == 2, instances
+        finally:
+            assert other.stop() == 0
+        # Gone: greyed out after 3 s of silence, and out of the sums.
+        expect(page.get_by_test_id("worker-count")).to_have_text(str(WORKERS), timeout=WAIT_MS)
+        expect(page.locator('#workers tr[data-stale="true"]')).to_have_count(1, timeout=WAIT_MS)
         assert problems == []
     finally:
         page.context.close()
