@@ -85,7 +85,7 @@ async def _flood(url: str, duration_s: float, out: mp.Queue) -> None:
     await reader.readuntil(b"\r\n\r\n")
     conn = Connection(Role.CLIENT, max_message_bytes=1 << 20)
     batch = b"".join(
-        conn.send_text(json.dumps({"op": "publish", "topic": "fair.flood", "data": i}))
+        conn.send_text(json.dumps({"op": "publish", "id": i, "topic": "fair.flood", "data": i}))
         for i in range(2000)
     )
     counts = {"ack": 0, "rate_limited": 0, "other": 0}

@@ -4,6 +4,11 @@
     python bench/fanout.py --subscribers 1000 --rate 1000 --json
     python bench/fanout.py --idle 2000          # memory per idle connection
     python bench/fanout.py --idle 2000 --compress   # ... offering permessage-deflate
+    python bench/fanout.py --subscribers 1000 --topics 100 --rate 5000   # many topics
+
+With `--topics T`, subscriber i subscribes to `bench.<i mod T>` and message n goes to
+`bench.<n mod T>` (the harness's T1000 shape: little fan-out per message, so per-message
+cost shows rather than fan-out).
 
 It starts a private redis-server and `redwire serve`, opens the subscribers from separate
 load processes (uvloop, raw sockets; a few connections per process decode every frame for
@@ -78,10 +83,16 @@ def _masked_compressed_text(text: str) -> bytes:
 
 class Subscriber(asyncio.Protocol):
     def __init__(
-        self, sampled: bool, ready: asyncio.Event, counter: list[int], compress: bool = False
+        self,
+        sampled: bool,
+        ready: asyncio.Event,
+        counter: list[int],
+        compress: bool = False,
+        topic: str = TOPIC,
     ) -> None:
         from broker.frames import FrameParser
 
+        self.topic = topic
         self.sampled = sampled
         self.compress = compress
         self.ponged = False
@@ -112,7 +123,7 @@ class Subscriber(asyncio.Protocol):
                 raise RuntimeError("the server declined permessage-deflate")
             data = self.head[end + 4 :]
             self.transport.write(  # type: ignore[union-attr]
-                _masked_text(json.dumps({"op": "subscribe", "topic": TOPIC, "id": 1}))
+                _masked_text(json.dumps({"op": "subscribe", "topic": self.topic, "id": 1}))
             )
         if not self.acked:
             if b'"op":"ack"' in data or b'"op":"ack"' in (self.tail + data):
@@ -142,8 +153,20 @@ class Subscriber(asyncio.Protocol):
         self.tail = joined[-keep:] if not joined.endswith(MARK) else b""
 
 
+def topic_of(index: int, topics: int) -> str:
+    """The topic of subscriber (or message) number `index`."""
+    return TOPIC if topics <= 1 else f"{TOPIC}.{index % topics}"
+
+
 def subscriber_process(
-    host: str, port: int, count: int, sampled: int, conn, compress: bool = False
+    host: str,
+    port: int,
+    count: int,
+    sampled: int,
+    conn,
+    compress: bool = False,
+    first: int = 0,
+    topics: int = 1,
 ) -> None:
     import uvloop
 
@@ -153,8 +176,11 @@ def subscriber_process(
         subs: list[Subscriber] = []
         for i in range(count):
             ready = asyncio.Event()
+            topic = topic_of(first + i, topics)
             transport, proto = await loop.create_connection(
-                lambda r=ready, s=i < sampled: Subscriber(s, r, counter, compress), host, port
+                lambda r=ready, s=i < sampled, t=topic: Subscriber(s, r, counter, compress, t),
+                host,
+                port,
             )
             transport.write(_handshake(host, port, compress))
             subs.append(proto)
@@ -176,7 +202,14 @@ def subscriber_process(
 
 
 def publisher_process(
-    redis_url: str, prefix: str, history: int, rate: int, duration: float, size: int, conn
+    redis_url: str,
+    prefix: str,
+    history: int,
+    rate: int,
+    duration: float,
+    size: int,
+    conn,
+    topics: int = 1,
 ) -> None:
     """Publish through the bus (as the SDK does): plain PUBLISH, or the history script."""
     import uvloop
@@ -206,7 +239,8 @@ def publisher_process(
                 batch = []
                 for seq in range(sent, due):
                     data = f'{{"t":{time.monotonic_ns()},"s":{seq},"p":"{pad}"}}'.encode()
-                    batch.append(bus.publish(BusMessage(TOPIC, data, ENCODING_JSON, "bench")))
+                    message = BusMessage(topic_of(seq, topics), data, ENCODING_JSON, "bench")
+                    batch.append(bus.publish(message))
                 await asyncio.gather(*batch)
                 sent = due
             next_due = start + (sent + 1) / rate
@@ -221,13 +255,13 @@ def publisher_process(
 def _rules(history: int) -> tuple:
     from broker.settings import TopicRule
 
-    return (TopicRule(pattern=TOPIC, history_size=history),) if history else ()
+    return (TopicRule(pattern=TOPIC + "*", history_size=history),) if history else ()
 
 
 def _rules_env(history: int) -> dict[str, str]:
     if not history:
         return {}
-    return {"REDWIRE_TOPICS": json.dumps([{"pattern": TOPIC, "history_size": history}])}
+    return {"REDWIRE_TOPICS": json.dumps([{"pattern": TOPIC + "*", "history_size": history}])}
 
 
 # --- driver ---------------------------------------------------------------------------------
@@ -247,14 +281,17 @@ def run_fanout(args: argparse.Namespace) -> dict[str, object]:
         per = [args.subscribers // args.load_procs] * args.load_procs
         for i in range(args.subscribers % args.load_procs):
             per[i] += 1
+        first = 0
         for count in per:
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=subscriber_process,
-                args=(broker.host, broker.port, count, min(args.sampled, count), child),
-            )
+                args=(broker.host, broker.port, count, min(args.sampled, count), child, False,
+                      first, args.topics),
+            )  # fmt: skip
             proc.start()
             loaders.append((proc, parent))
+            first += count
         for _, pipe in loaders:
             msg = pipe.recv()
             assert msg[0] == "ready", msg
@@ -262,7 +299,7 @@ def run_fanout(args: argparse.Namespace) -> dict[str, object]:
         publisher = ctx.Process(
             target=publisher_process,
             args=(redis_url, args.prefix, args.history, args.rate, args.duration, args.size,
-                  pub_child),
+                  pub_child, args.topics),
         )  # fmt: skip
         publisher.start()
         pub_parent.recv()
@@ -272,7 +309,10 @@ def run_fanout(args: argparse.Namespace) -> dict[str, object]:
         pub_parent.send("go")
         _, sent, pub_elapsed = pub_parent.recv()
         # Let the tail drain: wait until counts stop growing (bounded).
-        expected = sent * args.subscribers
+        per_topic = [0] * max(1, args.topics)
+        for i in range(args.subscribers):
+            per_topic[i % len(per_topic)] += 1
+        expected = sum(per_topic[n % len(per_topic)] for n in range(sent))
         deadline = time.monotonic() + 10
         delivered = 0
         while time.monotonic() < deadline:
@@ -300,6 +340,7 @@ def run_fanout(args: argparse.Namespace) -> dict[str, object]:
             "bench": "fanout",
             "workers": args.workers,
             "subscribers": args.subscribers,
+            "topics": args.topics,
             "rate_msg_s": args.rate,
             "duration_s": args.duration,
             "size_bytes": args.size,
@@ -374,6 +415,7 @@ def main() -> None:
     parser.add_argument("--subscribers", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rate", type=int, default=2000)
+    parser.add_argument("--topics", type=int, default=1, help="topics the load is spread over")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--size", type=int, default=100, help="approximate data bytes")
     parser.add_argument("--load-procs", type=int, default=2)

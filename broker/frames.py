@@ -285,6 +285,17 @@ def serialize_frame(
     return b"".join((_HEAD64.pack(b0, 127, n), payload))
 
 
+def frame_header(opcode: int, payload_bytes: int) -> bytes:
+    """The header of an unmasked final frame (server role) carrying `payload_bytes`: put in
+    front of the payload's pieces, the frame is built with one join."""
+    b0 = _FIN | opcode
+    if payload_bytes < 126:
+        return _short_header(b0, payload_bytes)
+    if payload_bytes < 65536:
+        return _HEAD16.pack(b0, 126, payload_bytes)
+    return _HEAD64.pack(b0, 127, payload_bytes)
+
+
 def frame_header_size(payload_bytes: int, *, masked: bool = False) -> int:
     """Bytes a frame header takes for a payload of this size."""
     size = 2 if payload_bytes < 126 else 4 if payload_bytes < 65536 else 10

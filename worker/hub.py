@@ -52,12 +52,12 @@ from broker import errors
 from broker.bus import Bus, HistoryRead
 from broker.connection import encode_broadcast
 from broker.envelope import BusMessage
-from broker.frames import Opcode
+from broker.frames import Opcode, frame_header
 from broker.settings import Settings
 from broker.tasks import spawn
 from worker.outbox import Flusher, Outbox
 from worker.stats import WorkerStats
-from worker.wire import message_frame_body
+from worker.wire import message_frame_parts
 
 if TYPE_CHECKING:
     from worker.session import ClientSession
@@ -519,17 +519,18 @@ class Hub:
 
     def _encode(self, message: BusMessage, variant: Variant) -> bytes:
         binary, window_bits = variant
-        body = message_frame_body(
-            message.topic,
-            message.payload,
-            message.encoding,
-            binary=binary,
-            offset=message.offset,
-            epoch=message.epoch,
+        parts = message_frame_parts(
+            message.topic, message.payload, message.encoding, binary, message.offset, message.epoch
         )
+        opcode = Opcode.BINARY if binary else Opcode.TEXT
         s = self.settings
+        size = sum(map(len, parts))
+        if window_bits is None or size < s.compression_min_bytes:
+            # The usual case: header and pieces in one join, the frame built once for all.
+            return b"".join([frame_header(opcode, size), *parts])
+        body = b"".join(parts)
         return encode_broadcast(
-            Opcode.BINARY if binary else Opcode.TEXT,
+            opcode,
             body,
             compress_window_bits=window_bits,
             level=s.compression_level,

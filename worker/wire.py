@@ -10,6 +10,7 @@ those bytes without decoding them (`message_frame_body`).
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ UNAUTHORIZED = "unauthorized"  # a `refresh` token refused (the connection keeps
 _OPS = frozenset({"subscribe", "unsubscribe", "publish", "ping", "presence", "refresh"})
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack can carry
+_MSGPACK_DATA = msgpack_dumps("data")
 
 
 def _json_int(text: str) -> int:
@@ -233,19 +235,45 @@ def message_frame_body(
     `encoding` is the payload's; `binary` says which the receiving clients speak. When they
     differ the data is converted (once per message per worker, by the caller's cache).
     """
+    return b"".join(message_frame_parts(topic, payload, encoding, binary, offset, epoch))
+
+
+@functools.lru_cache(maxsize=16384)
+def _json_head(topic: str) -> bytes:
+    """`{"op":"message","topic":T` for JSON clients: made once per topic, not per message."""
+    return _dumps({"op": "message", "topic": topic})[:-1].encode()
+
+
+@functools.lru_cache(maxsize=1024)
+def _json_epoch(epoch: str | None) -> bytes:
+    return b',"epoch":' + _dumps(epoch).encode() + b',"data":'
+
+
+def message_frame_parts(
+    topic: str,
+    payload: bytes,
+    encoding: int,
+    binary: bool,
+    offset: int | None = None,
+    epoch: str | None = None,
+) -> list[bytes]:
+    """`message_frame_body` as the pieces to join, so a caller can put the frame header in
+    front and join once (the hub does: one join per message per variant)."""
+    if not binary:
+        if encoding != ENCODING_JSON:
+            payload = _dumps(_jsonable(msgpack_loads(payload))).encode("utf-8")
+        if offset is None:
+            return [_json_head(topic), b',"data":', payload, b"}"]
+        return [_json_head(topic), b',"offset":', b"%d" % offset, _json_epoch(epoch), payload, b"}"]
     fields: dict[str, Any] = {"op": "message", "topic": topic}
     if offset is not None:
         fields["offset"] = offset
         fields["epoch"] = epoch
-    if binary:
-        if encoding != ENCODING_MSGPACK:
-            payload = msgpack_dumps(_loads(payload))
-        head = msgpack_dumps(fields)
-        # One more entry in the map, then "data": payload. A fixmap header is 0x80 | n.
-        return bytes((head[0] + 1,)) + head[1:] + msgpack_dumps("data") + payload
-    if encoding != ENCODING_JSON:
-        payload = _dumps(_jsonable(msgpack_loads(payload))).encode("utf-8")
-    return _dumps(fields)[:-1].encode() + b',"data":' + payload + b"}"
+    if encoding != ENCODING_MSGPACK:
+        payload = msgpack_dumps(_loads(payload))
+    head = msgpack_dumps(fields)
+    # One more entry in the map, then "data": payload. A fixmap header is 0x80 | n.
+    return [bytes((head[0] + 1,)), head[1:], _MSGPACK_DATA, payload]
 
 
 def _jsonable(value: Any) -> Any:

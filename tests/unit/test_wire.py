@@ -423,3 +423,20 @@ def test_any_accepted_publish_can_be_framed_for_every_subscriber(
         body = message_frame_body("t", req.payload, req.encoding, binary=binary)
         parsed = parse_msgpack_frame(body) if binary else parse_json_frame(body)
         assert parsed["op"] == "message" and parsed["topic"] == "t"
+
+
+@pytest.mark.parametrize("topic", ["t", "room:1", "caf\u00e9.\u00fcber", 'q"uote\\d'])
+@pytest.mark.parametrize("position", [None, (0, "e" * 16), (2**53, "0123456789abcdef")])
+def test_the_cached_json_frame_is_what_json_dumps_writes(topic: str, position) -> None:
+    """message_frame_body builds the JSON around the payload from cached pieces: the bytes
+    are exactly those of the object the protocol describes, keys in the documented order."""
+    payload = b'{"a":[1,2,{"b":null}]}'
+    fields: dict[str, Any] = {"op": "message", "topic": topic}
+    offset, epoch = position or (None, None)
+    if position is not None:
+        fields.update(offset=offset, epoch=epoch)
+    fields["data"] = json.loads(payload)
+    expected = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
+    body = message_frame_body(topic, payload, ENCODING_JSON, binary=False, offset=offset,
+                              epoch=epoch)  # fmt: skip
+    assert body == expected
