@@ -259,6 +259,22 @@ def test_every_replica_on_the_redis_is_on_the_dashboard(
         page.context.close()
 
 
+def test_the_key_typed_into_the_form_opens_the_page(browser: Browser, broker) -> None:
+    page = browser.new_page()
+    try:
+        page.goto(f"http://{broker.host}:{broker.port}/dashboard")
+        page.fill("#key", "wrong")
+        page.click("button[type=submit]")
+        expect(page.locator("body")).to_contain_text("Wrong key", timeout=WAIT_MS)
+        page.fill("#key", KEY)
+        page.click("button[type=submit]")
+        expect(page.get_by_test_id("state")).to_have_text("open", timeout=WAIT_MS)
+        assert page.url == f"http://{broker.host}:{broker.port}/dashboard"
+        expect(page.get_by_test_id("worker-count")).to_have_text(str(WORKERS), timeout=WAIT_MS)
+    finally:
+        page.context.close()
+
+
 # --- the guard -------------------------------------------------------------------------------
 
 
