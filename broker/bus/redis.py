@@ -806,9 +806,20 @@ class RedisBus(Bus):
     async def start(self) -> None:
         if self._task is not None:
             return
+        self._start_publishing()
+        await self._start_subscriber()
+
+    def _start_publishing(self) -> None:
+        """The publisher and the presence upkeep (the Cluster's shard bus starts its
+        subscriber only once the shard has topics)."""
+        if not self._publisher.running:
+            self._publisher.start()
+            loop = asyncio.get_running_loop()
+            self._presence_task = loop.create_task(self._presence_loop(), name="bus-presence")
+
+    async def _start_subscriber(self) -> None:
+        """The subscriber task; returns when its first session went live or failed."""
         loop = asyncio.get_running_loop()
-        self._publisher.start()
-        self._presence_task = loop.create_task(self._presence_loop(), name="bus-presence")
         self._started = started = loop.create_future()
         self._task = task = loop.create_task(self._run(), name=f"bus-subscriber-{self.origin}")
         await asyncio.wait((started, task), return_when=asyncio.FIRST_COMPLETED)
@@ -1200,14 +1211,14 @@ class RedisBus(Bus):
 
     async def presence_add(self, topic: str, client_id: str, info: dict[str, Any]) -> None:
         text = info_json(info)
-        if self._task is None:
+        if not self._publisher.running:
             raise BusUnavailable("the bus is not running")
         self._presence_first(topic)  # the worker key, ahead of the entry in the same queue
         self._present.setdefault(topic, {})[client_id] = text
         await self._write_presence(topic, client_id)
 
     async def presence_remove(self, topic: str, client_id: str) -> None:
-        if self._task is None:
+        if not self._publisher.running:
             raise BusUnavailable("the bus is not running")
         entries = self._present.get(topic)
         if entries is not None:

@@ -22,9 +22,12 @@ Theory of operation.
 - Shards. Every master owning slots gets a `_ShardBus`: a RedisBus (its publisher, its
   subscriber session with reader/sender/prober tasks, reconnects, resubscription, gap
   reports, presence upkeep: all unchanged) pointed at that node, speaking SSUBSCRIBE /
-  SUNSUBSCRIBE / SPUBLISH and the scripts' sharded variants. Its `wanted_topics()` is the
-  owner's topics whose slot it owns now; its probe channel carries a tag chosen in its own
-  slots (`{0}`, `{1}`, ...: the first the map gives it), picked again on each session.
+  SUNSUBSCRIBE / SPUBLISH and the scripts' sharded variants. Its subscriber starts with
+  the shard's first topic (a subscribe, or topics moved there), so only shards with local
+  topics hold a subscriber connection; it then stays. Its `wanted_topics()` is the owner's
+  topics whose slot it owns now; its probe channel carries a tag chosen in its own slots
+  (`{0}`, `{1}`, ...: the first the map gives it), picked again on each session. A shard
+  without a subscriber is healthy while its publisher works.
 - Routing. A publish, history read or presence call goes to the shard owning the topic's
   slot, so one topic's commands leave in call order on one pipeline. A command a node did
   not run comes back as `Redirected`: MOVED refreshes the map and retries on the new owner;
@@ -195,6 +198,8 @@ class _ShardBus(RedisBus):
         self.cluster = cluster
         self.addr = addr
         self.late = late  # made after the cluster bus started: gaps on its first session too
+        self._starting: asyncio.Future[None] | None = None
+        self._gap_first = False  # the first session reports gaps (its topics moved here)
         self.instance = cluster.instance
         base = self.probe_channel.rpartition(b":")[0].replace(b"{", b"_").replace(b"}", b"_")
         self._probe_base = base + b":" + self.instance.encode()
@@ -203,10 +208,35 @@ class _ShardBus(RedisBus):
     def channel(self, topic: str) -> bytes:
         return self.cluster.channel(topic)
 
-    # --- subscriber ----------------------------------------------------------------------
+    # --- subscriber: started once the shard has topics -----------------------------------
+
+    async def start(self) -> None:
+        self._start_publishing()
+        if self.wanted_topics():  # topics moved to a shard made after the bus started
+            await self._subscriber(gaps=self.late)
+
+    async def _subscriber(self, *, gaps: bool = False) -> None:
+        """Start the subscriber task if it is not running (`gaps`: its first session reports
+        gaps too, for topics moved here); returns when its first session went live or failed."""
+        if self._task is None:
+            self._gap_first = gaps
+            self._starting = asyncio.ensure_future(self._start_subscriber())
+        if self._starting is not None:
+            await asyncio.shield(self._starting)
+
+    async def subscribe(self, topics: Collection[str]) -> None:
+        if self._task is None and self._publisher.running:
+            await self._subscriber()
+        await super().subscribe(topics)
+
+    @property
+    def healthy(self) -> bool:
+        if self._task is None:  # no topics here yet: only publishing matters
+            return self._publisher.running and self._publisher.ok
+        return super().healthy
 
     def _gap_on_connect(self) -> bool:
-        return self.late or super()._gap_on_connect()
+        return self._gap_first or super()._gap_on_connect()
 
     async def _session_once(self, failures: int) -> bool:
         self.probe_channel = self._pick_probe()
@@ -247,6 +277,8 @@ class _ShardBus(RedisBus):
         """Subscribe `topics` on the session with a gap reported as the node confirms each."""
         s = self._session
         if s is None:
+            if self._task is None and self._publisher.running:  # the first topics here
+                asyncio.ensure_future(self._subscriber(gaps=True)).add_done_callback(_retrieve)
             return  # the next session subscribes wanted_topics(), gaps included
         channels = []
         for topic in topics:
@@ -260,7 +292,7 @@ class _ShardBus(RedisBus):
         """True when `topic` is not (being) subscribed on the live session."""
         s = self._session
         if s is None:
-            return False  # the next session subscribes wanted_topics()
+            return self._task is None  # else the next session subscribes wanted_topics()
         channel = self.channel(topic)
         if channel not in s.topics:
             return True

@@ -178,14 +178,17 @@ async def test_each_shard_carries_only_its_own_topics(
     topics = topics_on_every_shard(cluster, 4, "chat")
     a, b = await harness.bus("w1"), await harness.bus("w2")
     inbox_a, inbox_b = Inbox(a), Inbox(b)
-    await asyncio.gather(a.subscribe(topics), b.subscribe(topics[:6]))
-    for node in cluster.nodes:
+    for node in cluster.nodes:  # no topic yet: no subscriber connection anywhere
+        assert shard_channels(node, f"{PREFIX}probe:*") == set()
+    await asyncio.gather(a.subscribe(topics), b.subscribe(topics[:6]))  # b: shards 0 and 1
+    for i, node in enumerate(cluster.nodes):
         own = {t for t in topics if cluster.owner(keyslot(t.encode())) is node}
         assert len(own) == 4
         assert shard_channels(node, f"{PREFIX}t:*") == {topic_channel(t) for t in own}
         for channel in shard_channels(node, f"{PREFIX}probe:*"):  # a probe per bus and shard
             assert cluster.owner(keyslot(channel)) is node
-        assert len(shard_channels(node, f"{PREFIX}probe:*")) == 2
+        # one subscriber (with its probe) per bus and shard that has its topics
+        assert len(shard_channels(node, f"{PREFIX}probe:*")) == (2 if i < 2 else 1)
         assert node.command("PUBSUB", "CHANNELS") == []  # no classic pub/sub at all
     sent = {t: [_msg(t, i) for i in range(20)] for t in topics}
     for i in range(20):
@@ -298,6 +301,9 @@ async def test_a_slot_migration_loses_nothing_on_history_and_announces_a_gap_on_
     subscriber.wanted_topics = lambda: sorted(wanted)
     inbox = Inbox(subscriber)
     await subscriber.subscribe(topics)
+    first_target = migration_target(cluster, topics[0])
+    # The subscriber has no connection to where the first topic goes: it is made for it.
+    assert not any(b":w2:" in ch for ch in shard_channels(first_target, f"{PREFIX}probe:*"))
     load = Load(publisher, topics, {t: [] for t in topics})
     task = asyncio.ensure_future(load.run())
     loop = asyncio.get_running_loop()
