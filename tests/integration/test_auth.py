@@ -12,6 +12,7 @@ Independent clients (`websockets`, `aiohttp`), tokens made here with pyjwt:
 - the application's on_connect hook runs after the token check and sees its claims;
 - the Python client and redwire.js (in Node, over the `ws` package) answer the server's
   refresh requests from their token functions, and with a fixed token end at the 4001 close;
+- redwire.js in headless Chromium with the token as a `Sec-WebSocket-Protocol` entry;
 - RS256 tokens against a JWKS URL: a key added to the JWKS is picked up by the next reload,
   and the keys loaded stay while the URL is unreachable.
 Short tokens (3 s) with generous waits on conditions: nothing asserts how long anything took.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -534,3 +536,54 @@ async def test_a_jwks_url_is_reloaded_and_kept_when_unreachable(redis_server) ->
         jwks.stop()
         assert server.stop() == 0
     assert "Traceback" not in "".join(server.output)
+
+
+# --- redwire.js in headless Chromium: the token as a subprotocol entry --------------------------
+
+CHROMIUM = os.environ.get("REDWIRE_CHROMIUM", "/usr/bin/chromium")
+BROWSER_REFRESH = """
+async (waitMs) => {
+  const rw = await import("/redwire.js");
+  const client = rw.connect(undefined, { token: () => window.newToken(),
+                                         tokenTransport: "protocol" });
+  const disconnects = [];
+  client.on("disconnected", (info) => disconnects.push(info.code));
+  const deadline = Date.now() + waitMs;
+  const until = async (check) => {
+    while (!check()) {
+      if (Date.now() > deadline) throw new Error("timed out");
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  };
+  const got = [];
+  const sub = client.subscribe("web.page", (data) => got.push(data));
+  await sub.ready;
+  await until(() => client.stats.tokenRefreshes >= 2);
+  const denied = await client.publish("web.page", 1).then(() => "acked", (e) => e.code);
+  client.close();
+  return { refreshes: client.stats.tokenRefreshes, disconnects: disconnects.slice(0, -1),
+           denied, url: client.url };
+}
+"""
+
+
+def test_redwire_js_in_chromium_with_the_token_as_a_subprotocol(broker: ServerProcess) -> None:
+    """Chromium accepts `redwire.token.<jwt>` beside `redwire.json` (the server selects the
+    latter), refreshes through the token function, and gets `forbidden` from a topic rule
+    that stops browsers publishing (`web.*`)."""
+    from playwright.sync_api import sync_playwright
+
+    assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing: apt-get install -y chromium"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(f"http://{broker.host}:{broker.port}/")
+            page.expose_function("newToken", lambda: token("web-dave", ttl_s=SHORT_S))
+            result = page.evaluate(BROWSER_REFRESH, WAIT_S * 1000)
+        finally:
+            browser.close()
+    assert result["refreshes"] >= 2
+    assert result["disconnects"] == []  # one connection while the tokens came and went
+    assert result["denied"] == "forbidden"  # a browser (it sent Origin) on a web.* topic
+    assert "token" not in result["url"]
