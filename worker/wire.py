@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,13 +65,36 @@ def _loads(text: str | bytes) -> Any:
     return json.loads(text, parse_int=_json_int, parse_constant=_json_constant)
 
 
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _check_text(obj: Any) -> None:
+    """ValueError if a string in `obj` (keys too) holds half a surrogate pair: JSON's
+    `\\ud800` escapes decode to one, and no UTF-8 frame, Redis command or JWT library takes
+    it (a reply echoing such an id would fail in the worker, not in the client)."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                raise ValueError("text holds half a surrogate pair (a \\ud800 escape?)")
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def loads_json(text: str | bytes) -> Any:
     """JSON for the broker (the HTTP publish body too): ValueError for anything every
-    subscriber could not receive, nesting too deep for the parser included."""
+    subscriber could not receive, nesting too deep for the parser and lone surrogates
+    included."""
     try:
-        return _loads(text)
+        obj = _loads(text)
     except RecursionError:
         raise ValueError("nested too deep") from None
+    _check_text(obj)  # bytes are decoded with surrogatepass: always look
+    return obj
 
 
 def check_data(data: Any, max_depth: int, *, finite: bool) -> None:
@@ -151,6 +175,8 @@ class WireCodec:
                 raise ClientError(BAD_REQUEST, "binary frame on a redwire.json connection")
             try:
                 obj = _loads(frame)
+                if "\\u" in frame:  # only an escape makes a lone surrogate in a str frame
+                    _check_text(obj)
             except RecursionError:
                 raise ClientError(BAD_REQUEST, "invalid JSON: nested too deep") from None
             except ValueError as exc:

@@ -211,6 +211,7 @@ def wire() -> dict[str, bytes]:
         "json-publish-deep": b"\x08" + b'{"op":"publish","topic":"t","data":[[[[[1]]]]]}',
         "json-nan": b"\x00" + b'{"op":"publish","topic":"t","data":NaN}',
         "json-ping": j({"op": "ping", "id": 9007199254740993}),
+        "json-escapes": j({"op": "subscribe", "topic": "t", "id": "\u00e9\n", "key": "\u2603"}),
         "json-bad-topic": j({"op": "unsubscribe", "topic": "a b", "id": True}),
         "msgpack-publish": m(
             {"op": "publish", "topic": "t", "id": 2, "data": {"b": b"\x00\xff", "f": 1.5}}

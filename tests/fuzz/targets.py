@@ -639,14 +639,18 @@ def fuzz_wire(data: bytes) -> None:
         request = codec.decode(frame)
     except ClientError as exc:
         check(exc.code in CLIENT_CODES, f"unexpected error code {exc.code}")
-        reply = codec.error(exc.request_id, exc.code, exc.reason)
-        check(isinstance(reply, bytes if binary else str), "error reply of the wrong type")
+        _sendable(codec.error(exc.request_id, exc.code, exc.reason), binary)
         return
-    check(request.op in ("subscribe", "unsubscribe", "publish", "ping", "presence"), "op")
+    check(request.op in wire._OPS, f"op {request.op!r}")
     check(request.id is None or isinstance(request.id, int | str), "id type")
-    codec.ack(request.id)
-    if request.op != "ping":
-        check(wire.check_topic(request.topic, 32) == request.topic, "topic not checked")
+    _sendable(codec.ack(request.id), binary)
+    # Whatever the session may echo or hand on (ids, options: keys, tokens, epochs) is text
+    # a UTF-8 frame, Redis or a JWT library can take.
+    _encodable((request.id, request.options))
+    if request.topic is not None:
+        check(wire.check_client_topic(request.topic, 32) == request.topic, "topic not checked")
+    else:
+        check(request.op in ("ping", "refresh"), f"{request.op} without a topic")
     if request.op != "publish":
         return
     payload = request.payload
@@ -660,6 +664,31 @@ def fuzz_wire(data: bytes) -> None:
     # And it travels over the bus unchanged.
     message = envelope.BusMessage(request.topic, payload, request.encoding, "fuzz", 7, "e")
     check(envelope.unpack(envelope.pack(message)) == message, "envelope round trip")
+
+
+def _sendable(reply: str | bytes, binary: bool) -> None:
+    """A reply is sent as a binary frame (msgpack) or a text frame: UTF-8 it must be."""
+    check(isinstance(reply, bytes if binary else str), "reply of the wrong frame type")
+    if isinstance(reply, str):
+        try:
+            reply.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise Finding(f"a reply cannot be sent as a text frame: {exc}") from None
+
+
+def _encodable(value: object) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise Finding(f"request text that is not Unicode text: {exc}") from None
+        elif isinstance(item, dict):
+            stack.extend(item.items())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
 
 
 def _envelope(raw: bytes) -> None:
