@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -81,7 +82,7 @@ from broker.bus.redis import (
     connection_factory,
 )
 from broker.envelope import BusMessage
-from broker.errors import BusUnavailable, ConfigError
+from broker.errors import BusError, BusUnavailable, ConfigError
 from broker.settings import Settings
 
 log = logging.getLogger("redwire.bus")
@@ -443,7 +444,8 @@ class RedisClusterBus(Bus):
         Callers during a refresh get a second one after it (what they saw may be newer)."""
         task = self._refreshing
         if task is None or task.done():
-            task = asyncio.get_running_loop().create_task(self._refresh_loop(hint))
+            loop = asyncio.get_running_loop()  # (a context of its own: never sent ASKING)
+            task = loop.create_task(self._refresh_loop(hint), context=contextvars.Context())
             self._refreshing = task
         else:  # the running one goes round once more, for what this caller saw
             self._refresh_again = hint or self._refresh_again or ""
@@ -469,27 +471,29 @@ class RedisClusterBus(Bus):
         new_map = None
         for addr in candidates:
             try:
-                reply = await self._one_shot(addr, b"CLUSTER", b"SLOTS")
+                reply = await self._ask(addr, b"CLUSTER", b"SLOTS")
                 new_map = parse_slots(reply, addr.rpartition(":")[0])
                 break
-            except _IO_ERRORS as exc:
+            except (*_IO_ERRORS, BusError) as exc:
                 log.debug("bus: CLUSTER SLOTS from %s failed: %s", addr, exc)
         if new_map is None or not new_map.ranges or not self._running:
             if self._running:
                 log.warning("bus: no Redis Cluster node answered CLUSTER SLOTS; retrying")
             return False
-        replies = await asyncio.gather(
-            *(self._one_shot(addr, b"INFO", b"replication") for addr in new_map.masters),
-            return_exceptions=True,
-        )
-        replids = []
-        for reply in replies:
-            if isinstance(reply, bytes):
-                for line in reply.splitlines():
-                    if line.startswith(b"master_replid:"):
-                        replids.append(line.split(b":", 1)[1].strip())
-        self.trust = b"|" + b"|".join(replids) + b"|" if replids else b""
         changed = new_map != self.slot_map
+        if changed or not self.trust:
+            # A failover or a new master changes the map: the masters' ids are read again.
+            replies = await asyncio.gather(
+                *(self._ask(addr, b"INFO", b"replication") for addr in new_map.masters),
+                return_exceptions=True,
+            )
+            replids = []
+            for reply in replies:
+                if isinstance(reply, bytes):
+                    for line in reply.splitlines():
+                        if line.startswith(b"master_replid:"):
+                            replids.append(line.split(b":", 1)[1].strip())
+            self.trust = b"|" + b"|".join(replids) + b"|" if replids else b""
         self.slot_map = new_map
         late = self._task is not None
         fresh = []
@@ -512,6 +516,15 @@ class RedisClusterBus(Bus):
             await shard.close()
         self._update_health()
         return True
+
+    async def _ask(self, addr: str, *args: bytes) -> Any:
+        """One command to the node `addr`: on its shard's publisher connection (queued with
+        the publishes) when there is one that works, else on a connection of its own."""
+        shard = self._shards.get(addr)
+        if shard is not None and shard._publisher.running and shard._publisher.ok:
+            with contextlib.suppress(BusError):
+                return await shard._publisher.call(*args)
+        return await self._one_shot(addr, *args)
 
     async def _one_shot(self, addr: str, *args: bytes) -> Any:
         timeout = self.settings.bus_connect_timeout_s

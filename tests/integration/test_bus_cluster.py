@@ -154,7 +154,7 @@ async def test_subscribe_many_topics_on_every_shard(cluster: RedisCluster, harne
 
 
 async def test_concurrent_publishes_on_one_topic_are_batched(harness: ClusterHarness) -> None:
-    bus = await harness.bus(bus_publish_batch=64)
+    bus = await harness.bus(bus_publish_batch=64, bus_cluster_refresh_s=60.0)  # only ours
     inbox = Inbox(bus)
     await bus.subscribe(["burst"])
     before = bus.stats()["publish_batches"]
