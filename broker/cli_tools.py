@@ -106,7 +106,7 @@ def mask(name: str, value: Any) -> Any:
     """`value` with its secret parts replaced by ***."""
     if value is None:
         return None
-    if name in _SECRETS:
+    if name in _SECRETS and value != ():
         return MASK
     if name == "redis_url" and isinstance(value, str):  # broker.settings.mask_url
         return mask_url(value)
@@ -158,6 +158,8 @@ def effective_settings(
             source = f"toml {path}"
         elif f.name == "api_key" and settings.api_key_file is not None:
             source = "api_key_file"  # read from that file when the settings were made
+        elif f.name == "jwt_secrets" and settings.jwt_secret_file is not None:
+            source = "jwt_secret_file"
         else:
             source = "default"
         rows.append(Effective(f.name, mask(f.name, getattr(settings, f.name)), source))
