@@ -13,6 +13,7 @@ Independent clients (`websockets`, `aiohttp`), tokens made here with pyjwt:
 - the Python client and redwire.js (in Node, over the `ws` package) answer the server's
   refresh requests from their token functions, and with a fixed token end at the 4001 close;
 - redwire.js in headless Chromium with the token as a `Sec-WebSocket-Protocol` entry;
+- `allow_anonymous` beside tokens: anonymous connections reach only topics open to "any";
 - RS256 tokens against a JWKS URL: a key added to the JWKS is picked up by the next reload,
   and the keys loaded stay while the URL is unreachable.
 Short tokens (3 s) with generous waits on conditions: nothing asserts how long anything took.
@@ -30,6 +31,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -587,3 +589,38 @@ def test_redwire_js_in_chromium_with_the_token_as_a_subprotocol(broker: ServerPr
     assert result["disconnects"] == []  # one connection while the tokens came and went
     assert result["denied"] == "forbidden"  # a browser (it sent Origin) on a web.* topic
     assert "token" not in result["url"]
+
+
+# --- anonymous access beside tokens ----------------------------------------------------------
+
+
+async def test_anonymous_access_when_allowed(redis_server, tmp_path: Path) -> None:
+    secret_file = tmp_path / "jwt_secrets"
+    secret_file.write_text(SECRET)
+    rules = [{"pattern": "members.*", "allow_subscribe": "authenticated"}]
+    server = serve(
+        redis_server.url,
+        workers=1,
+        args=("--jwt-secret-file", str(secret_file)),
+        env={
+            "REDWIRE_ALLOW_ANONYMOUS": "true",
+            "REDWIRE_JWT_AUDIENCE": "redwire-tests",
+            "REDWIRE_TOPICS": json.dumps(rules),
+            "REDWIRE_CHANNEL_PREFIX": "auth-anon:",
+        },
+    )
+    try:
+        anonymous = await open_peer(server, None)
+        assert (await anonymous.request(op="subscribe", topic="public.x"))["op"] == "ack"
+        denied = await anonymous.request(op="subscribe", topic="members.x")
+        assert denied["code"] == "forbidden" and "needs a token" in denied["reason"]
+        member = await open_peer(server, token())
+        assert (await member.request(op="subscribe", topic="members.x"))["op"] == "ack"
+        # A bad token is refused, not taken as anonymous.
+        with pytest.raises(InvalidStatus) as refused:
+            await websockets.connect(f"{server.url}/ws?token={token(ttl_s=-60)}")
+        assert refused.value.response.status_code == 401
+        await anonymous.ws.close()
+        await member.ws.close()
+    finally:
+        assert server.stop() == 0
