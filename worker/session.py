@@ -506,6 +506,8 @@ class ClientSession:
         self.auth = new
         self.app.stats.token_refreshes += 1
         for topic in sorted(self.topics):  # a narrower token: leave what it no longer allows
+            if topic.startswith(wire.SYS_PREFIX):
+                continue  # reserved topics answer to the API key, not to the token
             denied = self._denied("subscribe", topic)
             if denied is not None:
                 self._leave(topic)
@@ -557,7 +559,11 @@ class ClientSession:
         """Stop taking requests and wait until the ones taken are answered (the caller
         bounds the wait), so no publish already in flight loses its ack."""
         self.ws.hold_input("drain")
-        while self.live and (self._inflight or self._queue is not None):
+        ws = self.ws
+        while self.live and (self._inflight or self._queue is not None or ws.input_pending):
+            if not self._inflight and self._queue is None:
+                await asyncio.sleep(0)  # requests already read: handed over a slice a turn
+                continue
             self._drained = asyncio.get_running_loop().create_future()
             await self._drained
 
