@@ -25,8 +25,10 @@ session, per turn of the event loop. What is left waits in `_backlog` (bytes) an
 next slice runs from `call_soon`: after every callback already ready, other connections'
 reads and timers included, so a flooding client gets its turn like everybody else, in
 order, and no client's burst delays the others by more than one slice. A slice waits
-while anything else holds the input (the session's request queue, the write buffer). An
-EOF that arrives behind a backlog is handled after it.
+while something else holds the input (the session's request queue or publishes in
+flight, the write buffer), but not for a drain: what was read before it is handed over
+(`input_pending` until then), so it is answered. An EOF that arrives behind a backlog is
+handled after it.
 
 Anything unexpected raised while a session handles a message closes that one connection
 with 1011 (`_session_failed`), never the worker.
@@ -71,6 +73,9 @@ from broker.settings import Settings
 from broker.tasks import spawn
 
 log = logging.getLogger("redwire.worker")
+# Input holds a pending slice does not wait for: its own, and a drain (what was read before
+# the drain is still handed to the session).
+_SLICE_GOES_ON = frozenset({"slice", "drain"})
 
 
 class Session(Protocol):
@@ -258,7 +263,7 @@ class WebSocket(asyncio.Protocol):
     def release_input(self, reason: str) -> None:
         held = self._input_holds
         held.discard(reason)
-        if self._slice_waiting and held <= {"slice"}:
+        if self._slice_waiting and held <= _SLICE_GOES_ON:
             self._slice_waiting = False
             self._schedule_slice()
         transport = self.transport
@@ -449,7 +454,7 @@ class WebSocket(asyncio.Protocol):
         if conn is None or transport is None or transport.is_closing():
             self._backlog = self._pending_events = None
             return
-        if self._input_holds - {"slice"}:
+        if self._input_holds - _SLICE_GOES_ON:
             self._slice_waiting = True  # release_input schedules the next slice
             return
         try:
@@ -465,6 +470,11 @@ class WebSocket(asyncio.Protocol):
         except Exception:
             log.exception("handling a slice of input failed")
             self.abort()
+
+    @property
+    def input_pending(self) -> bool:
+        """Bytes read from the peer are still waiting for their slice."""
+        return self._backlog is not None or self._pending_events is not None
 
     def _resume_slices(self) -> None:
         """The input holds were cleared (closing): go on with the backlog, where the peer's
