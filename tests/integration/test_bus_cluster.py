@@ -50,6 +50,7 @@ from support.redis_cluster import ClusterNode, RedisCluster
 from broker.bus import Bus, Published, make_bus
 from broker.bus.redis_cluster import RedisClusterBus, keyslot
 from broker.envelope import ENCODING_JSON, BusMessage
+from broker.errors import BusError
 from broker.settings import TopicRule
 
 PREFIX = SETTINGS.channel_prefix
@@ -488,3 +489,56 @@ async def test_a_live_slot_migration_through_the_broker(
         assert not any(g.get("topic") == history for g in gaps), gaps
     for client in (*subscribers, publisher):
         await client.close()
+
+
+# --- a master killed and restarted ---------------------------------------------------------------
+
+FAST = {
+    "bus_probe_interval_s": 0.3,
+    "bus_probe_timeout_s": 1.0,
+    "bus_reconnect_max_s": 0.3,
+}
+
+
+async def publish_until_it_works(bus: Bus, topic: str, n: int) -> Published:
+    """Publish, retrying refusals (`unavailable`: never published) for a while."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return await bus.publish(_msg(topic, n))
+        except BusError:
+            assert time.monotonic() < deadline, f"publishing on {topic} did not come back"
+            await asyncio.sleep(0.1)  # a publisher retrying after a refusal, as a client would
+
+
+async def test_a_master_down_stops_only_its_shard_and_is_followed_when_back(
+    cluster: RedisCluster, harness: ClusterHarness
+) -> None:
+    victim = cluster.nodes[1]
+    topics = topics_on_every_shard(cluster, 1, "hist.node") + topics_on_every_shard(
+        cluster, 1, "node"
+    )
+    on_victim = {t for t in topics if cluster.owner(keyslot(t.encode())) is victim}
+    assert len(on_victim) == 2
+    publisher, subscriber = await harness.bus("w1", **FAST), await harness.bus("w2", **FAST)
+    subscriber.wanted_topics = lambda: sorted(topics)
+    inbox = Inbox(subscriber)
+    await subscriber.subscribe(topics)
+    before = {t: await publisher.publish(_msg(t, 0)) for t in topics}
+    await inbox.until(lambda: len(inbox.messages) == len(topics))
+    await asyncio.to_thread(cluster.kill, victim)
+    try:
+        for t in topics:  # the other shards go on
+            if t not in on_victim:
+                await publisher.publish(_msg(t, 1))
+        others = len(topics) - len(on_victim)
+        await inbox.until(lambda: len(inbox.messages) == len(topics) + others)
+    finally:
+        await asyncio.to_thread(cluster.start, victim)
+    await inbox.until(lambda: {t for gap in inbox.gaps for t in gap} == on_victim, 30)
+    after = {t: await publish_until_it_works(publisher, t, 2) for t in topics}
+    await inbox.until(lambda: len(inbox.messages) == 2 * len(topics) + others, 30)
+    assert {m.topic for m in inbox.messages[-len(topics) :]} == set(topics)
+    for t in topics:
+        if t.startswith("hist."):  # the victim came back empty: its topic's epoch ended
+            assert (after[t].epoch != before[t].epoch) == (t in on_victim)

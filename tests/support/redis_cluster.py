@@ -3,12 +3,14 @@
 Never the machine's own Redis: every node binds 127.0.0.1 on a free port, keeps nothing
 but its `nodes.conf` in a private directory, and is stopped by PID (the directory removed)
 by `close()`. The slots are split evenly over the masters (CLUSTER ADDSLOTSRANGE), the
-nodes meet each other (CLUSTER MEET), and `start` returns once every node reports
+nodes meet each other (CLUSTER MEET), and the constructor returns once every node reports
 `cluster_state:ok` and agrees on who owns every slot.
 
-`migrate_slot` moves one slot, keys included, from its owner to another master the way
-`redis-cli --cluster reshard` does: SETSLOT IMPORTING / MIGRATING, MIGRATE in batches,
-SETSLOT NODE on both sides. `pause` is called after each step (tests publish in between).
+`kill` and `start` stop a node with SIGKILL and bring it back on its port (it remembers
+its slots in nodes.conf, its data is gone). `migrate_slot` moves one slot, keys included,
+from its owner to another master the way `redis-cli --cluster reshard` does: SETSLOT
+IMPORTING / MIGRATING, MIGRATE in batches, SETSLOT NODE on both sides. `pause` is called
+after each step (tests publish in between).
 """
 
 from __future__ import annotations
@@ -162,6 +164,17 @@ class RedisCluster:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(STOP_TIMEOUT_S)
         shutil.rmtree(self._root, ignore_errors=True)
+
+    def kill(self, node: ClusterNode) -> None:
+        """SIGKILL one node (it keeps its nodes.conf: `start` brings it back, empty)."""
+        if node.proc is not None and node.proc.poll() is None:
+            os.kill(node.proc.pid, signal.SIGKILL)
+            node.proc.wait(STOP_TIMEOUT_S)
+
+    def start(self, node: ClusterNode) -> None:
+        """Start a killed node again on its port; returns once the cluster agrees again."""
+        self._start_node(node)
+        self.wait_until(self._agreed, "the cluster did not recover")
 
     def __enter__(self) -> RedisCluster:
         return self
