@@ -219,20 +219,19 @@ class _ShardBus(RedisBus):
     async def _subscriber(self, *, gaps: bool = False) -> None:
         """Start the subscriber task if it is not running (`gaps`: its first session reports
         gaps too, for topics moved here); returns when its first session went live or failed."""
-        if self._task is None:
+        if self._starting is None:
             self._gap_first = gaps
             self._starting = asyncio.ensure_future(self._start_subscriber())
-        if self._starting is not None:
-            await asyncio.shield(self._starting)
+        await asyncio.shield(self._starting)
 
     async def subscribe(self, topics: Collection[str]) -> None:
-        if self._task is None and self._publisher.running:
+        if self._starting is None and self._publisher.running:
             await self._subscriber()
         await super().subscribe(topics)
 
     @property
     def healthy(self) -> bool:
-        if self._task is None:  # no topics here yet: only publishing matters
+        if self._starting is None:  # no topics here yet: only publishing matters
             return self._publisher.running and self._publisher.ok
         return super().healthy
 
@@ -278,7 +277,7 @@ class _ShardBus(RedisBus):
         """Subscribe `topics` on the session with a gap reported as the node confirms each."""
         s = self._session
         if s is None:
-            if self._task is None and self._publisher.running:  # the first topics here
+            if self._starting is None and self._publisher.running:  # the first topics here
                 asyncio.ensure_future(self._subscriber(gaps=True)).add_done_callback(_retrieve)
             return  # the next session subscribes wanted_topics(), gaps included
         channels = []
@@ -293,7 +292,7 @@ class _ShardBus(RedisBus):
         """True when `topic` is not (being) subscribed on the live session."""
         s = self._session
         if s is None:
-            return self._task is None  # else the next session subscribes wanted_topics()
+            return self._starting is None  # else the next session subscribes wanted_topics()
         channel = self.channel(topic)
         if channel not in s.topics:
             return True
