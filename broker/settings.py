@@ -147,6 +147,10 @@ class Settings:
     # Open WebSockets per worker (over it the upgrade gets 503) and per client IP address,
     # the TCP peer's (429). None: no cap.
     max_connections_per_worker: int | None = 10000
+    # WebSocket upgrades a worker accepts per second (a token bucket; over it: 503 with
+    # Retry-After), so a connection flood cannot starve the clients already connected.
+    connection_rate_per_s: float | None = 2000.0  # None: no limit
+    connection_burst: int = 4000  # upgrades accepted at once from a full bucket
     max_connections_per_ip: int | None = 1000
     # A WebSocket that sends nothing (no frame, no ping, no pong) this long while it is
     # subscribed to nothing and has no request pending is closed 1008 "idle". None: never.
@@ -542,6 +546,11 @@ def _validate(s: Settings) -> None:
         "publish_rate_per_s must be > 0 (none: no limit)",
     )
     need(s.publish_burst >= 1, "publish_burst must be >= 1")
+    need(
+        s.connection_rate_per_s is None or s.connection_rate_per_s > 0,
+        "connection_rate_per_s must be > 0 (none: no limit)",
+    )
+    need(s.connection_burst >= 1, "connection_burst must be >= 1")
     for name in ("max_connections_per_worker", "max_connections_per_ip"):
         value = getattr(s, name)
         need(value is None or value >= 1, f"{name} must be >= 1 (none: no cap)")

@@ -48,7 +48,11 @@ _COUNTERS = {
 _REASON_COUNTERS = {
     "connections_refused": (
         "WebSocket upgrades refused by a connection cap",
-        {"worker_full": "refused_worker_full", "per_ip": "refused_per_ip"},
+        {
+            "worker_full": "refused_worker_full",
+            "per_ip": "refused_per_ip",
+            "rate": "refused_rate",
+        },
     ),
 }
 _GAUGES = {

@@ -7,13 +7,15 @@ WebSocket, wait for them to go, and drop what is left when `drain_timeout_s` run
 
 `ConnectionLimits` is the worker's connection caps: `admit(ip)` takes a slot for one
 WebSocket upgrade or raises the HTTP refusal (503 worker full, 429 too many from that
-address), before any session exists; the slot is given back by the callable it returns.
+address, 503 over the upgrade rate), before any session exists; the slot is given back by
+the callable it returns.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +24,7 @@ from broker import errors
 from broker.errors import HandshakeError
 from broker.settings import Settings
 from broker.tls import server_context
+from broker.token_bucket import TokenBucket
 from worker.protocol import ServerApp, WebSocket
 from worker.stats import WorkerStats
 
@@ -33,6 +36,8 @@ class ConnectionLimits:
     `max_connections_per_worker` and `max_connections_per_ip` (None: no cap)."""
 
     def __init__(self, settings: Settings, stats: WorkerStats) -> None:
+        rate = settings.connection_rate_per_s
+        self.rate = None if rate is None else TokenBucket(rate, settings.connection_burst)
         self.max_per_worker = settings.max_connections_per_worker
         self.max_per_ip = settings.max_connections_per_ip
         self.stats = stats
@@ -51,6 +56,13 @@ class ConnectionLimits:
         if self.max_per_ip is not None and count >= self.max_per_ip:
             self.stats.refused_per_ip += 1
             raise HandshakeError(429, "too many connections from this address")
+        wait_s = self.rate.take() if self.rate is not None else 0.0
+        if wait_s > 0:
+            self.stats.refused_rate += 1
+            retry = str(max(1, math.ceil(wait_s)))
+            raise HandshakeError(
+                503, "too many new connections, retry later", [("Retry-After", retry)]
+            )
         self.open += 1
         self.by_ip[ip] = count + 1
         released = False

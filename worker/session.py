@@ -40,6 +40,7 @@ from broker.bus import Published
 from broker.envelope import BusMessage
 from broker.errors import BusError, BusOutcomeUnknown, ClientError
 from broker.tasks import spawn
+from broker.token_bucket import TokenBucket
 from worker import wire
 from worker.dashboard import check_reserved_topic, presents_api_key
 from worker.outbox import Outbox
@@ -60,43 +61,6 @@ def bus_error(exc: BusError, what: str) -> ClientError:
             wire.OUTCOME_UNKNOWN, f"{what}: outcome unknown (Redis did not answer in time)"
         )
     return ClientError(wire.UNAVAILABLE, f"{what}: the bus is unavailable")
-
-
-class TokenBucket:
-    """Up to `burst` operations at once, refilled at `rate_per_s`; no I/O, no asyncio.
-
-    `take()` spends one token and returns 0.0, or, when none is left, spends nothing and
-    returns the seconds until one will be there. `clock` (seconds, monotonic) is injected
-    so tests step time instead of sleeping."""
-
-    __slots__ = ("_clock", "_stamp", "_tokens", "burst", "rate_per_s")
-
-    def __init__(
-        self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        if rate_per_s <= 0 or burst < 1:
-            raise ValueError("rate_per_s must be > 0 and burst >= 1")
-        self.rate_per_s = rate_per_s
-        self.burst = burst
-        self._clock = clock
-        self._tokens = float(burst)
-        self._stamp = clock()
-
-    def take(self) -> float:
-        now = self._clock()
-        elapsed = now - self._stamp
-        self._stamp = now
-        if elapsed > 0:  # a clock that steps back refills nothing
-            self._tokens = min(float(self.burst), self._tokens + elapsed * self.rate_per_s)
-        if self._tokens >= 1.0 - 1e-9:  # float sums of refills may fall a hair short
-            self._tokens = max(self._tokens - 1.0, 0.0)
-            return 0.0
-        return (1.0 - self._tokens) / self.rate_per_s
-
-    @property
-    def tokens(self) -> float:
-        """Tokens left as of the last `take` (for tests and debugging)."""
-        return self._tokens
 
 
 class ClientSession:

@@ -27,6 +27,7 @@ class WorkerStats:
     rate_limited: int = 0  # publishes refused with rate_limited (publish_rate_per_s)
     refused_worker_full: int = 0  # upgrades refused 503: max_connections_per_worker
     refused_per_ip: int = 0  # upgrades refused 429: max_connections_per_ip
+    refused_rate: int = 0  # upgrades refused 503: connection_rate_per_s
     idle_closes: int = 0  # WebSockets closed 1008 "idle" (idle_timeout_s)
     partial_input_closes: int = 0  # closed 1013: max_partial_input_bytes_per_worker reached
     tokens_refused: int = 0  # upgrades refused 401/503: a bad or missing connection token

@@ -8,10 +8,10 @@ import pytest
 from broker.bus.memory import MemoryBus
 from broker.errors import ConfigError, HandshakeError
 from broker.settings import Settings
+from broker.token_bucket import TokenBucket
 from worker.broker_app import BrokerApp
 from worker.metrics import series_names
 from worker.server import ConnectionLimits
-from worker.session import TokenBucket
 from worker.stats import WorkerStats
 
 
@@ -111,10 +111,32 @@ def test_connection_caps_per_worker_and_per_ip() -> None:
     assert limits.by_ip == {"10.0.0.1": 1}
 
 
+def test_connection_rate_refuses_past_the_burst_with_retry_after() -> None:
+    stats = WorkerStats()
+    limits = ConnectionLimits(Settings(connection_rate_per_s=0.5, connection_burst=2), stats)
+    now = [100.0]
+    assert limits.rate is not None
+    limits.rate = TokenBucket(0.5, 2, clock=lambda: now[0])
+    limits.admit("10.0.0.1")
+    limits.admit("10.0.0.2")
+    with pytest.raises(HandshakeError) as exc:
+        limits.admit("10.0.0.3")
+    assert exc.value.status == 503
+    assert ("Retry-After", "2") in exc.value.headers
+    assert stats.refused_rate == 1
+    assert limits.open == 2  # a refused upgrade holds no slot
+    now[0] += 2.0
+    limits.admit("10.0.0.3")  # refilled
+
+
 def test_connection_caps_off() -> None:
     limits = ConnectionLimits(
-        Settings(max_connections_per_worker=None, max_connections_per_ip=None), WorkerStats()
+        Settings(
+            max_connections_per_worker=None, max_connections_per_ip=None, connection_rate_per_s=None
+        ),
+        WorkerStats(),
     )
+    assert limits.rate is None
     for _ in range(100):
         limits.admit("10.0.0.1")
     assert limits.open == 100
@@ -128,6 +150,7 @@ def test_limit_defaults_are_on() -> None:
     assert s.publish_rate_per_s == 10000.0 and s.publish_burst == 20000
     assert s.max_connections_per_worker == 10000 and s.max_connections_per_ip == 1000
     assert s.idle_timeout_s == 300.0
+    assert s.connection_rate_per_s == 2000.0 and s.connection_burst == 4000
 
 
 @pytest.mark.parametrize(
@@ -139,6 +162,8 @@ def test_limit_defaults_are_on() -> None:
         ("max_connections_per_worker", 0),
         ("max_connections_per_ip", 0),
         ("idle_timeout_s", 0.0),
+        ("connection_rate_per_s", 0.0),
+        ("connection_burst", 0),
     ],
 )
 def test_limit_settings_are_validated(field: str, value: object) -> None:
@@ -175,7 +200,7 @@ async def test_a_fresh_app_exports_every_series_at_zero() -> None:
         assert any('worker="w3"' in line for line in series), name
         if name != "redwire_bus_healthy":  # the one series that is 1 when all is well
             assert all(line.endswith(" 0.0") for line in series), series
-    for reason in ("worker_full", "per_ip"):
+    for reason in ("worker_full", "per_ip", "rate"):
         line = f'redwire_connections_refused_total{{reason="{reason}",worker="w3"}} 0.0'
         assert line in text, reason
     assert 'redwire_rate_limited_total{worker="w3"} 0.0' in text
