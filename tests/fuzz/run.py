@@ -68,7 +68,7 @@ def _load_target(name: str, *, instrument: bool) -> Callable[[bytes], None]:
         # hook is not enabled: its pattern proxy lacks `match(string, pos)`, which
         # broker/deflate.py uses, and it fails on some libraries' bytes patterns.
         atheris.enabled_hooks.add("str")
-        with atheris.instrument_imports(include=["broker", "worker", "tests.fuzz"]):
+        with atheris.instrument_imports(include=["broker", "worker", "tests.fuzz", "jwt"]):
             targets = importlib.import_module(TARGETS)
     else:
         targets = importlib.import_module(TARGETS)

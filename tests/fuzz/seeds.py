@@ -15,13 +15,14 @@ import sys
 import zlib
 from pathlib import Path
 
+import jwt
 import msgpack
 
 from broker.envelope import BusMessage, pack
 from broker.frames import Opcode, serialize_frame
 from broker.handshake import accept_key
 
-from .targets import frame
+from .targets import JWT_SECRET, frame
 
 CORPUS = Path(__file__).parent / "corpus"
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -120,9 +121,13 @@ UPGRADE = (
 )
 
 
+def _token(claims: dict[str, object], alg: str = "HS256") -> str:
+    return jwt.encode({"exp": 4_000_000_000, **claims}, JWT_SECRET, algorithm=alg)
+
+
 def handshake() -> dict[str, bytes]:
-    # flags: bits 0-1 mode (0 server, 2 client, 3 policy), 2-3 origins, 4 no compression,
-    # 5-6 hosts; then a split pattern byte.
+    # flags: bits 0-1 mode (0 server, 1 PROXY + server, 2 client, 3 policy), 2-3 origins,
+    # 4 no compression, 5-6 hosts; then a split pattern byte.
     offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits, x-foo"
     accepted = "Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover"
     return {
@@ -135,6 +140,29 @@ def handshake() -> dict[str, bytes]:
             offer,
             'Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits="10"',
         ),
+        "server-upgrade-token": b"\x00\x00"
+        + _request(
+            *UPGRADE,
+            "X-Forwarded-For: 203.0.113.7, 10.0.0.2",
+            "Sec-WebSocket-Protocol: redwire.json, redwire.token." + _token({"sub": "ann"}),
+            line="GET /ws HTTP/1.1",
+        ),
+        "server-upgrade-bearer": b"\x00\x05"
+        + _request(*UPGRADE, "Authorization: Bearer " + _token({"sub": "b", "subs": ["a.*"]})),
+        "server-upgrade-token-query": b"\x00\x00"
+        + _request(*UPGRADE, line=f"GET /ws?token={_token({'sub': 1}, 'HS384')} HTTP/1.1"),
+        "proxy-v1": b"\x01\x03"
+        + b"PROXY TCP4 203.0.113.9 10.0.0.1 51000 8765\r\n"
+        + _request(*UPGRADE, "X-Forwarded-For: unknown"),
+        "proxy-v1-unknown": b"\x01\x00" + b"PROXY UNKNOWN\r\n" + _request("Host: h"),
+        "proxy-v2": b"\x01\x07"
+        + b"\r\n\r\n\x00\r\nQUIT\n\x21\x21\x00\x24"
+        + bytes(range(32))
+        + b"\xc3\x50\x22\x3d"
+        + _request(*UPGRADE),
+        "proxy-v2-local": b"\x01\x00"
+        + b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x03abc"
+        + _request("Host: h"),
         "server-upgrade-foreign-origin": b"\x00\x01"
         + _request(*UPGRADE, "Origin: http://evil.example"),
         "server-upgrade-bad-version": b"\x40\x00"

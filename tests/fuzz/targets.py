@@ -18,13 +18,21 @@ atheris (tests/fuzz/run.py), under hypothesis, and as the corpus replay in test_
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import zlib
 from collections.abc import Callable, Iterator
 
+from broker import auth, envelope
 from broker import deflate as pmd
-from broker import envelope
 from broker import errors as err
+from broker.client_address import (
+    MAX_HEADER_BYTES,
+    forwarded_client,
+    parse_proxy_header,
+    starts_like_proxy_header,
+    trusted_proxies,
+)
 from broker.connection import (
     BinaryMessage,
     CloseReceived,
@@ -38,6 +46,7 @@ from broker.connection import (
     State,
     TextMessage,
     close_payload,
+    encode_broadcast,
     parse_close_payload,
 )
 from broker.deflate import DeflateParams, PerMessageDeflate
@@ -388,10 +397,18 @@ ORIGINS = ((), ("https://app.example",), ("*",), ("null", "http://localhost:3000
 HOSTS = ((), ("broker.example",), (".example", "localhost:8765"))
 
 
+JWT_SECRET = "fuzz-harness-secret: 48 bytes or more, for HS384 too"
+VERIFIER = auth.TokenVerifier(algorithms=("HS256", "HS384"), secrets=(JWT_SECRET,))
+TOKEN_STATUSES = frozenset({401})
+TRUSTED = trusted_proxies(("10.0.0.0/8", "::1"))
+PEER = "10.1.2.3"
+
+
 def fuzz_handshake(data: bytes) -> None:
-    """Input: flags byte (bits 0-1 mode: 0/1 server request, 2 client response, 3 policy
-    strings; bits 2-3 allowed_origins, bit 4 compression off, bits 5-6 allowed_hosts), a
-    split-pattern byte, then the HTTP bytes (mode 3: newline-separated strings)."""
+    """Input: flags byte (bits 0-1 mode: 0 server request, 1 PROXY header then a server
+    request, 2 client response, 3 policy strings; bits 2-3 allowed_origins, bit 4
+    compression off, bits 5-6 allowed_hosts), a split-pattern byte, then the bytes (mode 3:
+    newline-separated strings)."""
     r = Reader(data)
     flags, pattern = r.byte(), r.byte() & 0x0F
     mode = flags & 0x03
@@ -399,8 +416,35 @@ def fuzz_handshake(data: bytes) -> None:
         _client_response(r.rest(), pattern, compression=not flags & 0x10)
     elif mode == 3:
         _policy(r.rest(), ORIGINS[flags >> 2 & 0x03], HOSTS[(flags >> 5 & 0x03) % len(HOSTS)])
+    elif mode == 1:
+        rest = _proxy_header(r.rest(), pattern)
+        if rest is not None:
+            _server_request(rest, pattern, flags)
     else:
         _server_request(r.rest(), pattern, flags)
+
+
+def _proxy_header(raw: bytes, pattern: int) -> bytes | None:
+    """What the worker does on a trusted peer with `proxy_protocol`: buffer, parse the
+    buffer again on each chunk; the bytes after the header, or None (refused, incomplete)."""
+    check(isinstance(starts_like_proxy_header(raw[:12] or b"x"), bool), "starts_like")
+    buffer = b""
+    for part in chunks(raw, pattern):
+        buffer += part
+        try:
+            header = parse_proxy_header(buffer)
+        except HandshakeError as exc:
+            check(exc.status == 400, f"PROXY header refused with {exc.status}")
+            _refusal(exc)
+            return None
+        if header is None:
+            check(len(buffer) < MAX_HEADER_BYTES, f"{len(buffer)} bytes buffered, no header")
+            continue
+        check(0 < header.length <= min(len(buffer), MAX_HEADER_BYTES), "header length")
+        if header.source is not None:
+            ipaddress.ip_address(header.source)
+        return buffer[header.length :] + raw[len(buffer) :]
+    return None
 
 
 def _server_request(raw: bytes, pattern: int, flags: int) -> None:
@@ -429,6 +473,17 @@ def _server_request(raw: bytes, pattern: int, flags: int) -> None:
     if decoded is not None:
         check(not any(c < " " or c == "\x7f" for c in decoded), "control char in path")
     _ = request.keep_alive, request.is_upgrade
+    client = forwarded_client(request.header_values("X-Forwarded-For"), PEER, TRUSTED)
+    check(client == PEER or ipaddress.ip_address(client), "forwarded client")
+    try:
+        token = auth.token_from_request(request)
+        if token is not None:
+            verified = VERIFIER.verify(token)
+            check(verified.subject, "a verified token without a subject")
+    except HandshakeError as exc:
+        check(isinstance(exc, auth.InvalidToken), f"token refused with {type(exc).__name__}")
+        check(exc.status in TOKEN_STATUSES, f"token refused with status {exc.status}")
+        _refusal(exc)
     allowed_hosts = HOSTS[(flags >> 5 & 0x03) % len(HOSTS)]
     try:
         check_host(request, allowed_hosts)
@@ -590,6 +645,16 @@ def fuzz_deflate(data: bytes) -> None:
         shared = pmd.shared_compress(r.data, window_bits=9 + bits % 7, level=bits % 10)
         inflated = zlib.decompressobj(-15).decompress(shared + b"\x00\x00\xff\xff")
         check(inflated == r.data, "shared_compress round trip changed the data")
+        # A broadcast frame (compressed once for every client) reaches a client as sent.
+        window = 9 + bits % 7
+        client_params = DeflateParams(
+            server_no_context_takeover=True, server_max_window_bits=window
+        )
+        client = _connection(Role.CLIENT, client_params)
+        message = r.data[:MAX_MESSAGE]
+        broadcast = encode_broadcast(Opcode.BINARY, message, compress_window_bits=window)
+        events = [_norm(e) for e in client.receive_data(broadcast)]
+        check(events == [("binary", message)], f"broadcast gave {events!r}")
     else:
         seed = r.rest() or b"\x00"
         bomb = seed * (MAX_MESSAGE * 64 // len(seed) + 1)  # well past the limit
