@@ -545,7 +545,10 @@ class Hub:
             return
         frame = {"op": kind, "topic": topic, "client": client_id, "info": info}
         for session in state.live:
-            session.send_control(frame)
+            # Join and leave are presence: only for those the rules let see it (allow_presence).
+            sees = getattr(session, "may", None)
+            if sees is None or sees("presence", topic):
+                session.send_control(frame)
 
     # --- gaps and repairs ----------------------------------------------------------------------
 

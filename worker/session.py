@@ -440,6 +440,10 @@ class ClientSession:
 
     # --- connection token and permissions (broker/auth.py) --------------------------------------
 
+    def may(self, action: str, topic: str) -> bool:
+        """Whether the topic rules and the token allow `action` on `topic`."""
+        return self._denied(action, topic) is None
+
     def _denied(self, action: str, topic: str) -> str | None:
         """Why the topic rules and the token forbid `action` on `topic`; None: allowed."""
         rule = self.app.settings.rule_for(topic)

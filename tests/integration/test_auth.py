@@ -69,6 +69,7 @@ class Hooks:
 
 TOPICS = [
     {"pattern": "room.*", "presence": True, "allow_presence": "authenticated"},
+    {"pattern": "lobby.*", "presence": True, "join_leave": True, "allow_presence": "claim"},
     {"pattern": "ro.*", "allow_publish": "none"},
     {"pattern": "web.*", "allow_browser_publish": False},
     {"pattern": "strict.*", "allow_subscribe": "claim", "allow_publish": "claim"},
@@ -592,6 +593,31 @@ def test_redwire_js_in_chromium_with_the_token_as_a_subprotocol(broker: ServerPr
 
 
 # --- anonymous access beside tokens ----------------------------------------------------------
+
+
+async def test_join_and_leave_only_reach_those_who_may_see_presence(
+    broker: ServerProcess,
+) -> None:
+    """`join`/`leave` frames are presence: on a topic whose rule says allow_presence =
+    "claim", a subscriber whose token's subs claim lists the topic sees them, one whose
+    token has no subs claim (it may subscribe: allow_subscribe is "any") does not."""
+    watcher = await open_peer(broker, token("watcher", subs=["lobby.*"]))
+    blind = await open_peer(broker, token("blind"))
+    for peer in (watcher, blind):
+        assert (await peer.request(op="subscribe", topic="lobby.1"))["op"] == "ack"
+    assert (await blind.request(op="presence", topic="lobby.1"))["code"] == "forbidden"
+    newcomer = await open_peer(broker, token("newcomer"))
+    assert (await newcomer.request(op="subscribe", topic="lobby.1"))["op"] == "ack"
+    joined = await watcher.wait_for(op="join")
+    assert joined["topic"] == "lobby.1"
+    # A message after the join, on the same channel: the blind subscriber gets the message
+    # and nothing before it.
+    assert (await newcomer.request(op="publish", topic="lobby.1", data="hi"))["op"] == "ack"
+    message = await blind.wait_for(op="message")
+    assert message["data"] == "hi"
+    assert not [f for f in blind.frames if f.get("op") in ("join", "leave")]
+    for peer in (watcher, blind, newcomer):
+        await peer.ws.close()
 
 
 async def test_anonymous_access_when_allowed(redis_server, tmp_path: Path) -> None:
