@@ -420,7 +420,8 @@ class RedisClusterBus(Bus):
                     with contextlib.suppress(TimeoutError):  # the refresh goes on (shielded)
                         async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                             await self.refresh(exc.addr)
-                else:
+                else:  # TRYAGAIN (keys of a slot half moved) or CLUSTERDOWN
+                    self.refresh_soon()
                     await asyncio.sleep(_RETRY_PAUSE_S)
             finally:
                 ASKING.reset(token)
