@@ -102,6 +102,10 @@ def frames() -> dict[str, bytes]:
         + _record(0x08, b"one " * 20)
         + _record(0x08, b"one " * 20)
         + _record(0x09, b"x"),
+        "struct-local-closing": bytes((CLIENT | DEFLATE | STRUCT | _split(3), 0x40 | 0x36))
+        + _record(0x08, b"still delivered " * 4)
+        + _record(2, b"not answered")
+        + _record(4, b"\x05done"),
         "struct-over-limit": bytes((SERVER | STRUCT | _split(7), 0)) + _record(0xF7, b"y" * 100),
         "struct-garbage": bytes((CLIENT | STRUCT, 0)) + _record(0, b"a") + _record(5, b"\x8f\x00"),
     }

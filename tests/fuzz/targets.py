@@ -59,6 +59,7 @@ from broker.errors import (
 )
 from broker.frames import MAX_CONTROL_PAYLOAD, Opcode, frame_header_size, serialize_frame
 from broker.handshake import (
+    Request,
     RequestParser,
     ResponseParser,
     accept_upgrade,
@@ -272,9 +273,10 @@ def fuzz_frames(data: bytes) -> None:
     """Bytes from the peer into a `Connection`, fed whole and split, both compared.
 
     Input: flags byte (bit 0 client role, bit 1 permessage-deflate, bit 2 structured,
-    bit 3 peer keeps its compression context, bits 4-7 how to split), window-bits byte,
-    then the stream: raw bytes, or (structured) records built into well-formed frames by
-    `_build_stream`, whose expected events are known (checked when nothing was garbage).
+    bit 3 peer keeps its compression context, bits 4-7 how to split), window-bits byte
+    (bits 0-5 the two windows, bit 6: we send our close frame first), then the stream:
+    raw bytes, or (structured) records built into well-formed frames by `_build_stream`,
+    whose expected events are known (checked when nothing was garbage).
     """
     r = Reader(data)
     flags, bits = r.byte(), r.byte()
@@ -289,6 +291,9 @@ def fuzz_frames(data: bytes) -> None:
         conn = _connection(role, params)
         peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
         peer = _connection(peer_role, params)
+        if bits & 0x40:  # LOCAL_CLOSING: what arrives is still delivered, nothing answered
+            check(peer.receive_data(conn.close(1001, "bye")) == [CloseReceived(1001, "bye")],
+                  "our close frame")  # fmt: skip
         parts = iter([stream] if stream else []) if pattern is None else chunks(stream, pattern)
         results.append(_feed(conn, parts, peer))
     whole, split = results
@@ -447,7 +452,28 @@ def _proxy_header(raw: bytes, pattern: int) -> bytes | None:
     return None
 
 
+def _parse_whole(raw: bytes) -> object:
+    """The request `raw` holds, fed at once: a Request, None (incomplete) or a status."""
+    try:
+        return RequestParser(**REQUEST_LIMITS).feed(raw) if raw else None
+    except HandshakeError as exc:
+        return exc.status
+
+
 def _server_request(raw: bytes, pattern: int, flags: int) -> None:
+    whole = _parse_whole(raw)
+    request = _parse_split(raw, pattern)
+    # Split, a line may fail as too long before its LF shows it is also malformed: the
+    # status may differ, the outcome may not.
+    if isinstance(whole, int) or request is None:
+        check(request is None, f"split bytes parsed, whole gave {whole!r}")
+        return
+    check(whole == request, f"whole {whole!r} != split {request!r}")
+    _check_request(request, flags)
+
+
+def _parse_split(raw: bytes, pattern: int) -> Request | None:
+    """The request fed in chunks (bounds checked after each), None if refused/incomplete."""
     parser = RequestParser(**REQUEST_LIMITS)
     bound = sum(REQUEST_LIMITS[k] for k in ("max_request_line_bytes", "max_header_bytes"))
     request = None
@@ -464,9 +490,11 @@ def _server_request(raw: bytes, pattern: int, flags: int) -> None:
     except HandshakeError as exc:
         check(exc.status in PARSE_STATUSES, f"parser refused with status {exc.status}")
         _refusal(exc)
-        return
-    if request is None:
-        return
+        return None
+    return request
+
+
+def _check_request(request: Request, flags: int) -> None:
     check(len(request.body) <= REQUEST_LIMITS["max_body_bytes"], "body over the limit")
     decoded = decode_path(request.path)
     check(decoded is None or isinstance(decoded, str), "decode_path returned a non-str")
