@@ -51,7 +51,7 @@ from broker.bus import Bus, Published, make_bus
 from broker.bus.redis_cluster import RedisClusterBus, keyslot
 from broker.envelope import ENCODING_JSON, BusMessage
 from broker.errors import BusError
-from broker.settings import TopicRule
+from broker.settings import Settings, TopicRule
 
 PREFIX = SETTINGS.channel_prefix
 
@@ -540,3 +540,40 @@ async def test_a_master_down_stops_only_its_shard_and_is_followed_when_back(
     for t in topics:
         if t.startswith("hist."):  # the victim came back empty: its topic's epoch ended
             assert (after[t].epoch != before[t].epoch) == (t in on_victim)
+
+
+async def test_the_sdk_publishes_into_the_cluster_and_consumes_from_it(
+    redis_cluster: RedisCluster, broker: ServerProcess
+) -> None:
+    from client.publisher import AsyncPublisher
+    from client.subscriber import Message, Subscriber
+
+    settings = Settings(
+        channel_prefix="clusterbroker:",  # the broker's
+        topics=tuple(TopicRule(r["pattern"], history_size=r["history_size"]) for r in RULES),
+    )
+    topics = [*topics_on_every_shard(redis_cluster, 1, "sdk"), "hist.sdk"]
+    client = await PubSubClient.connect(broker.url)
+    try:
+        for topic in topics:
+            await client.subscribe(topic)
+        async with (
+            Subscriber(redis_cluster.url, topics, settings=settings) as subscriber,
+            AsyncPublisher(redis_cluster.url, settings=settings) as publisher,
+        ):
+            for n in range(10):
+                for topic in topics:
+                    await publisher.publish(topic, {"n": n})
+            got: dict[str, list[int]] = {t: [] for t in topics}
+            while sum(map(len, got.values())) < 10 * len(topics):
+                event = await subscriber.get(10)
+                assert isinstance(event, Message), event  # no gap: nothing broke
+                got[event.topic].append(event.data["n"])
+            assert got == {t: list(range(10)) for t in topics}
+        seen: dict[str, list[int]] = {t: [] for t in topics}
+        for _ in range(10 * len(topics)):
+            message = await client.next_message()
+            seen[message["topic"]].append(message["data"]["n"])
+        assert seen == {t: list(range(10)) for t in topics}
+    finally:
+        await client.close()
