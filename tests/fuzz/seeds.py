@@ -177,6 +177,11 @@ def handshake() -> dict[str, bytes]:
         ),
         "server-http10-path": b"\x00\x00"
         + _request("Host: h", line="GET /a%20b%00%zz/%C3%A9 HTTP/1.0"),
+        "server-static-traversal": b"\x00\x00"
+        + _request("Host: h", line="GET /sub/%2e%2e/%2E%2E/secret.txt HTTP/1.1"),
+        "server-static-symlink": b"\x00\x03"
+        + _request("Host: h", line="GET /sub/../link.txt?x HTTP/1.1"),
+        "server-static-file": b"\x00\x00" + _request("Host: h", line="GET //sub/a.txt HTTP/1.1"),
         "server-transfer-encoding": b"\x00\x00" + _request("Host: h", "Transfer-Encoding: chunked"),
         "server-obs-fold": b"\x00\x00" + _request("Host: h", " folded"),
         "client-101": b"\x02\x00"

@@ -18,10 +18,14 @@ atheris (tests/fuzz/run.py), under hypothesis, and as the corpus replay in test_
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import os
+import tempfile
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from broker import auth, envelope
 from broker import deflate as pmd
@@ -73,7 +77,7 @@ from broker.handshake import (
 )
 from broker.masking import apply_mask
 from worker import wire
-from worker.http_routes import decode_path
+from worker.http_routes import _static_file, decode_path
 
 MAX_MESSAGE = 256  # max_message_bytes of every connection and codec under test
 HEADER_SLACK = 14  # the largest frame header: 2 + 8 (length) + 4 (mask)
@@ -402,6 +406,21 @@ ORIGINS = ((), ("https://app.example",), ("*",), ("null", "http://localhost:3000
 HOSTS = ((), ("broker.example",), (".example", "localhost:8765"))
 
 
+def _static_dir() -> Path:
+    """A `static_dir` with two files, and a secret plus a symlink to it just outside. One
+    fixed place per user, made again as needed (libFuzzer's exit skips clean-up)."""
+    root = Path(tempfile.gettempdir()) / f"redwire-fuzz-static-{os.getuid()}"
+    (root / "site" / "sub").mkdir(parents=True, exist_ok=True)
+    (root / "site" / "index.html").write_bytes(b"<p>index</p>")
+    (root / "site" / "sub" / "a.txt").write_bytes(b"a")
+    (root / "secret.txt").write_bytes(b"SECRET")
+    with contextlib.suppress(FileExistsError):
+        (root / "site" / "link.txt").symlink_to(root / "secret.txt")
+    return root / "site"
+
+
+STATIC_DIR = _static_dir()
+STATIC_FILES = frozenset({b"<p>index</p>", b"a"})
 JWT_SECRET = "fuzz-harness-secret: 48 bytes or more, for HS384 too"
 VERIFIER = auth.TokenVerifier(algorithms=("HS256", "HS384"), secrets=(JWT_SECRET,))
 TOKEN_STATUSES = frozenset({401})
@@ -500,6 +519,9 @@ def _check_request(request: Request, flags: int) -> None:
     check(decoded is None or isinstance(decoded, str), "decode_path returned a non-str")
     if decoded is not None:
         check(not any(c < " " or c == "\x7f" for c in decoded), "control char in path")
+        # `static_dir`: only a file inside it is served (no `..`, no symlink out of it).
+        found = _static_file(str(STATIC_DIR), "/" if request.path == "/" else decoded)
+        check(found is None or found[0] in STATIC_FILES, f"served from outside: {found!r}")
     _ = request.keep_alive, request.is_upgrade
     client = forwarded_client(request.header_values("X-Forwarded-For"), PEER, TRUSTED)
     check(client == PEER or ipaddress.ip_address(client), "forwarded client")
