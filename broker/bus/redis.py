@@ -1127,14 +1127,21 @@ class RedisBus(Bus):
         await s.wait(channels, subscribing=True)
 
     async def unsubscribe(self, topics: Collection[str]) -> None:
+        await self.unsubscribe_now(topics)
+
+    def unsubscribe_now(self, topics: Collection[str]) -> asyncio.Future[None]:
+        """`unsubscribe`: no message on `topics` is routed once this returns; the future is
+        done when Redis confirmed (the Cluster bus drops a topic on every shard at once)."""
         s = self._session
-        if s is None:
-            return  # nothing is subscribed without a connection
+        if s is None:  # nothing is subscribed without a connection
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
         channels = [self.channel(topic) for topic in topics]
         for channel in channels:
             s.topics.pop(channel, None)  # no message on it is routed from now on
         s.touch([ch for ch in channels if ch in s.server])
-        await s.wait(channels, subscribing=False)
+        return s.wait(channels, subscribing=False)
 
     async def publish(self, message: BusMessage, *, key: str | None = None) -> Published:
         check_key(key)

@@ -265,13 +265,7 @@ class _ShardBus(RedisBus):
 
     def release(self, topics: Collection[str]) -> None:
         """Drop `topics` from the session now (their slot moved to another shard)."""
-        s = self._session
-        if s is None:
-            return
-        channels = [self.channel(topic) for topic in topics]
-        for channel in channels:
-            s.topics.pop(channel, None)
-        s.touch([ch for ch in channels if ch in s.server])
+        self.unsubscribe_now(topics)  # (nobody waits for the confirmation)
 
     def adopt(self, topics: Collection[str]) -> None:
         """Subscribe `topics` on the session with a gap reported as the node confirms each."""
@@ -637,8 +631,8 @@ class RedisClusterBus(Bus):
             raise failed[0]
 
     async def unsubscribe(self, topics: Collection[str]) -> None:
-        topics = list(topics)
-        await asyncio.gather(*(shard.unsubscribe(topics) for shard in self._shards.values()))
+        topics = list(topics)  # dropped on every shard before the first await:
+        await asyncio.gather(*[shard.unsubscribe_now(topics) for shard in self._shards.values()])
 
     async def publish(self, message: BusMessage, *, key: str | None = None) -> Published:
         return await self._routed(message.topic, lambda shard: shard.publish(message, key=key))
