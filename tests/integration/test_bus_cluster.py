@@ -1,6 +1,7 @@
 """The Redis Cluster bus (`redis+cluster://`) against a real local cluster of 3 masters
 (tests/support/redis_cluster.py): the bus contract, sharded channels per shard, resubscription
-after a lost shard connection, live slot migrations, and `redwire serve --workers 2` on it.
+after a lost shard connection, live slot migrations, a master killed, a failover to a replica
+(a cluster of its own), `redwire serve --workers 2` on it, and the SDK.
 
 The contract cases of tests/integration/test_bus_contract.py that hold for any bus run here
 as they are, with this module's `harness` (a cluster bus); the few that assume one connection
@@ -139,7 +140,9 @@ async def test_keys_work_on_plain_topics_per_topic(harness: ClusterHarness) -> N
     await inbox.until(lambda: any(m.topic == "plain2" for m in inbox.messages + plain))
 
 
-async def test_subscribe_many_topics_on_every_shard(cluster: RedisCluster, harness) -> None:
+async def test_subscribe_many_topics_on_every_shard(
+    cluster: RedisCluster, harness: ClusterHarness
+) -> None:
     bus = await harness.bus(bus_resubscribe_batch=500)
     inbox = Inbox(bus)
     topics = [f"topic-{i}" for i in range(1200)]
@@ -349,6 +352,93 @@ async def test_a_slot_migration_loses_nothing_on_history_and_announces_a_gap_on_
                 assert topic_channel(topic) not in shard_channels(node, f"{PREFIX}t:*")
 
 
+# --- masters killed, failed over ---------------------------------------------------------------
+
+FAST = {
+    "bus_probe_interval_s": 0.3,
+    "bus_probe_timeout_s": 1.0,
+    "bus_reconnect_max_s": 0.3,
+}
+
+
+async def publish_until_it_works(bus: Bus, topic: str, n: int) -> Published:
+    """Publish, retrying refusals (`unavailable`: never published) for a while."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return await bus.publish(_msg(topic, n))
+        except BusError:
+            assert time.monotonic() < deadline, f"publishing on {topic} did not come back"
+            await asyncio.sleep(0.1)  # a publisher retrying after a refusal, as a client would
+
+
+async def test_a_master_down_stops_only_its_shard_and_is_followed_when_back(
+    cluster: RedisCluster, harness: ClusterHarness
+) -> None:
+    victim = cluster.nodes[1]
+    topics = topics_on_every_shard(cluster, 1, "hist.node") + topics_on_every_shard(
+        cluster, 1, "node"
+    )
+    on_victim = {t for t in topics if cluster.owner(keyslot(t.encode())) is victim}
+    assert len(on_victim) == 2
+    publisher, subscriber = await harness.bus("w1", **FAST), await harness.bus("w2", **FAST)
+    subscriber.wanted_topics = lambda: sorted(topics)
+    inbox = Inbox(subscriber)
+    await subscriber.subscribe(topics)
+    before = {t: await publisher.publish(_msg(t, 0)) for t in topics}
+    await inbox.until(lambda: len(inbox.messages) == len(topics))
+    await asyncio.to_thread(cluster.kill, victim)
+    try:
+        for t in topics:  # the other shards go on
+            if t not in on_victim:
+                await publisher.publish(_msg(t, 1))
+        others = len(topics) - len(on_victim)
+        await inbox.until(lambda: len(inbox.messages) == len(topics) + others)
+    finally:
+        await asyncio.to_thread(cluster.start, victim)
+    await inbox.until(lambda: {t for gap in inbox.gaps for t in gap} == on_victim, 30)
+    after = {t: await publish_until_it_works(publisher, t, 2) for t in topics}
+    await inbox.until(lambda: len(inbox.messages) == 2 * len(topics) + others, 30)
+    assert {m.topic for m in inbox.messages[-len(topics) :]} == set(topics)
+    for t in topics:
+        if t.startswith("hist."):  # the victim came back empty: its topic's epoch ended
+            assert (after[t].epoch != before[t].epoch) == (t in on_victim)
+
+
+async def test_a_cluster_failover_is_followed() -> None:
+    with RedisCluster(masters=3, replicas=1) as replicated:
+        settings = SETTINGS.replace(redis_url=replicated.url, **FAST)
+        publisher, subscriber = make_bus(settings, "w1"), make_bus(settings, "w2")
+        topics = topics_on_every_shard(replicated, 1, "hist.fo") + topics_on_every_shard(
+            replicated, 1, "fo"
+        )
+        subscriber.wanted_topics = lambda: sorted(topics)
+        inbox = Inbox(subscriber)
+        await publisher.start()
+        await subscriber.start()
+        try:
+            await subscriber.subscribe(topics)
+            before = {t: await publisher.publish(_msg(t, 0)) for t in topics}
+            await inbox.until(lambda: len(inbox.messages) == len(topics))
+            old = replicated.nodes[1]
+            moved = {t for t in topics if replicated.owner(keyslot(t.encode())) is old}
+            new = await asyncio.to_thread(replicated.failover, old)
+            assert {t for t in topics if replicated.owner(keyslot(t.encode())) is new} == moved
+            # The shard's topics are resubscribed on its new master, with a gap.
+            await inbox.until(lambda: {t for gap in inbox.gaps for t in gap} >= moved, 30)
+            after = {t: await publish_until_it_works(publisher, t, 1) for t in topics}
+            await inbox.until(lambda: len(inbox.messages) == 2 * len(topics), 30)
+            assert sorted(m.topic for m in inbox.messages[len(topics) :]) == sorted(topics)
+            for topic in topics:
+                channels = shard_channels(new, f"{PREFIX}t:*")
+                assert (topic_channel(topic) in channels) == (topic in moved)
+                if topic.startswith("hist."):  # a promoted replica: a new epoch, announced
+                    assert (after[topic].epoch != before[topic].epoch) == (topic in moved)
+        finally:
+            await publisher.close()
+            await subscriber.close()
+
+
 # --- redwire serve on the cluster --------------------------------------------------------------
 
 RULES = [{"pattern": "hist.*", "history_size": 1000}]
@@ -487,59 +577,6 @@ async def test_a_live_slot_migration_through_the_broker(
         assert not any(g.get("topic") == history for g in gaps), gaps
     for client in (*subscribers, publisher):
         await client.close()
-
-
-# --- a master killed and restarted ---------------------------------------------------------------
-
-FAST = {
-    "bus_probe_interval_s": 0.3,
-    "bus_probe_timeout_s": 1.0,
-    "bus_reconnect_max_s": 0.3,
-}
-
-
-async def publish_until_it_works(bus: Bus, topic: str, n: int) -> Published:
-    """Publish, retrying refusals (`unavailable`: never published) for a while."""
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return await bus.publish(_msg(topic, n))
-        except BusError:
-            assert time.monotonic() < deadline, f"publishing on {topic} did not come back"
-            await asyncio.sleep(0.1)  # a publisher retrying after a refusal, as a client would
-
-
-async def test_a_master_down_stops_only_its_shard_and_is_followed_when_back(
-    cluster: RedisCluster, harness: ClusterHarness
-) -> None:
-    victim = cluster.nodes[1]
-    topics = topics_on_every_shard(cluster, 1, "hist.node") + topics_on_every_shard(
-        cluster, 1, "node"
-    )
-    on_victim = {t for t in topics if cluster.owner(keyslot(t.encode())) is victim}
-    assert len(on_victim) == 2
-    publisher, subscriber = await harness.bus("w1", **FAST), await harness.bus("w2", **FAST)
-    subscriber.wanted_topics = lambda: sorted(topics)
-    inbox = Inbox(subscriber)
-    await subscriber.subscribe(topics)
-    before = {t: await publisher.publish(_msg(t, 0)) for t in topics}
-    await inbox.until(lambda: len(inbox.messages) == len(topics))
-    await asyncio.to_thread(cluster.kill, victim)
-    try:
-        for t in topics:  # the other shards go on
-            if t not in on_victim:
-                await publisher.publish(_msg(t, 1))
-        others = len(topics) - len(on_victim)
-        await inbox.until(lambda: len(inbox.messages) == len(topics) + others)
-    finally:
-        await asyncio.to_thread(cluster.start, victim)
-    await inbox.until(lambda: {t for gap in inbox.gaps for t in gap} == on_victim, 30)
-    after = {t: await publish_until_it_works(publisher, t, 2) for t in topics}
-    await inbox.until(lambda: len(inbox.messages) == 2 * len(topics) + others, 30)
-    assert {m.topic for m in inbox.messages[-len(topics) :]} == set(topics)
-    for t in topics:
-        if t.startswith("hist."):  # the victim came back empty: its topic's epoch ended
-            assert (after[t].epoch != before[t].epoch) == (t in on_victim)
 
 
 async def test_the_sdk_publishes_into_the_cluster_and_consumes_from_it(

@@ -77,23 +77,70 @@ class ClusterNode:
 class RedisCluster:
     """`masters` cluster-enabled redis-servers sharing the 16384 slots evenly."""
 
-    def __init__(self, masters: int = 3) -> None:
+    def __init__(self, masters: int = 3, *, replicas: int = 0) -> None:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is missing: apt-get install -y redis-server"
         self._binary = binary
         self._root = tempfile.mkdtemp(prefix="redwire-cluster-")
-        self.nodes: list[ClusterNode] = []
+        self.nodes: list[ClusterNode] = []  # the masters, in slot order
+        self.replicas: dict[str, ClusterNode] = {}  # master node id -> its replica
         try:
             for i in range(masters):
-                path = os.path.join(self._root, f"node{i}")
-                os.mkdir(path)
-                node = ClusterNode(free_cluster_port(), path)
-                self.nodes.append(node)
-                self._start_node(node)
+                self.nodes.append(self._new_node(f"node{i}"))
             self._create()
+            if replicas:
+                self._add_replicas()
         except BaseException:
             self.close()
             raise
+
+    def _new_node(self, name: str) -> ClusterNode:
+        path = os.path.join(self._root, name)
+        os.mkdir(path)
+        node = ClusterNode(free_cluster_port(), path)
+        self._start_node(node)
+        return node
+
+    def _add_replicas(self) -> None:
+        """One replica per master (CLUSTER MEET, then CLUSTER REPLICATE), in sync."""
+        for master in self.nodes:
+            replica = self._new_node(f"replica-of-{master.port}")
+            replica.command("CLUSTER", "MEET", master.host, master.port)
+            self.replicas[master.node_id] = replica
+
+        def known() -> bool:
+            return all(
+                master.node_id.encode() in replica.command("CLUSTER", "NODES")
+                for master in self.nodes
+                for replica in self.replicas.values()
+            )
+
+        self.wait_until(known, "the replicas did not meet the masters")
+        for master in self.nodes:
+            self.replicas[master.node_id].command("CLUSTER", "REPLICATE", master.node_id)
+
+        def in_sync() -> bool:
+            for replica in self.replicas.values():
+                info = replica.command("INFO", "replication")
+                if info.get("master_link_status") != "up":
+                    return False
+            return self._agreed()
+
+        self.wait_until(in_sync, "the replicas did not sync")
+
+    def failover(self, master: ClusterNode) -> ClusterNode:
+        """CLUSTER FAILOVER on `master`'s replica (the graceful, manual kind); returns the
+        promoted node once every node agrees. The old master becomes its replica."""
+        replica = self.replicas.pop(master.node_id)
+        replica.command("CLUSTER", "FAILOVER")
+
+        def promoted() -> bool:
+            return replica.command("ROLE")[0] in (b"master", "master") and self._agreed()
+
+        self.wait_until(promoted, "the failover did not happen")
+        self.nodes[self.nodes.index(master)] = replica
+        self.replicas[replica.node_id] = master
+        return replica
 
     @property
     def url(self) -> str:
@@ -137,7 +184,7 @@ class RedisCluster:
     def _agreed(self) -> bool:
         """Every node says cluster_state:ok and has the same slot owners."""
         views = []
-        for node in self.nodes:
+        for node in (*self.nodes, *self.replicas.values()):
             info = node.command("CLUSTER", "INFO").decode()
             if "cluster_state:ok" not in info:
                 return False
@@ -153,7 +200,7 @@ class RedisCluster:
 
     def close(self) -> None:
         """SIGTERM every node we started (SIGKILL if it lingers), remove the directories."""
-        for node in self.nodes:
+        for node in (*self.nodes, *self.replicas.values()):
             proc = node.proc
             if proc is None or proc.poll() is not None:
                 continue
@@ -185,7 +232,7 @@ class RedisCluster:
     # --- what tests look at ----------------------------------------------------------------
 
     def flushall(self) -> None:
-        for node in self.nodes:
+        for node in self.nodes:  # (replicas follow their master)
             node.command("FLUSHALL")
 
     def slot_owners(self, node: ClusterNode | None = None) -> dict[int, str]:
