@@ -51,7 +51,7 @@ from support.redis_cluster import ClusterNode, RedisCluster
 from broker.bus import Bus, Published, make_bus
 from broker.bus.redis_cluster import RedisClusterBus, keyslot
 from broker.envelope import ENCODING_JSON, BusMessage
-from broker.errors import BusError
+from broker.errors import BusError, BusUnavailable
 from broker.settings import Settings, TopicRule
 
 PREFIX = SETTINGS.channel_prefix
@@ -166,6 +166,24 @@ async def test_concurrent_publishes_on_one_topic_are_batched(harness: ClusterHar
     await asyncio.gather(*(bus.publish(m) for m in sent))
     assert bus.stats()["publish_batches"] - before == 4  # 64 + 64 + 64 + 8, on its shard
     assert await inbox.fence(bus, "burst") == sent
+
+
+async def test_calls_before_start_and_after_close_raise(cluster: RedisCluster) -> None:
+    bus = RedisClusterBus(cluster.url, SETTINGS, "w1")
+    for call in (
+        bus.publish(_msg("t", 0)),
+        bus.subscribe(["t"]),
+        bus.history("hist.t", after=None, epoch=None),
+        bus.presence_add("room.t", "c", {}),
+    ):
+        with pytest.raises(BusUnavailable):
+            await call
+    await bus.start()
+    assert bus.healthy and bus.stats()["cluster_shards"] == 3
+    await bus.close()
+    assert not bus.healthy
+    with pytest.raises(BusUnavailable):
+        await bus.publish(_msg("t", 0))
 
 
 # --- shards ------------------------------------------------------------------------------------

@@ -160,3 +160,13 @@ def test_ssubscribe_commands_hold_one_slot_each() -> None:
     batched = s.reconcile(lambda ch: True, 10, (b"SSUBSCRIBE", b"SUNSUBSCRIBE"), keyslot)
     assert [len(c) - 1 for c in batched] == [10, 10, 5]
     assert re.fullmatch(rb"x\{same\}\d+", batched[0][1])
+
+
+def test_make_bus_chooses_by_url() -> None:
+    from broker.bus import make_bus
+    from broker.bus.redis_sentinel import RedisSentinelBus
+
+    cluster = make_bus(Settings(redis_url="redis+cluster://127.0.0.1:1,127.0.0.1:2"), "w")
+    assert isinstance(cluster, RedisClusterBus) and cluster.seeds == ["127.0.0.1:1", "127.0.0.1:2"]
+    sentinel = make_bus(Settings(redis_url="redis+sentinel://127.0.0.1:1/main"), "w")
+    assert isinstance(sentinel, RedisSentinelBus)
