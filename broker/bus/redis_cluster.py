@@ -15,10 +15,13 @@ tag per shard index (`{0}`, `{1}`, ...) would not (centrifuge#554).
 Theory of operation.
 - Topology. `SlotMap` says which master ("host:port") owns each slot. It is read from a
   node on start, every `bus_cluster_refresh_s`, and at once (coalesced: one refresh at a
-  time) after a MOVED reply, a shard's subscriber session ending, or a server-sent
-  `sunsubscribe`. Each refresh also reads every master's replication id (INFO): the
-  `|id|...|` list the scripts get after ARGV[2], so a history topic whose keys MIGRATE
-  moved from a live master keeps its epoch (broker/bus/lua.py, "Epochs").
+  time) after a MOVED, TRYAGAIN or CLUSTERDOWN reply, a shard's subscriber session
+  ending, or a server-sent `sunsubscribe`; on a shard's publisher connection when it works
+  (queued with the publishes), else on a connection of its own. When the map changed, it
+  also reads every master's replication id (INFO): the `|id|...|` list the scripts get
+  after ARGV[2], so a history topic whose keys MIGRATE moved from a live master keeps its
+  epoch (broker/bus/lua.py, "Epochs"); a failover changes the map (a new master), so a
+  promoted replica's topics start a new epoch, as on one Redis.
 - Shards. Every master owning slots gets a `_ShardBus`: a RedisBus (its publisher, its
   subscriber session with reader/sender/prober tasks, reconnects, resubscription, gap
   reports, presence upkeep: all unchanged) pointed at that node, speaking SSUBSCRIBE /
@@ -39,14 +42,16 @@ Theory of operation.
   owner shard's session lacks it, or has it but the server dropped it (a `sunsubscribe`
   after a slot migration), is subscribed there with a gap: `on_gap` is reported when that
   node confirms it, before any message of the new subscription, exactly as after a
-  reconnect. A shard created after start reports gaps for its first session too. Presence
-  entries of moved topics move to the new shard and are rewritten there.
+  reconnect (a shard whose subscriber was not running starts it, and its first session
+  reports the gaps). Presence entries of moved topics move to the new shard and are
+  rewritten there.
 - Presence across slots. A topic's entries are checked against worker keys in its own slot,
   `P{T}:w:<instance>` (one per topic with entries of this bus, refreshed together every
   third of presence_ttl_s, DELeted one by one on close), so no script or command ever spans
   two slots. All shards of a bus share its instance id.
 - `healthy`: a slot map is known and every shard is healthy. `stats()`: the shards' counters
-  summed, plus `cluster_shards`, `cluster_refreshes`, `cluster_redirects`.
+  summed (`last_probe_rtt_s`: the largest), plus `cluster_shards`, `cluster_refreshes`,
+  `cluster_redirects`. `unsubscribe` drops the topics on every shard before it awaits.
 
 During a slot migration a history topic loses nothing: a publish the source no longer runs
 (ASK) lands in the target's history; its live copy reaches nobody, since the subscription is
@@ -118,7 +123,7 @@ def crc16(data: bytes) -> int:
     return crc
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=4096)  # recent topics: a CRC16 costs a few µs
 def keyslot(key: bytes) -> int:
     """The Cluster slot of `key`: of its hash tag (the first non-empty `{...}`) if any."""
     start = key.find(b"{")
