@@ -40,7 +40,7 @@ from broker.errors import (
     PayloadTooBig,
     ProtocolError,
 )
-from broker.frames import Frame, FrameParser, Opcode, serialize_frame
+from broker.frames import MAX_CONTROL_PAYLOAD, Frame, FrameParser, Opcode, serialize_frame
 
 
 class Role(Enum):
@@ -166,6 +166,7 @@ class Connection:
         self._mask = role is Role.CLIENT
         # A compressed frame may be slightly larger than the data it carries.
         limit = max_message_bytes + (max_message_bytes >> 6) + 64 if deflate else max_message_bytes
+        self._frame_limit = limit
         self._parser = FrameParser(
             mask_required=role is Role.SERVER,
             max_payload_bytes=limit,
@@ -212,6 +213,7 @@ class Connection:
             if parser.error is not None:
                 raise parser.error
             if parser.buffered_bytes:
+                parser.check_pending()  # against what the message has left of the limit
                 self._check_partial_text()
         except ProtocolError as exc:
             events.append(self._fail(exc.close_code, exc.reason))
@@ -254,8 +256,14 @@ class Connection:
         self._msg_size += len(payload)
         if not self._msg_compressed:
             self._check_size(self._msg_size)
-        elif self._msg_size > self._parser.max_payload_bytes:
+        elif self._msg_size > self._frame_limit:
             raise PayloadTooBig("compressed message exceeds the message size limit")
+        if not final:
+            # The next fragment may bring only what is left of the limit: the parser refuses
+            # a longer one from its header (1009) instead of buffering it first. Control
+            # frames (at most 125 bytes) always pass.
+            cap = self._frame_limit if self._msg_compressed else self.max_message_bytes
+            self._parser.max_payload_bytes = max(cap - self._msg_size, MAX_CONTROL_PAYLOAD)
         decoder = self._msg_decoder
         if decoder is not None:
             checked = self._partial_checked
@@ -309,6 +317,7 @@ class Connection:
         self._msg_parts = []
         self._msg_text = []
         self._msg_size = 0
+        self._parser.max_payload_bytes = self._frame_limit
         if opcode is Opcode.TEXT and not compressed:
             return TextMessage("".join(text_parts))
         payload = b"".join(parts)

@@ -175,6 +175,22 @@ class FrameParser:
         self._need = need
         return pos
 
+    def check_pending(self) -> None:
+        """PayloadTooBig if the frame still arriving is longer than `max_payload_bytes` as
+        it is now: the connection lowers it during a fragmented message, possibly after
+        this frame's header was read in the same chunk as the fragment before it."""
+        buf = self._buf
+        n = len(buf)
+        if n < 2:
+            return
+        length = buf[1] & 0x7F
+        if length == 126:
+            length = _U16.unpack_from(buf, 2)[0] if n >= 4 else 0
+        elif length == 127:
+            length = _U64.unpack_from(buf, 2)[0] if n >= 10 else 0
+        if length > self.max_payload_bytes:
+            raise PayloadTooBig(f"frame of {length} bytes exceeds {self.max_payload_bytes}")
+
     def pending_opcode(self) -> tuple[Opcode | None, bool] | None:
         """(opcode, rsv1) of the incomplete frame still buffered, None if nothing is."""
         buf = self._buf

@@ -107,6 +107,9 @@ def frames() -> dict[str, bytes]:
         + _record(2, b"not answered")
         + _record(4, b"\x05done"),
         "struct-over-limit": bytes((SERVER | STRUCT | _split(7), 0)) + _record(0xF7, b"y" * 100),
+        # Found: the second fragment's header announces more than the limit has left.
+        "struct-fragment-past-limit": bytes((SERVER | STRUCT | _split(1), 0))
+        + _record(0x97, b"z" * 120),
         "struct-garbage": bytes((CLIENT | STRUCT, 0)) + _record(0, b"a") + _record(5, b"\x8f\x00"),
     }
     return seeds

@@ -182,19 +182,26 @@ def _held_bytes(conn: Connection) -> int:
 
 
 def _check_events(conn: Connection, events: list[Event], chunk: int = 0) -> None:
-    """Bounds on what `conn` holds after a `receive_data` of `chunk` bytes gave `events`."""
-    limit = conn._parser.max_payload_bytes
-    # Open: at most one frame in progress (header + payload) beside the message so far.
+    """Bounds on what `conn` holds after a `receive_data` of `chunk` bytes gave `events`.
+
+    The limit is the message's (`max_message_bytes`; with deflate, the compressed frame
+    bound). A partial message, the frame in progress included, holds at most the limit plus
+    a frame header and a control frame's 125 bytes (a fragment that small passes the frame
+    parser whatever is left of the limit), plus the chunk being read (the frames a chunk
+    completes are parsed before the first of them is handled)."""
+    m = conn.max_message_bytes
+    limit = m + (m >> 6) + 64 if conn.deflate is not None else m
     # Once failed, the parser may still hold the chunk it stopped in (dropped with it).
-    slack = HEADER_SLACK + (chunk if conn.state is State.CLOSED else 0)
     buffered = conn._parser.buffered_bytes
+    slack = HEADER_SLACK + (chunk if conn.state is State.CLOSED else 0)
     check(buffered <= limit + slack, f"parser holds {buffered} > {limit} + {slack} bytes")
     # What the worker's partial-input cap counts: the frame plus the message so far.
     accounted = getattr(conn, "buffered_in_bytes", buffered + conn._msg_size)
-    check(accounted <= 2 * limit + slack, f"buffered_in_bytes {accounted} > 2 * {limit}")
+    slack = HEADER_SLACK + MAX_CONTROL_PAYLOAD + chunk
+    check(accounted <= limit + slack, f"partial message holds {accounted} > {limit} + {slack}")
     # Also counting the text decoded ahead (UTF-8 checked as a frame arrives): one more frame.
     held = _held_bytes(conn)
-    check(held <= 3 * limit + slack, f"connection holds {held} > 3 * {limit} + {slack} bytes")
+    check(held <= 2 * limit + slack, f"connection holds {held} > 2 * {limit} + {slack} bytes")
     for i, event in enumerate(events):
         if isinstance(event, TextMessage):
             size = len(event.data.encode("utf-8"))
@@ -265,12 +272,14 @@ def _feed(conn: Connection, parts: Iterator[bytes], peer: Connection) -> list[No
 def _same_events(whole: list[Norm], split: list[Norm]) -> bool:
     if whole == split:
         return True
-    # UTF-8 is checked as a text frame arrives (fail fast, RFC 6455 section 8.1): split
-    # bytes may fail 1007 where the whole frame failed for another reason (or vice versa).
+    # Checks made as a frame arrives (fail fast, RFC 6455 section 8.1) may fail split bytes
+    # where the whole frame failed for another reason, or vice versa: UTF-8 (1007), and the
+    # size a fragment's header announces against what its message has left (1009).
     if not (whole and split and whole[-1][0] == "failed" and split[-1][0] == "failed"):
         return False
     codes = {whole[-1][1], split[-1][1]}
-    return err.CLOSE_INVALID_DATA in codes and whole[:-1] == split[:-1]
+    early = codes & {err.CLOSE_INVALID_DATA, err.CLOSE_TOO_BIG}
+    return bool(early) and whole[:-1] == split[:-1]
 
 
 def fuzz_frames(data: bytes) -> None:

@@ -6,6 +6,11 @@
    closed 1011 with a traceback logged, for 27 bytes any client can send. The same bytes in
    a POST /publish body (`key`) reached Redis, which cannot encode them either. Now such
    JSON is `bad_request` (400 on /publish). Inputs: corpus/wire/found-lone-surrogate-*.
+2. A fragmented message could hold twice `max_message_bytes`: each continuation frame's
+   header was checked against the whole limit, not what the message had left of it, so a
+   frame that had to fail 1009 was buffered in full first (1 MiB so far + a 1 MiB frame
+   announced: 2 MiB held per connection). Now the header fails it (`buffered_in_bytes` at
+   most the limit + a header + 125 bytes). Input: corpus/frames/struct-fragment-past-limit.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.errors import ClientError
+from broker.connection import Connection, ConnectionFailed, Role
+from broker.errors import CLOSE_TOO_BIG, ClientError
+from broker.frames import Opcode
 from fuzz import targets
 from worker import wire
 
@@ -60,3 +67,57 @@ def test_the_harness_reports_it_without_the_fix(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(wire, "_check_text", lambda obj: None)
     with pytest.raises(targets.Finding, match="text frame"):
         targets.fuzz_wire(found)
+
+
+def _fragmented_past_the_limit(role: Role) -> tuple[Connection, bytes, bytes]:
+    conn = Connection(role, max_message_bytes=1000)
+    mask = role is Role.SERVER
+    first = targets.frame(Opcode.BINARY, b"a" * 900, fin=False, mask=mask)
+    second = targets.frame(Opcode.CONTINUATION, b"b" * 900, mask=mask)
+    return conn, first, second
+
+
+@pytest.mark.parametrize("one_chunk", [False, True], ids=["apart", "one-chunk"])
+@pytest.mark.parametrize("role", [Role.SERVER, Role.CLIENT])
+def test_a_continuation_frame_past_the_limit_fails_at_its_header(
+    role: Role, one_chunk: bool
+) -> None:
+    conn, first, second = _fragmented_past_the_limit(role)
+    header = 4 + (4 if role is Role.SERVER else 0)
+    start = second[: header + 10]  # the header and 10 bytes of 900
+    if one_chunk:  # its header is read before the fragment ahead of it lowers the limit
+        events = conn.receive_data(first + start)
+    else:
+        assert conn.receive_data(first) == []
+        events = conn.receive_data(start)
+    assert [type(e) for e in events] == [ConnectionFailed]
+    assert events[0].code == CLOSE_TOO_BIG
+    assert conn.buffered_in_bytes <= 1000 + 14 + 125
+
+
+def test_fragments_within_the_limit_and_pings_between_still_pass() -> None:
+    conn = Connection(Role.CLIENT, max_message_bytes=1000)
+    stream = targets.frame(Opcode.TEXT, b"a" * 990, fin=False)
+    stream += targets.frame(Opcode.PING, b"p" * 125)  # more than the 10 bytes left: control
+    stream += targets.frame(Opcode.CONTINUATION, b"b" * 10)
+    stream += targets.frame(Opcode.BINARY, b"c" * 1000)  # the next message: the whole limit
+    for size in (1, 7, len(stream)):
+        conn = Connection(Role.CLIENT, max_message_bytes=1000)
+        events = [
+            e for i in range(0, len(stream), size) for e in conn.receive_data(stream[i : i + size])
+        ]
+        assert [type(e).__name__ for e in events] == ["Ping", "TextMessage", "BinaryMessage"]
+
+
+def test_the_harness_reports_the_old_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    seed = (CORPUS / "frames" / "struct-fragment-past-limit").read_bytes()
+    targets.fuzz_frames(seed)
+    append = Connection._append
+
+    def old_append(self: Connection, payload: bytes, final: bool) -> None:
+        append(self, payload, final)
+        self._parser.max_payload_bytes = self._frame_limit  # each frame against the whole
+
+    monkeypatch.setattr(Connection, "_append", old_append)
+    with pytest.raises(targets.Finding, match="partial message holds"):
+        targets.fuzz_frames(seed)
