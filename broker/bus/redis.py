@@ -349,6 +349,10 @@ async def _server_info(conn: AbstractConnection) -> ServerInfo:
     return parse_server_info(text)
 
 
+def _ignore_server(server: ServerInfo) -> None:
+    pass
+
+
 class _Publisher:
     """A queue of commands (PUBLISH, scripts, ...) flushed as pipelines over one connection,
     in order; scripts go as EVALSHA, re-sent after SCRIPT LOAD when Redis answers NOSCRIPT.
@@ -370,6 +374,7 @@ class _Publisher:
         self._scripts = scripts  # loaded together on NOSCRIPT
         # appended to every script's ARGV[2]: the Cluster bus' `|replid|...|` (broker/bus/lua.py)
         self.trust_extra = b""
+        self.on_server: Callable[[ServerInfo], None] = _ignore_server  # each (re)connection
         self._batch = settings.bus_publish_batch
         self._timeout_s = settings.bus_publish_timeout_s
         self.bound_s = (
@@ -529,6 +534,7 @@ class _Publisher:
                 await self._drop_connection()
                 raise RedisConnectionError("Redis is loading its data; retrying")
             self.server = server
+            self.on_server(server)
         return conn
 
     def _encode(self, command: _Command) -> tuple[Any, ...]:

@@ -17,11 +17,12 @@ Theory of operation.
   node on start, every `bus_cluster_refresh_s`, and at once (coalesced: one refresh at a
   time) after a MOVED, TRYAGAIN or CLUSTERDOWN reply, a shard's subscriber session
   ending, or a server-sent `sunsubscribe`; on a shard's publisher connection when it works
-  (queued with the publishes), else on a connection of its own. When the map changed, it
-  also reads every master's replication id (INFO): the `|id|...|` list the scripts get
-  after ARGV[2], so a history topic whose keys MIGRATE moved from a live master keeps its
-  epoch (broker/bus/lua.py, "Epochs"); a failover changes the map (a new master), so a
-  promoted replica's topics start a new epoch, as on one Redis.
+  (queued with the publishes), else on a connection of its own. Each refresh also reads
+  every master's replication id (INFO), and each (re)connection of a shard's publisher
+  updates its master's: the `|id|...|` list the scripts get after ARGV[2], so a history
+  topic whose keys MIGRATE moved from a live master keeps its epoch (broker/bus/lua.py,
+  "Epochs"). A master restarted or promoted has a new id, so its own topics start a new
+  epoch exactly as on one Redis (its old id leaves the list before its first write).
 - Shards. Every master owning slots gets a `_ShardBus`: a RedisBus (its publisher, its
   subscriber session with reader/sender/prober tasks, reconnects, resubscription, gap
   reports, presence upkeep: all unchanged) pointed at that node, speaking SSUBSCRIBE /
@@ -81,6 +82,7 @@ from broker.bus.redis import (
     ASKING,
     Redirected,
     RedisBus,
+    ServerInfo,
     _client_name,
     _retrieve,
     _Session,
@@ -358,6 +360,7 @@ class RedisClusterBus(Bus):
         self.instance = secrets.token_hex(8)
         self.slot_map: SlotMap | None = None
         self.trust = b""  # `|replid|...|` of the masters at the last refresh
+        self._replids: dict[str, bytes] = {}  # master -> its replication id, last seen
         self._shards: dict[str, _ShardBus] = {}
         self._running = False
         self._refreshing: asyncio.Task[bool] | None = None
@@ -480,19 +483,19 @@ class RedisClusterBus(Bus):
                 log.warning("bus: no Redis Cluster node answered CLUSTER SLOTS; retrying")
             return False
         changed = new_map != self.slot_map
-        if changed or not self.trust:
-            # A failover or a new master changes the map: the masters' ids are read again.
-            replies = await asyncio.gather(
-                *(self._ask(addr, b"INFO", b"replication") for addr in new_map.masters),
-                return_exceptions=True,
-            )
-            replids = []
-            for reply in replies:
-                if isinstance(reply, bytes):
-                    for line in reply.splitlines():
-                        if line.startswith(b"master_replid:"):
-                            replids.append(line.split(b":", 1)[1].strip())
-            self.trust = b"|" + b"|".join(replids) + b"|" if replids else b""
+        replies = await asyncio.gather(
+            *(self._ask(addr, b"INFO", b"replication") for addr in new_map.masters),
+            return_exceptions=True,
+        )
+        replids = {}
+        for addr, reply in zip(new_map.masters, replies, strict=True):
+            if addr in self._replids:  # kept when this INFO failed
+                replids[addr] = self._replids[addr]
+            if isinstance(reply, bytes):
+                for line in reply.splitlines():
+                    if line.startswith(b"master_replid:"):
+                        replids[addr] = line.split(b":", 1)[1].strip()
+        self._replids = replids
         self.slot_map = new_map
         late = self._task is not None
         fresh = []
@@ -501,8 +504,7 @@ class RedisClusterBus(Bus):
                 self._shards[addr] = shard = self._make_shard(addr, late=late)
                 fresh.append(shard)
         gone = [self._shards.pop(a) for a in list(self._shards) if a not in new_map.masters]
-        for shard in self._shards.values():
-            shard._publisher.trust_extra = self.trust
+        self._set_trust()
         if changed:
             log.info("bus: Redis Cluster slot map: %d masters", len(new_map.masters))
         if changed or gone or self._dropped:
@@ -539,8 +541,23 @@ class RedisClusterBus(Bus):
             with contextlib.suppress(*_IO_ERRORS):
                 await conn.disconnect(nowait=True)
 
+    def _set_trust(self) -> None:
+        """Give every shard the masters' replication ids, as its scripts' trust list."""
+        ids = [replid for addr, replid in self._replids.items() if addr in self._shards]
+        self.trust = b"|" + b"|".join(ids) + b"|" if ids else b""
+        for shard in self._shards.values():
+            shard._publisher.trust_extra = self.trust
+
+    def _server_seen(self, addr: str, server: ServerInfo) -> None:
+        """A shard's publisher (re)connected: a master restarted since the last look has a
+        new id, and its old one no longer vouches for anything (before the first write)."""
+        if server.replid and self._replids.get(addr) != server.replid:
+            self._replids[addr] = server.replid
+            self._set_trust()
+
     def _make_shard(self, addr: str, *, late: bool) -> _ShardBus:
         shard = _ShardBus(self, addr, late=late)
+        shard._publisher.on_server = lambda server: self._server_seen(addr, server)
 
         def wanted() -> list[str]:
             return [t for t in self.wanted_topics() if self.owner(t) == addr]

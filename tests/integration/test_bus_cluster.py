@@ -423,6 +423,27 @@ async def test_a_master_down_stops_only_its_shard_and_is_followed_when_back(
             assert (after[t].epoch != before[t].epoch) == (t in on_victim)
 
 
+async def test_a_master_back_from_an_older_snapshot_starts_a_new_epoch(
+    cluster: RedisCluster, harness: ClusterHarness
+) -> None:
+    # What one Redis does after a restart without AOF (the snapshot may lack acknowledged
+    # writes) holds on a Cluster too: the master's old id must not vouch for its own keys.
+    victim = cluster.nodes[2]
+    topic = topics_on_every_shard(cluster, 1, "hist.snap")[2]
+    assert cluster.owner(keyslot(topic.encode())) is victim
+    bus = await harness.bus("w1", **FAST)
+    first = await bus.publish(_msg(topic, 1))
+    await asyncio.to_thread(victim.command, "SAVE")  # a snapshot with offset 1 ...
+    second = await bus.publish(_msg(topic, 2))  # ... and an acknowledged write after it
+    assert (first.offset, second.offset) == (1, 2)
+    await asyncio.to_thread(cluster.kill, victim)
+    await asyncio.to_thread(cluster.start, victim)  # loads the snapshot: offset 1 only
+    third = await publish_until_it_works(bus, topic, 3)
+    assert third.epoch != first.epoch and third.offset == 1
+    read = await bus.history(topic, after=0, epoch=first.epoch)
+    assert not read.complete and read.messages == []
+
+
 async def test_a_cluster_failover_is_followed() -> None:
     with RedisCluster(masters=3, replicas=1) as replicated:
         settings = SETTINGS.replace(redis_url=replicated.url, **FAST)
