@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from support.processes import ServerProcess, redwire
+from support.processes import ServerProcess, redwire, serve
 from support.redis_cluster import RedisCluster
 from support.redis_server import RedisServer
+from support.tls import SelfSigned, make_self_signed
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +48,25 @@ def redis_cluster() -> Iterator[RedisCluster]:
     cluster = RedisCluster(masters=3)
     yield cluster
     cluster.close()
+
+
+# --- TLS: a self-signed certificate and a broker serving wss:// (tests/support/tls.py) --------
+
+
+@pytest.fixture(scope="session")
+def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> SelfSigned:
+    """A certificate for 127.0.0.1 and localhost, trusted by nothing but the tests."""
+    return make_self_signed(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def tls_broker(redis_server: RedisServer, tls_cert: SelfSigned) -> Iterator[ServerProcess]:
+    """`redwire serve --workers 2 --certfile --keyfile`: wss:// and https:// only."""
+    server = serve(
+        redis_server.url,
+        workers=2,
+        args=("--certfile", str(tls_cert.certfile), "--keyfile", str(tls_cert.keyfile)),
+        env={"REDWIRE_CHANNEL_PREFIX": "tls:"},
+    )
+    yield server
+    server.stop()

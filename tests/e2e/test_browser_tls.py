@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import pytest
 from e2e.conftest import CHROMIUM, CHROMIUM_ARGS
 from playwright.sync_api import Browser, sync_playwright
-from support.processes import ServerProcess, serve
-from support.tls import SelfSigned, make_self_signed
+from support.processes import ServerProcess
+from support.tls import SelfSigned
 
 WAIT_MS = 20_000
 
@@ -36,27 +36,10 @@ async (waitMs) => {
 
 
 @pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> SelfSigned:
-    return make_self_signed(tmp_path_factory.mktemp("tls-browser"))
-
-
-@pytest.fixture(scope="module")
-def tls_broker(redis_server, cert: SelfSigned) -> Iterator[ServerProcess]:
-    server = serve(
-        redis_server.url,
-        workers=2,
-        args=("--certfile", str(cert.certfile), "--keyfile", str(cert.keyfile)),
-        env={"REDWIRE_CHANNEL_PREFIX": "tls-browser:"},
-    )
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def browsers(cert: SelfSigned) -> Iterator[dict[str, Browser]]:
+def browsers(tls_cert: SelfSigned) -> Iterator[dict[str, Browser]]:
     """Two Chromiums from one Playwright: one trusting the certificate, one plain."""
     assert os.path.exists(CHROMIUM), f"{CHROMIUM} is missing: apt-get install -y chromium"
-    trust = f"--ignore-certificate-errors-spki-list={cert.spki_sha256}"
+    trust = f"--ignore-certificate-errors-spki-list={tls_cert.spki_sha256}"
     with sync_playwright() as pw:
         launched = {
             "trusting": pw.chromium.launch(

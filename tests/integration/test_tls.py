@@ -11,40 +11,22 @@ import json
 import socket
 import ssl
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 import websockets
-from support.processes import REPO, ServerProcess, free_port, redwire, serve
-from support.tls import SelfSigned, make_self_signed
+from support.processes import REPO, ServerProcess, free_port, redwire
+from support.tls import SelfSigned
 
 from client.pubsub import connect
 
 
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> SelfSigned:
-    return make_self_signed(tmp_path_factory.mktemp("tls"))
+def test_the_startup_line_says_https(tls_broker: ServerProcess) -> None:
+    tls_broker.wait_for_output(rf"^serving https://127\.0\.0\.1:{tls_broker.port}/ with redis")
 
 
-@pytest.fixture(scope="module")
-def tls_server(redis_server, cert: SelfSigned) -> Iterator[ServerProcess]:
-    server = serve(
-        redis_server.url,
-        workers=2,
-        args=("--certfile", str(cert.certfile), "--keyfile", str(cert.keyfile)),
-        env={"REDWIRE_CHANNEL_PREFIX": "tls:"},
-    )
-    yield server
-    server.stop()
-
-
-def test_the_startup_line_says_https(tls_server: ServerProcess) -> None:
-    tls_server.wait_for_output(rf"^serving https://127\.0\.0\.1:{tls_server.port}/ with redis")
-
-
-async def test_pub_sub_over_wss_across_workers(tls_server: ServerProcess, cert) -> None:
-    url = f"wss://127.0.0.1:{tls_server.port}/"
-    context = cert.client_context()
+async def test_pub_sub_over_wss_across_workers(tls_broker: ServerProcess, tls_cert) -> None:
+    url = f"wss://127.0.0.1:{tls_broker.port}/"
+    context = tls_cert.client_context()
     clients = [await connect(url, ssl=context, reconnect=False) for _ in range(6)]
     try:
         subs = [await c.subscribe("tls.room") for c in clients]
@@ -57,10 +39,10 @@ async def test_pub_sub_over_wss_across_workers(tls_server: ServerProcess, cert) 
             await c.close()
 
 
-async def test_an_independent_client_speaks_wss(tls_server: ServerProcess, cert) -> None:
-    url = f"wss://127.0.0.1:{tls_server.port}/"
+async def test_an_independent_client_speaks_wss(tls_broker: ServerProcess, tls_cert) -> None:
+    url = f"wss://127.0.0.1:{tls_broker.port}/"
     async with websockets.connect(
-        url, ssl=cert.client_context(), subprotocols=["redwire.json"]
+        url, ssl=tls_cert.client_context(), subprotocols=["redwire.json"]
     ) as ws:
         welcome = json.loads(await ws.recv())
         assert welcome["op"] == "welcome"
@@ -69,10 +51,10 @@ async def test_an_independent_client_speaks_wss(tls_server: ServerProcess, cert)
         assert (reply["op"], reply["id"]) == ("ack", 1), reply
 
 
-def test_https_serves_health_and_the_page(tls_server: ServerProcess, cert) -> None:
-    context = cert.client_context()
+def test_https_serves_health_and_the_page(tls_broker: ServerProcess, tls_cert) -> None:
+    context = tls_cert.client_context()
     for path, status in (("/healthz", b"200"), ("/", b"200"), ("/nope", b"404")):
-        with socket.create_connection(("127.0.0.1", tls_server.port), timeout=10) as raw:
+        with socket.create_connection(("127.0.0.1", tls_broker.port), timeout=10) as raw:
             with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
                 assert tls.version() in ("TLSv1.2", "TLSv1.3")
                 assert tls.selected_alpn_protocol() in (None, "http/1.1")
@@ -81,8 +63,8 @@ def test_https_serves_health_and_the_page(tls_server: ServerProcess, cert) -> No
                 assert head.split(b" ", 2)[1] == status, head[:200]
 
 
-def test_plain_http_on_the_tls_port_gets_nothing_served(tls_server: ServerProcess) -> None:
-    with socket.create_connection(("127.0.0.1", tls_server.port), timeout=10) as raw:
+def test_plain_http_on_the_tls_port_gets_nothing_served(tls_broker: ServerProcess) -> None:
+    with socket.create_connection(("127.0.0.1", tls_broker.port), timeout=10) as raw:
         raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         answer = b""
         try:
@@ -94,10 +76,10 @@ def test_plain_http_on_the_tls_port_gets_nothing_served(tls_server: ServerProces
 
 
 def test_a_client_that_does_not_trust_the_certificate_is_refused(
-    tls_server: ServerProcess,
+    tls_broker: ServerProcess,
 ) -> None:
     context = ssl.create_default_context()  # the system's CAs: not our self-signed one
-    with socket.create_connection(("127.0.0.1", tls_server.port), timeout=10) as raw:
+    with socket.create_connection(("127.0.0.1", tls_broker.port), timeout=10) as raw:
         with pytest.raises(ssl.SSLCertVerificationError):
             context.wrap_socket(raw, server_hostname="127.0.0.1")
 
@@ -112,7 +94,7 @@ def test_a_client_that_does_not_trust_the_certificate_is_refused(
     ids=["missing-file", "not-a-certificate", "key-without-certificate"],
 )
 def test_a_bad_certificate_setting_exits_2_before_serving(
-    tmp_path, cert: SelfSigned, make_args, message: str
+    tmp_path, tls_cert: SelfSigned, make_args, message: str
 ) -> None:
     argv = redwire(
         "serve",
@@ -122,7 +104,7 @@ def test_a_bad_certificate_setting_exits_2_before_serving(
         "1",
         "--redis",
         "memory://",
-        *make_args(tmp_path, cert),
+        *make_args(tmp_path, tls_cert),
     )
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
