@@ -110,6 +110,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from redis.asyncio.connection import AbstractConnection, Connection, parse_url
 from redis.exceptions import (
@@ -213,6 +214,22 @@ def connection_factory(
         client_name=client_name,
     )
     return lambda: cls(**kwargs)
+
+
+def split_hosts_url(url: str, scheme: str, what: str) -> tuple[Any, str, list[tuple[str, int]]]:
+    """(urlsplit parts, userinfo, [(host, port)]) of `scheme://[userinfo@]h1:p1,h2:p2...`
+    (the Cluster and Sentinel URLs); ConfigError names `what` each host:port is."""
+    parts = urlsplit(url)
+    if parts.scheme != scheme:
+        raise ConfigError(f"not a {scheme}:// URL")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    found = []
+    for item in hosts.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"bad {scheme}:// URL: each {what} is host:port, not {item!r}")
+        found.append((host, int(port)))
+    return parts, userinfo, found
 
 
 async def _idle_and_open(conn: AbstractConnection) -> bool:

@@ -73,7 +73,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote
 
 from broker.bus import STATS_KEYS, Bus, HistoryRead, Published, StatsValue
 from broker.bus.lua import SHARDED
@@ -87,6 +87,7 @@ from broker.bus.redis import (
     _retrieve,
     _Session,
     connection_factory,
+    split_hosts_url,
 )
 from broker.envelope import BusMessage
 from broker.errors import BusError, BusUnavailable, ConfigError
@@ -168,16 +169,8 @@ def parse_slots(reply: Any, default_host: str) -> SlotMap:
 def parse_cluster_url(url: str) -> tuple[list[str], Callable[[str], str]]:
     """The seeds ("host:port") of a `redis+cluster://` URL and a function making the plain
     `redis://` URL of one node."""
-    parts = urlsplit(url)
-    if parts.scheme != SCHEME:
-        raise ConfigError(f"not a {SCHEME}:// URL")
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    seeds = []
-    for item in hosts.split(","):
-        host, sep, port = item.strip().rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"bad {SCHEME}:// URL: each node is host:port, not {item!r}")
-        seeds.append(f"{host}:{int(port)}")
+    parts, userinfo, hosts = split_hosts_url(url, SCHEME, "node")
+    seeds = [f"{host}:{port}" for host, port in hosts]
     if parts.path not in ("", "/", "/0"):
         raise ConfigError(f"bad {SCHEME}:// URL: a Redis Cluster has database 0 only")
     auth = ""

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
-from broker.bus.redis import RedisBus
+from broker.bus.redis import RedisBus, split_hosts_url
 from broker.errors import ConfigError
 from broker.settings import Settings
 
@@ -35,16 +35,7 @@ SCHEME = "redis+sentinel"
 
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, dict[str, Any]]:
     """(the Sentinels' (host, port)s, the service name, the master's connection kwargs)."""
-    parts = urlsplit(url)
-    if parts.scheme != SCHEME:
-        raise ConfigError(f"not a {SCHEME}:// URL")
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    sentinels = []
-    for item in hosts.split(","):
-        host, sep, port = item.strip().rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"bad {SCHEME}:// URL: each Sentinel is host:port, not {item!r}")
-        sentinels.append((host, int(port)))
+    parts, userinfo, sentinels = split_hosts_url(url, SCHEME, "Sentinel")
     path = [unquote(p) for p in parts.path.split("/") if p]
     if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
         raise ConfigError(f"bad {SCHEME}:// URL: the path is /service_name or /service_name/db")
