@@ -134,6 +134,10 @@ class Settings:
     max_data_depth: int = 64  # published data nested deeper (arrays/objects) is refused
     max_subscriptions_per_connection: int = 1000
     max_queued_requests: int = 256  # requests waiting behind a slow one; more: stop reading
+    # Publishes one connection has on their way to Redis; more: stop reading it until some
+    # are answered. Small, so a flooding connection's publishes queue in its own socket, not
+    # ahead of everybody's in the worker's one publisher pipeline (fairness).
+    max_publishes_in_flight: int = 64
     max_errors_per_window: int = 20  # more error replies than this in the window: close 1008
     error_window_s: float = 10.0
     heartbeat_interval_s: float = 25.0  # clients send an app-level {"op":"ping"} this often
@@ -538,6 +542,7 @@ def _validate(s: Settings) -> None:
     need(s.slow_consumer_policy in ("close",), "slow_consumer_policy must be 'close'")
     need(1 <= s.max_topic_bytes <= 1024, "max_topic_bytes must be 1..1024")
     need(s.max_queued_requests >= 1, "max_queued_requests must be >= 1")
+    need(s.max_publishes_in_flight >= 1, "max_publishes_in_flight must be >= 1")
     need(s.read_slice_bytes >= 1024, "read_slice_bytes must be >= 1024")
     need(s.read_slice_messages >= 1, "read_slice_messages must be >= 1")
     need(s.listen_backlog >= 1, "listen_backlog must be >= 1")

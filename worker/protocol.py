@@ -531,8 +531,11 @@ class WebSocket(asyncio.Protocol):
         for i, event in enumerate(events):
             kind = type(event)
             if kind is TextMessage or kind is BinaryMessage:
-                if not room:
-                    self._pending_events = events[i:]  # the next slice (Fairness, above)
+                held = self._input_holds
+                if not room or (held and not held <= _SLICE_GOES_ON):
+                    # The slice is used up, or the session (or the writer) asked for no
+                    # more input: the rest waits for the next slice (Fairness, above).
+                    self._pending_events = events[i:]
                     return
                 room -= 1
                 if session is not None and not self._failed:

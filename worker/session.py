@@ -341,7 +341,7 @@ class ClientSession:
     def _publish_pipelined(self, request: wire.Request) -> None:
         """A publish no hook transforms: hand it to the bus now and go on with the next
         request; the bus keeps the order, the ack follows when Redis answers. At most
-        `max_queued_requests` are in flight, then reading stops until some are answered."""
+        `max_publishes_in_flight` are in flight, then reading stops until some are answered."""
         assert request.topic is not None and request.payload is not None
         try:
             key = _idempotency_key(request.options)
@@ -354,14 +354,14 @@ class ClientSession:
         task = asyncio.get_running_loop().create_task(self.app.bus.publish(message, key=key))
         inflight = self._inflight
         inflight.add(task)
-        if len(inflight) >= self.app.settings.max_queued_requests:
+        if len(inflight) >= self.app.settings.max_publishes_in_flight:
             self.ws.hold_input("publishes")
         task.add_done_callback(lambda done: self._published(request.id, done))
 
     def _published(self, req_id: Any, done: asyncio.Task[Published]) -> None:
         inflight = self._inflight
         inflight.discard(done)
-        if len(inflight) < self.app.settings.max_queued_requests:
+        if len(inflight) < self.app.settings.max_publishes_in_flight:
             self.ws.release_input("publishes")
         if done.cancelled():
             return

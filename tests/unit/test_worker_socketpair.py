@@ -23,6 +23,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from support.waiting import eventually
 
 from broker import errors
 from broker.bus.memory import MemoryBus
@@ -697,6 +698,35 @@ async def test_requests_queued_behind_a_slow_one_stop_reading_then_resume() -> N
         assert await a.peer.reply("s") == {"op": "ack", "id": "s"}
         for n in range(10):
             assert await a.peer.reply(n) == {"op": "pong", "id": n}
+        assert not protocol._paused_reading
+
+
+async def test_publishes_in_flight_are_capped_then_reading_resumes() -> None:
+    """Past `max_publishes_in_flight` publishes waiting for the bus, the connection is not
+    read; as the bus answers, reading resumes and every publish gets its ack, in order."""
+    settings = BROKER.replace(max_publishes_in_flight=3)
+    async with broker_app(settings) as app, client(app) as a:
+        gate = asyncio.Event()
+        publish = app.bus.publish
+
+        async def held(message: Any, *, key: str | None = None) -> Any:
+            await gate.wait()
+            return await publish(message, key=key)
+
+        app.bus.publish = held  # type: ignore[method-assign]  # the bus is the app's seam
+        for n in range(10):
+            a.peer.request(op="publish", topic="t", data=n, id=n)
+        protocol = a.protocol
+
+        async def paused() -> bool:
+            return protocol._paused_reading
+
+        await eventually(paused, timeout_s=WAIT_S)
+        session = next(iter(app.sessions))
+        assert len(session._inflight) == 3
+        gate.set()
+        for n in range(10):
+            assert (await a.peer.reply(n))["op"] == "ack"
         assert not protocol._paused_reading
 
 
