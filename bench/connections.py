@@ -55,6 +55,7 @@ import struct
 import sys
 import threading
 import time
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -595,6 +596,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         publisher.start()
         pub_child.close()
         assert pub_parent.recv()[0] == "ready"
+        m0 = scrape(broker.port)
         cpu2, tt0 = cpu_seconds(worker_pids), time.monotonic()
         pub_parent.send("go")
         _, published, rounds, pub_elapsed = pub_parent.recv()
@@ -608,6 +610,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             time.sleep(0.25)
         trickle_s = time.monotonic() - tt0
         trickle_cpu = cpu_seconds(worker_pids) - cpu2
+        time.sleep(2.5)  # the workers sync their counters to /metrics once a second
+        counters = _delta(scrape(broker.port), m0)
         publisher.join(5)
         rss2 = _worker_rss(worker_pids)
         growth = sum(rss1) - sum(rss0)
@@ -655,6 +659,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "trickle_all_received": received == expected,
             "trickle_window_s": round(trickle_s, 2),
             "trickle_worker_cpu_s": round(trickle_cpu, 3),
+            "trickle_broker_counters": counters,
             "rss_after_trickle_bytes": rss2,
             "lost_connections": s2["lost"],
             "closed_by_server": s2["closed_by_server"],
@@ -672,6 +677,37 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         if broker is not None:
             _stop_broker(broker, worker_pids)
         redis.stop()
+
+
+METRICS = {
+    "redwire_messages_in_total": "messages_in",
+    "redwire_deliveries_total": "deliveries",
+    "redwire_slow_consumer_closes_total": "slow_consumer_closes",
+    "redwire_gaps_announced_total": "gaps_announced",
+    "redwire_bus_reconnects_total": "bus_reconnects",
+    "redwire_bus_gaps_total": "bus_gaps",
+}
+
+
+def scrape(port: int) -> dict[str, float] | None:
+    """The broker's own counters (GET /metrics, summed over workers); None if it fails."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None
+    out = dict.fromkeys(METRICS.values(), 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in METRICS:
+            out[METRICS[name]] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _delta(after: dict | None, before: dict | None) -> dict[str, float] | None:
+    if after is None or before is None:
+        return None
+    return {key: after[key] - before[key] for key in after}
 
 
 def _status_kb(pid: int, key: str) -> int:
@@ -702,7 +738,7 @@ def rows(r: dict) -> list[tuple[str, str]]:
     """The printed table: (label, value) per line."""
     per = r["rss_per_connection_bytes"] or 0
     trickle = f"{r['trickle_delivered']:,} / {r['trickle_expected']:,}"
-    return [
+    lines = [
         ("connections (requested)", f"{r['opened']:,} ({r['requested_connections']:,})"),
         ("permessage-deflate offered", "yes" if r["compression_offered"] else "no"),
         ("workers / load processes", f"{r['workers']} / {r['load_processes']}"),
@@ -728,6 +764,18 @@ def rows(r: dict) -> list[tuple[str, str]]:
         ),
         ("connections lost / closed", f"{r['lost_connections']} / {r['closed_by_server']}"),
     ]
+    counters = r.get("trickle_broker_counters")
+    if counters:
+        lines.insert(
+            -2,
+            (
+                "broker, trickle",
+                f"{counters['messages_in']:,.0f} from the bus, {counters['deliveries']:,.0f}"
+                f" frames sent, {counters['bus_reconnects']:.0f} bus reconnects"
+                f" ({counters['bus_gaps']:.0f} gaps)",
+            ),
+        )
+    return lines
 
 
 def table(result: dict) -> str:
