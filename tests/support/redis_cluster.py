@@ -134,8 +134,10 @@ class RedisCluster:
         replica = self.replicas.pop(master.node_id)
         replica.command("CLUSTER", "FAILOVER")
 
-        def promoted() -> bool:
-            return replica.command("ROLE")[0] in (b"master", "master") and self._agreed()
+        def promoted() -> bool:  # every node agrees, on the new owner
+            if replica.command("ROLE")[0] not in (b"master", "master") or not self._agreed():
+                return False
+            return replica.addr in self.slot_owners().values()
 
         self.wait_until(promoted, "the failover did not happen")
         self.nodes[self.nodes.index(master)] = replica
