@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 CORPUS = Path(__file__).parent / "corpus"
-NAMES = ("frames", "handshake", "deflate", "wire")
+NAMES = ("frames", "handshake", "deflate", "wire", "session")
 MAX_LEN = 4096  # longest input tried: every bound in targets.py is reached well below it
 RSS_LIMIT_MB = 1536  # libFuzzer fails the run past this (unbounded allocation)
 TARGETS = "tests.fuzz.targets"

@@ -265,7 +265,59 @@ def wire() -> dict[str, bytes]:
     }
 
 
-GENERATORS = {"frames": frames, "handshake": handshake, "deflate": deflate, "wire": wire}
+def session() -> dict[str, bytes]:
+    # flags: bit 0 msgpack, bit 1 deflate, bit 2 the other frame type; then [length][frame].
+    def frames(flags: int, *requests: object) -> bytes:
+        out = bytes((flags,))
+        for request in requests:
+            raw = request if isinstance(request, bytes) else _encode(request, flags & 1)
+            out += bytes((len(raw),)) + raw
+        return out
+
+    def _encode(obj: object, binary: int) -> bytes:
+        return msgpack.packb(obj, use_bin_type=True) if binary else json.dumps(obj).encode()
+
+    history = {"op": "subscribe", "topic": "h.a", "id": 1, "since": {"offset": 0, "epoch": "x"}}
+    return {
+        "json-pubsub": frames(
+            0,
+            {"op": "subscribe", "topic": "room.1", "id": 1},
+            {"op": "publish", "topic": "room.1", "data": {"n": 1}, "id": 2, "key": "k1"},
+            {"op": "publish", "topic": "room.1", "data": {"n": 1}, "id": 3, "key": "k1"},
+            {"op": "unsubscribe", "topic": "room.1", "id": 4},
+        ),
+        "json-history-presence": frames(
+            2,
+            {"op": "publish", "topic": "h.a", "data": [1, 2], "id": "p"},
+            history,
+            {"op": "subscribe", "topic": "p.room", "id": 2},
+            {"op": "presence", "topic": "p.room", "id": 3},
+        ),
+        "json-refused": frames(
+            0,
+            {"op": "subscribe", "topic": "closed.x", "id": 1},
+            {"op": "publish", "topic": "$sys.stats", "data": 1, "id": 2},
+            {"op": "refresh", "token": "a.b.c", "id": 3},
+            b"not json",
+            b'{"op":"ping","id":"\\u00e9"}',
+        ),
+        "msgpack-pubsub": frames(
+            1,
+            {"op": "subscribe", "topic": "h.b", "id": 1},
+            {"op": "publish", "topic": "h.b", "data": b"\x00\xff", "id": 2},
+            {"op": "subscribe", "topic": "h.b", "id": 3, "since": {"offset": 1, "epoch": ""}},
+        ),
+        "wrong-type": frames(4, b'{"op":"ping","id":1}'),
+    }
+
+
+GENERATORS = {
+    "frames": frames,
+    "handshake": handshake,
+    "deflate": deflate,
+    "wire": wire,
+    "session": session,
+}
 
 
 def main() -> int:

@@ -61,7 +61,7 @@ from broker.errors import (
     PayloadTooBig,
     ProtocolError,
 )
-from broker.frames import MAX_CONTROL_PAYLOAD, Opcode, frame_header_size, serialize_frame
+from broker.frames import MAX_CONTROL_PAYLOAD, Opcode
 from broker.handshake import (
     Request,
     RequestParser,
@@ -75,78 +75,17 @@ from broker.handshake import (
     same_origin,
     split_authority,
 )
-from broker.masking import apply_mask
 from worker import wire
 from worker.http_routes import _static_file, decode_path
+
+from .common import Finding, Reader, check, chunks, frame
+from .session import fuzz_session
 
 MAX_MESSAGE = 256  # max_message_bytes of every connection and codec under test
 HEADER_SLACK = 14  # the largest frame header: 2 + 8 (length) + 4 (mask)
 # Codes a Connection may fail with on received bytes (ProtocolError and its subclasses).
 FAIL_CODES = frozenset({err.CLOSE_PROTOCOL_ERROR, err.CLOSE_INVALID_DATA, err.CLOSE_TOO_BIG})
-MASK_KEY = b"\x37\xfa\x21\x3d"
 VALID_CLOSE_CODES = (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 4000, 4999)
-
-
-class Finding(AssertionError):
-    """A property the harness checks does not hold (a bug, like any unexpected exception)."""
-
-
-def check(condition: object, message: str) -> None:
-    if not condition:
-        raise Finding(message)
-
-
-class Reader:
-    """Take bytes off the front of an input; past its end every read is empty/zero."""
-
-    __slots__ = ("data", "pos")
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def byte(self) -> int:
-        if self.pos >= len(self.data):
-            return 0
-        self.pos += 1
-        return self.data[self.pos - 1]
-
-    def take(self, n: int) -> bytes:
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += len(chunk)
-        return chunk
-
-    def rest(self) -> bytes:
-        chunk = self.data[self.pos :]
-        self.pos = len(self.data)
-        return chunk
-
-    @property
-    def left(self) -> int:
-        return len(self.data) - self.pos
-
-
-def frame(
-    opcode: int, payload: bytes, *, fin: bool = True, rsv1: bool = False, mask: bool = False
-) -> bytes:
-    """`serialize_frame`, but masked with a fixed key: the same input, the same bytes."""
-    raw = serialize_frame(opcode, payload, fin=fin, rsv1=rsv1)
-    if not mask:
-        return raw
-    head = frame_header_size(len(payload))
-    body = apply_mask(payload, MASK_KEY) if payload else b""
-    return bytes((raw[0], raw[1] | 0x80)) + raw[2:head] + MASK_KEY + body
-
-
-def chunks(data: bytes, pattern: int) -> Iterator[bytes]:
-    """`data` split by `pattern` (0..15): 0 one byte at a time, else cycling sizes."""
-    sizes = (1,) if pattern == 0 else (pattern, 1, 2 * pattern + 1, 3, 7 * pattern, 2)
-    pos = i = 0
-    while pos < len(data):
-        size = sizes[i % len(sizes)]
-        yield data[pos : pos + size]
-        pos += size
-        i += 1
 
 
 # --- 1. frames: the Connection's receive path, both roles -----------------------------------
@@ -305,8 +244,8 @@ def fuzz_frames(data: bytes) -> None:
         peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
         peer = _connection(peer_role, params)
         if bits & 0x40:  # LOCAL_CLOSING: what arrives is still delivered, nothing answered
-            check(peer.receive_data(conn.close(1001, "bye")) == [CloseReceived(1001, "bye")],
-                  "our close frame")  # fmt: skip
+            closing = peer.receive_data(conn.close(1001, "bye"))
+            check(closing == [CloseReceived(1001, "bye")], f"our close frame gave {closing}")
         parts = iter([stream] if stream else []) if pattern is None else chunks(stream, pattern)
         results.append(_feed(conn, parts, peer))
     whole, split = results
@@ -415,21 +354,26 @@ ORIGINS = ((), ("https://app.example",), ("*",), ("null", "http://localhost:3000
 HOSTS = ((), ("broker.example",), (".example", "localhost:8765"))
 
 
+STATIC_CONTENT = {"site/index.html": b"<p>index</p>", "site/sub/a.txt": b"a", "secret.txt": b"!"}
+
+
 def _static_dir() -> Path:
     """A `static_dir` with two files, and a secret plus a symlink to it just outside. One
     fixed place per user, made again as needed (libFuzzer's exit skips clean-up)."""
     root = Path(tempfile.gettempdir()) / f"redwire-fuzz-static-{os.getuid()}"
     (root / "site" / "sub").mkdir(parents=True, exist_ok=True)
-    (root / "site" / "index.html").write_bytes(b"<p>index</p>")
-    (root / "site" / "sub" / "a.txt").write_bytes(b"a")
-    (root / "secret.txt").write_bytes(b"SECRET")
+    for path, data in STATIC_CONTENT.items():
+        # Replaced whole, never truncated: another fuzzer may be reading it right now.
+        scratch = root / f"{path}.{os.getpid()}"
+        scratch.write_bytes(data)
+        os.replace(scratch, root / path)
     with contextlib.suppress(FileExistsError):
         (root / "site" / "link.txt").symlink_to(root / "secret.txt")
     return root / "site"
 
 
 STATIC_DIR = _static_dir()
-STATIC_FILES = frozenset({b"<p>index</p>", b"a"})
+STATIC_FILES = frozenset(v for k, v in STATIC_CONTENT.items() if k.startswith("site/"))
 JWT_SECRET = "fuzz-harness-secret: 48 bytes or more, for HS384 too"
 VERIFIER = auth.TokenVerifier(algorithms=("HS256", "HS384"), secrets=(JWT_SECRET,))
 TOKEN_STATUSES = frozenset({401})
@@ -834,4 +778,5 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "handshake": fuzz_handshake,
     "deflate": fuzz_deflate,
     "wire": fuzz_wire,
+    "session": fuzz_session,
 }

@@ -1,0 +1,231 @@
+"""The `session` fuzz target: pub/sub request frames into a real worker session.
+
+Where the `wire` target stops at the decoded `Request`, this one sends the frames to a
+`worker.broker_app.BrokerApp` on a `MemoryBus`, through the real `worker.protocol.WebSocket`
+over a `socket.socketpair()`, as tests/unit/test_worker_socketpair.py does, and asks what
+any client may ask: whatever it sends, the session answers (a `ping` after the frames gets
+its `pong`), never fails (a 1011 close) and logs no error. One app and one connection per
+encoding serve many inputs (a fresh connection every `RECONNECT_EVERY` inputs, or after
+the server closed one), so a run keeps some state between inputs: a finding may need
+the inputs before it (replay the saved one alone to see).
+
+Input: flags byte (bit 0 msgpack, bit 1 permessage-deflate, bit 2 frames of the other
+type), then records `[length][bytes]`, each one frame (JSON: the bytes as UTF-8 text,
+undecodable bytes replaced).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+from typing import Any
+
+from broker.bus.memory import MemoryBus
+from broker.connection import (
+    BinaryMessage,
+    CloseReceived,
+    Connection,
+    ConnectionFailed,
+    ConnectionLost,
+    Ping,
+    Role,
+    TextMessage,
+)
+from broker.deflate import PerMessageDeflate
+from broker.envelope import msgpack_dumps, msgpack_loads
+from broker.errors import CLOSE_INTERNAL_ERROR
+from broker.handshake import ResponseParser, check_response, client_request, new_key
+from broker.settings import Settings, TopicRule
+from worker import wire
+from worker.broker_app import BrokerApp
+from worker.protocol import WebSocket
+
+from .common import Finding, Reader
+
+SETTINGS = Settings(
+    redis_url="memory://",
+    ping_interval_s=None,
+    idle_timeout_s=None,
+    publish_rate_per_s=None,
+    max_errors_per_window=1_000_000,
+    max_subscriptions_per_connection=50,
+    topics=(
+        TopicRule("h.*", history_size=8),
+        TopicRule("p.*", presence=True, join_leave=True),
+        TopicRule("closed.*", allow_subscribe="none", allow_publish="none"),
+    ),
+)
+DEADLINE_S = 60.0  # a hang guard only: an answer takes milliseconds
+RECONNECT_EVERY = 200
+
+
+class _ErrorLog(logging.Handler):
+    """Every ERROR (or worse) record the broker logs while an input runs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class _Client:
+    """Our end of one socketpair: a client-role Connection over asyncio streams."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.conn: Connection | None = None
+        self.binary = False
+        self.closed: int | None = None  # the close code, once the server closed
+        self.pending: list[Any] = []  # events read with the handshake's response
+
+    async def handshake(self, *, binary: bool, compression: bool) -> None:
+        key = new_key()
+        protocols = [wire.SUBPROTOCOL_MSGPACK if binary else wire.SUBPROTOCOL_JSON]
+        request = client_request(
+            "fuzz.test", 80, "/ws", key=key, subprotocols=protocols, compression=compression
+        )
+        self.writer.write(request)
+        parser = ResponseParser()
+        response = None
+        while response is None:
+            data = await self.reader.read(65536)
+            if not data:
+                raise Finding("the worker closed during the handshake")
+            response = parser.feed(data)
+        established = check_response(
+            response, key=key, subprotocols=protocols, compression=compression
+        )
+        deflate = None
+        if established.deflate is not None:
+            deflate = PerMessageDeflate(
+                established.deflate,
+                is_server=False,
+                level=1,
+                min_bytes=0,
+                max_message_bytes=SETTINGS.max_message_bytes,
+            )
+        self.conn = Connection(
+            Role.CLIENT, max_message_bytes=SETTINGS.max_message_bytes, deflate=deflate
+        )
+        self.binary = binary
+        self.pending = list(self.conn.receive_data(parser.leftover)) if parser.leftover else []
+
+    def send(self, data: str | bytes) -> None:
+        assert self.conn is not None
+        if self.closed is None:
+            send = self.conn.send_text if isinstance(data, str) else self.conn.send_binary
+            self.writer.write(send(data))  # type: ignore[arg-type]
+
+    def request(self, obj: dict[str, Any]) -> None:
+        self.send(msgpack_dumps(obj) if self.binary else wire._dumps(obj))
+
+    async def until_reply(self, req_id: str | None) -> None:
+        """Read (and drop) what arrives until the reply with `req_id` (None: the welcome),
+        or the close."""
+        assert self.conn is not None
+        while self.closed is None:
+            events, self.pending = self.pending, []
+            if not events:
+                data = await self.reader.read(65536)
+                events = self.conn.receive_data(data)
+            for event in events:
+                if isinstance(event, Ping):
+                    self.writer.write(self.conn.pong(event))
+                elif isinstance(event, TextMessage | BinaryMessage):
+                    data = event.data
+                    frame = msgpack_loads(data) if isinstance(data, bytes) else wire._loads(data)
+                    op = frame.get("op") if isinstance(frame, dict) else None
+                    if req_id is None and op == "welcome":
+                        return
+                    if op in ("pong", "error") and frame.get("id") == req_id is not None:
+                        return
+                elif isinstance(event, CloseReceived | ConnectionFailed | ConnectionLost):
+                    self.closed = event.code
+                    return
+
+
+class _Live:
+    """The app and the connections kept between inputs, on one event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.log = _ErrorLog()
+        self.app = self.loop.run_until_complete(self._start())
+        self.clients: dict[tuple[bool, bool], tuple[_Client, asyncio.Transport, int]] = {}
+        self.ids = itertools.count()
+
+    async def _start(self) -> BrokerApp:
+        app = BrokerApp(SETTINGS, worker_id="fz", bus=MemoryBus("fz"))  # on its own loop
+        await app.start()
+        return app
+
+    async def _connect(self, binary: bool, compression: bool) -> tuple[_Client, Any]:
+        server_sock, client_sock = socket.socketpair()
+        transport, _ = await self.loop.connect_accepted_socket(
+            lambda: WebSocket(self.app, SETTINGS), server_sock
+        )
+        reader, writer = await asyncio.open_connection(sock=client_sock)
+        client = _Client(reader, writer)
+        await client.handshake(binary=binary, compression=compression)
+        return client, transport
+
+    async def _drop(self, key: tuple[bool, bool]) -> None:
+        client, transport, _ = self.clients.pop(key)
+        client.writer.close()
+        transport.abort()
+        await asyncio.sleep(0)  # one loop turn: the server side sees the close
+
+    async def run(self, binary: bool, compression: bool, frames: list[str | bytes]) -> None:
+        key = (binary, compression)
+        entry = self.clients.get(key)
+        if entry is not None and (entry[0].closed is not None or entry[2] >= RECONNECT_EVERY):
+            await self._drop(key)
+            entry = None
+        if entry is None:
+            client, transport = await self._connect(binary, compression)
+            await client.until_reply(None)  # the welcome
+            entry = (client, transport, 0)
+        client, transport, uses = entry
+        self.clients[key] = (client, transport, uses + 1)
+        for frame in frames:
+            client.send(frame)
+        req_id = f"fz-{next(self.ids)}"
+        client.request({"op": "ping", "id": req_id})
+        async with asyncio.timeout(DEADLINE_S):
+            await client.until_reply(req_id)
+        if client.closed == CLOSE_INTERNAL_ERROR:
+            raise Finding("the session failed: closed 1011")
+
+
+_live: _Live | None = None
+
+
+def fuzz_session(data: bytes) -> None:
+    """Frames a client sends into a live session: answered, never 1011, nothing logged."""
+    global _live
+    if _live is None:
+        _live = _Live()
+    r = Reader(data)
+    flags = r.byte()
+    binary, compression, wrong = bool(flags & 1), bool(flags & 2), bool(flags & 4)
+    frames: list[str | bytes] = []
+    while r.left:
+        raw = r.take(r.byte())
+        text = raw.decode("utf-8", "replace")
+        frames.append(text if binary == wrong else raw)
+    log = _live.log
+    log.records.clear()
+    root = logging.getLogger()
+    root.addHandler(log)
+    try:
+        _live.loop.run_until_complete(_live.run(binary, compression, frames))
+    except TimeoutError:
+        raise Finding(f"no answer to a ping within {DEADLINE_S:g} s") from None
+    finally:
+        root.removeHandler(log)
+    if log.records:
+        raise Finding("the worker logged an error:\n" + logging.Formatter().format(log.records[0]))
