@@ -121,3 +121,13 @@ def test_the_harness_reports_the_old_bound(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(Connection, "_append", old_append)
     with pytest.raises(targets.Finding, match="partial message holds"):
         targets.fuzz_frames(seed)
+
+
+def test_the_session_target_reports_it_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end: without the fix, the worker closed the connection 1011."""
+    ping = rb'{"op":"ping","id":"\ud800"}'
+    found = b"\x00" + bytes((len(ping),)) + ping
+    targets.fuzz_session(found)
+    monkeypatch.setattr(wire, "_check_text", lambda obj: None)
+    with pytest.raises(targets.Finding, match="1011"):
+        targets.fuzz_session(found)
