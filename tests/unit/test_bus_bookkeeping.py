@@ -46,7 +46,7 @@ class Fake:
         """Redis answers every command: one confirmation per channel, in order."""
         for verb, *channels in commands:
             for ch in channels:
-                self.s.confirmed_by_redis(verb.lower(), ch)
+                self.s.confirmed_by_redis(verb == SUB, ch)
 
 
 async def test_subscribe_settles_when_redis_confirms() -> None:
@@ -56,9 +56,9 @@ async def test_subscribe_settles_when_redis_confirms() -> None:
     commands = f.reconcile()
     assert [(c[0], set(c[1:])) for c in commands] == [(SUB, {b"a", b"b"})]
     assert f.s.inflight == {b"a": 1, b"b": 1} and f.s.server == {b"a", b"b"}
-    f.s.confirmed_by_redis(b"subscribe", b"a")
+    f.s.confirmed_by_redis(True, b"a")
     assert not waiting.done()  # b is still in flight
-    f.s.confirmed_by_redis(b"subscribe", b"b")
+    f.s.confirmed_by_redis(True, b"b")
     assert waiting.done() and waiting.result() is None
     assert f.s.confirmed == {b"a", b"b"} and f.s.inflight == {} and f.s.waiters == {}
 
@@ -172,7 +172,7 @@ async def test_a_waiter_on_several_channels_settles_once_all_are() -> None:
     waiting = f.subscribe(b"a", b"b", b"c")  # a is settled already
     commands = f.reconcile()
     assert [(c[0], set(c[1:])) for c in commands] == [(SUB, {b"b", b"c"})]
-    f.s.confirmed_by_redis(b"subscribe", b"c")
+    f.s.confirmed_by_redis(True, b"c")
     assert not waiting.done()
-    f.s.confirmed_by_redis(b"subscribe", b"b")
+    f.s.confirmed_by_redis(True, b"b")
     assert waiting.done()
