@@ -265,6 +265,10 @@ def wire() -> dict[str, bytes]:
     }
 
 
+def _raw(b0: int, payload: bytes) -> bytes:
+    return bytes((b0, len(payload))) + payload
+
+
 def session() -> dict[str, bytes]:
     # flags: bit 0 msgpack, bit 1 deflate, bit 2 the other frame type; then [length][frame].
     def frames(flags: int, *requests: object) -> bytes:
@@ -308,6 +312,14 @@ def session() -> dict[str, bytes]:
             {"op": "subscribe", "topic": "h.b", "id": 3, "since": {"offset": 1, "epoch": ""}},
         ),
         "wrong-type": frames(4, b'{"op":"ping","id":1}'),
+        # raw: [first byte][length][payload]
+        "raw-fragments": b"\x0a"
+        + _raw(0x01, b'{"op":"pin')
+        + _raw(0x89, b"hi")
+        + _raw(0x80, b'g","id":1}')
+        + _raw(0xC1, zlib.compress(b"{}")[2:7])
+        + _raw(0x81, b"\xff\xfe\xfd"),
+        "raw-close": b"\x08" + _raw(0x88, b"\x03\xf3ok"),
     }
 
 

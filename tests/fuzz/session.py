@@ -10,8 +10,10 @@ the server closed one), so a run keeps some state between inputs: a finding may 
 the inputs before it (replay the saved one alone to see).
 
 Input: flags byte (bit 0 msgpack, bit 1 permessage-deflate, bit 2 frames of the other
-type), then records `[length][bytes]`, each one frame (JSON: the bytes as UTF-8 text,
-undecodable bytes replaced).
+type, bit 3 raw frames), then records `[length][bytes]`, each one frame (JSON: the bytes as
+UTF-8 text, undecodable bytes replaced); raw: records `[first byte][length][payload]`, sent
+masked as they are (bad opcodes, fragments, RSV1 without deflate...): the worker may close
+the connection (1002, 1007, 1009), but never fail it (1011) nor log an error.
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ from broker.deflate import PerMessageDeflate
 from broker.envelope import msgpack_dumps, msgpack_loads
 from broker.errors import CLOSE_INTERNAL_ERROR
 from broker.handshake import ResponseParser, check_response, client_request, new_key
+from broker.masking import apply_mask
 from broker.settings import Settings, TopicRule
 from worker import wire
 from worker.broker_app import BrokerApp
 from worker.protocol import WebSocket
 
-from .common import Finding, Reader
+from .common import MASK_KEY, Finding, Reader
 
 SETTINGS = Settings(
     redis_url="memory://",
@@ -59,6 +62,16 @@ SETTINGS = Settings(
 )
 DEADLINE_S = 60.0  # a hang guard only: an answer takes milliseconds
 RECONNECT_EVERY = 200
+
+
+class RawFrame(bytes):
+    """Frame bytes written as they are (any first byte: opcode, FIN, RSV bits)."""
+
+    @classmethod
+    def build(cls, b0: int, payload: bytes) -> RawFrame:
+        n = len(payload)
+        head = bytes((b0, 0x80 | n)) if n < 126 else bytes((b0, 0x80 | 126)) + n.to_bytes(2, "big")
+        return cls(head + MASK_KEY + (apply_mask(payload, MASK_KEY) if payload else b""))
 
 
 class _ErrorLog(logging.Handler):
@@ -117,6 +130,9 @@ class _Client:
     def send(self, data: str | bytes) -> None:
         assert self.conn is not None
         if self.closed is None:
+            if isinstance(data, RawFrame):
+                self.writer.write(data)
+                return
             send = self.conn.send_text if isinstance(data, str) else self.conn.send_binary
             self.writer.write(send(data))  # type: ignore[arg-type]
 
@@ -179,7 +195,9 @@ class _Live:
         transport.abort()
         await asyncio.sleep(0)  # one loop turn: the server side sees the close
 
-    async def run(self, binary: bool, compression: bool, frames: list[str | bytes]) -> None:
+    async def run(
+        self, binary: bool, compression: bool, frames: list[str | bytes], *, echo_ok: bool
+    ) -> None:
         key = (binary, compression)
         entry = self.clients.get(key)
         if entry is not None and (entry[0].closed is not None or entry[2] >= RECONNECT_EVERY):
@@ -197,7 +215,7 @@ class _Live:
         client.request({"op": "ping", "id": req_id})
         async with asyncio.timeout(DEADLINE_S):
             await client.until_reply(req_id)
-        if client.closed == CLOSE_INTERNAL_ERROR:
+        if client.closed == CLOSE_INTERNAL_ERROR and not echo_ok:
             raise Finding("the session failed: closed 1011")
 
 
@@ -213,7 +231,13 @@ def fuzz_session(data: bytes) -> None:
     flags = r.byte()
     binary, compression, wrong = bool(flags & 1), bool(flags & 2), bool(flags & 4)
     frames: list[str | bytes] = []
+    echo_ok = False  # we sent a close frame: its code comes back, 1011 included
     while r.left:
+        if flags & 8:  # raw frames: [first byte][length][payload], whatever they break
+            b0 = r.byte()
+            frames.append(RawFrame.build(b0, r.take(r.byte())))
+            echo_ok = echo_ok or b0 & 0x0F == 0x8
+            continue
         raw = r.take(r.byte())
         text = raw.decode("utf-8", "replace")
         frames.append(text if binary == wrong else raw)
@@ -222,7 +246,7 @@ def fuzz_session(data: bytes) -> None:
     root = logging.getLogger()
     root.addHandler(log)
     try:
-        _live.loop.run_until_complete(_live.run(binary, compression, frames))
+        _live.loop.run_until_complete(_live.run(binary, compression, frames, echo_ok=echo_ok))
     except TimeoutError:
         raise Finding(f"no answer to a ping within {DEADLINE_S:g} s") from None
     finally:
