@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 from broker.frames import frame_header_size, serialize_frame
 from broker.masking import apply_mask
@@ -70,3 +74,25 @@ def chunks(data: bytes, pattern: int) -> Iterator[bytes]:
         yield data[pos : pos + size]
         pos += size
         i += 1
+
+
+STATIC_CONTENT = {"site/index.html": b"<p>index</p>", "site/sub/a.txt": b"a", "secret.txt": b"!"}
+
+
+def _static_dir() -> Path:
+    """A `static_dir` with two files, and a secret plus a symlink to it just outside. One
+    fixed place per user, made again as needed (libFuzzer's exit skips clean-up)."""
+    root = Path(tempfile.gettempdir()) / f"redwire-fuzz-static-{os.getuid()}"
+    (root / "site" / "sub").mkdir(parents=True, exist_ok=True)
+    for path, data in STATIC_CONTENT.items():
+        # Replaced whole, never truncated: another fuzzer may be reading it right now.
+        scratch = root / f"{path}.{os.getpid()}"
+        scratch.write_bytes(data)
+        os.replace(scratch, root / path)
+    with contextlib.suppress(FileExistsError):
+        (root / "site" / "link.txt").symlink_to(root / "secret.txt")
+    return root / "site"
+
+
+STATIC_DIR = _static_dir()
+STATIC_FILES = frozenset(v for k, v in STATIC_CONTENT.items() if k.startswith("site/"))

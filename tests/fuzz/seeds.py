@@ -320,6 +320,19 @@ def session() -> dict[str, bytes]:
         + _raw(0xC1, zlib.compress(b"{}")[2:7])
         + _raw(0x81, b"\xff\xfe\xfd"),
         "raw-close": b"\x08" + _raw(0x88, b"\x03\xf3ok"),
+        # plain HTTP: flags bit 4, then the request bytes
+        "http-healthz": b"\x10" + _request("Host: h", line="GET /healthz HTTP/1.1"),
+        "http-publish": b"\x10"
+        + _request(
+            "Host: h",
+            "Authorization: Bearer fuzz-api-key",
+            "Content-Length: 40",
+            line="POST /publish HTTP/1.1",
+            body=b'{"topic":"h.x","data":[1],"key":"k"}    ',
+        ),
+        "http-static": b"\x10" + _request("Host: h", line="GET /sub/%61.txt HTTP/1.1"),
+        "http-bad-path": b"\x10" + _request("Host: h", line="GET /%00%ff HTTP/1.1"),
+        "http-upgrade": b"\x10" + _request(*UPGRADE),
     }
 
 

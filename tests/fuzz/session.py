@@ -19,9 +19,11 @@ the connection (1002, 1007, 1009), but never fail it (1011) nor log an error.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import socket
+from collections.abc import Coroutine
 from typing import Any
 
 from broker.bus.memory import MemoryBus
@@ -37,16 +39,23 @@ from broker.connection import (
 )
 from broker.deflate import PerMessageDeflate
 from broker.envelope import msgpack_dumps, msgpack_loads
-from broker.errors import CLOSE_INTERNAL_ERROR
-from broker.handshake import ResponseParser, check_response, client_request, new_key
+from broker.errors import CLOSE_INTERNAL_ERROR, HandshakeError
+from broker.handshake import (
+    RequestParser,
+    ResponseParser,
+    check_response,
+    client_request,
+    new_key,
+)
 from broker.masking import apply_mask
 from broker.settings import Settings, TopicRule
 from worker import wire
 from worker.broker_app import BrokerApp
 from worker.protocol import WebSocket
 
-from .common import MASK_KEY, Finding, Reader
+from .common import MASK_KEY, STATIC_DIR, Finding, Reader
 
+API_KEY = "fuzz-api-key"
 SETTINGS = Settings(
     redis_url="memory://",
     ping_interval_s=None,
@@ -54,6 +63,8 @@ SETTINGS = Settings(
     publish_rate_per_s=None,
     max_errors_per_window=1_000_000,
     max_subscriptions_per_connection=50,
+    api_key=API_KEY,
+    static_dir=str(STATIC_DIR),
     topics=(
         TopicRule("h.*", history_size=8),
         TopicRule("p.*", presence=True, join_leave=True),
@@ -173,6 +184,16 @@ class _Live:
         self.app = self.loop.run_until_complete(self._start())
         self.clients: dict[tuple[bool, bool], tuple[_Client, asyncio.Transport, int]] = {}
         self.ids = itertools.count()
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Stop the app and its tasks (at exit: nothing left pending)."""
+        for client, transport, _ in self.clients.values():
+            client.writer.close()
+            transport.abort()
+        self.clients.clear()
+        self.loop.run_until_complete(self.app.stop())
+        self.loop.close()
 
     async def _start(self) -> BrokerApp:
         app = BrokerApp(SETTINGS, worker_id="fz", bus=MemoryBus("fz"))  # on its own loop
@@ -194,6 +215,35 @@ class _Live:
         client.writer.close()
         transport.abort()
         await asyncio.sleep(0)  # one loop turn: the server side sees the close
+
+    async def http(self, raw: bytes) -> int | None:
+        """Plain HTTP on a fresh connection: the response's status; None for a request our
+        own parser (the worker's) finds incomplete: it would wait for its timeout."""
+        try:
+            if RequestParser.from_settings(SETTINGS).feed(raw) is None:
+                return None
+        except HandshakeError:
+            pass  # refused at once: the refusal is looked at too
+        server_sock, client_sock = socket.socketpair()
+        transport, _ = await self.loop.connect_accepted_socket(
+            lambda: WebSocket(self.app, SETTINGS), server_sock
+        )
+        reader, writer = await asyncio.open_connection(sock=client_sock)
+        writer.write(raw)
+        parser = ResponseParser(max_header_bytes=1 << 16, max_headers=1000)
+        response = None
+        try:
+            async with asyncio.timeout(DEADLINE_S):
+                while response is None:
+                    data = await reader.read(65536)
+                    if not data:
+                        raise Finding("the worker closed without an HTTP response")
+                    response = parser.feed(data)
+        finally:
+            writer.close()
+            transport.abort()
+        await asyncio.sleep(0)  # one loop turn: the server side sees the close
+        return None if response is None else response.status
 
     async def run(
         self, binary: bool, compression: bool, frames: list[str | bytes], *, echo_ok: bool
@@ -223,33 +273,42 @@ _live: _Live | None = None
 
 
 def fuzz_session(data: bytes) -> None:
-    """Frames a client sends into a live session: answered, never 1011, nothing logged."""
+    """Frames a client sends into a live session: answered, never 1011, nothing logged.
+    With flags bit 4, plain HTTP instead (/healthz, POST /publish, static files, upgrades):
+    never a 500, nothing logged."""
     global _live
     if _live is None:
         _live = _Live()
     r = Reader(data)
     flags = r.byte()
-    binary, compression, wrong = bool(flags & 1), bool(flags & 2), bool(flags & 4)
-    frames: list[str | bytes] = []
-    echo_ok = False  # we sent a close frame: its code comes back, 1011 included
-    while r.left:
-        if flags & 8:  # raw frames: [first byte][length][payload], whatever they break
-            b0 = r.byte()
-            frames.append(RawFrame.build(b0, r.take(r.byte())))
-            echo_ok = echo_ok or b0 & 0x0F == 0x8
-            continue
-        raw = r.take(r.byte())
-        text = raw.decode("utf-8", "replace")
-        frames.append(text if binary == wrong else raw)
+    work: Coroutine[Any, Any, Any]
+    if flags & 0x10:
+        work = _live.http(r.rest())
+    else:
+        binary, compression, wrong = bool(flags & 1), bool(flags & 2), bool(flags & 4)
+        frames: list[str | bytes] = []
+        echo_ok = False  # we sent a close frame: its code comes back, 1011 included
+        while r.left:
+            if flags & 8:  # raw frames: [first byte][length][payload], whatever they break
+                b0 = r.byte()
+                frames.append(RawFrame.build(b0, r.take(r.byte())))
+                echo_ok = echo_ok or b0 & 0x0F == 0x8
+                continue
+            raw = r.take(r.byte())
+            text = raw.decode("utf-8", "replace")
+            frames.append(text if binary == wrong else raw)
+        work = _live.run(binary, compression, frames, echo_ok=echo_ok)
     log = _live.log
     log.records.clear()
     root = logging.getLogger()
     root.addHandler(log)
     try:
-        _live.loop.run_until_complete(_live.run(binary, compression, frames, echo_ok=echo_ok))
+        status = _live.loop.run_until_complete(work)
     except TimeoutError:
-        raise Finding(f"no answer to a ping within {DEADLINE_S:g} s") from None
+        raise Finding(f"no answer within {DEADLINE_S:g} s") from None
     finally:
         root.removeHandler(log)
     if log.records:
         raise Finding("the worker logged an error:\n" + logging.Formatter().format(log.records[0]))
+    if status == 500:
+        raise Finding("HTTP 500")

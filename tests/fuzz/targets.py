@@ -18,14 +18,10 @@ atheris (tests/fuzz/run.py), under hypothesis, and as the corpus replay in test_
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
-import os
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 from broker import auth, envelope
 from broker import deflate as pmd
@@ -78,7 +74,7 @@ from broker.handshake import (
 from worker import wire
 from worker.http_routes import _static_file, decode_path
 
-from .common import Finding, Reader, check, chunks, frame
+from .common import STATIC_DIR, STATIC_FILES, Finding, Reader, check, chunks, frame
 from .session import fuzz_session
 
 MAX_MESSAGE = 256  # max_message_bytes of every connection and codec under test
@@ -354,26 +350,6 @@ ORIGINS = ((), ("https://app.example",), ("*",), ("null", "http://localhost:3000
 HOSTS = ((), ("broker.example",), (".example", "localhost:8765"))
 
 
-STATIC_CONTENT = {"site/index.html": b"<p>index</p>", "site/sub/a.txt": b"a", "secret.txt": b"!"}
-
-
-def _static_dir() -> Path:
-    """A `static_dir` with two files, and a secret plus a symlink to it just outside. One
-    fixed place per user, made again as needed (libFuzzer's exit skips clean-up)."""
-    root = Path(tempfile.gettempdir()) / f"redwire-fuzz-static-{os.getuid()}"
-    (root / "site" / "sub").mkdir(parents=True, exist_ok=True)
-    for path, data in STATIC_CONTENT.items():
-        # Replaced whole, never truncated: another fuzzer may be reading it right now.
-        scratch = root / f"{path}.{os.getpid()}"
-        scratch.write_bytes(data)
-        os.replace(scratch, root / path)
-    with contextlib.suppress(FileExistsError):
-        (root / "site" / "link.txt").symlink_to(root / "secret.txt")
-    return root / "site"
-
-
-STATIC_DIR = _static_dir()
-STATIC_FILES = frozenset(v for k, v in STATIC_CONTENT.items() if k.startswith("site/"))
 JWT_SECRET = "fuzz-harness-secret: 48 bytes or more, for HS384 too"
 VERIFIER = auth.TokenVerifier(algorithms=("HS256", "HS384"), secrets=(JWT_SECRET,))
 TOKEN_STATUSES = frozenset({401})
