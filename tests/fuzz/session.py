@@ -1,4 +1,4 @@
-"""The `session` fuzz target: pub/sub request frames into a real worker session.
+"""The `session` fuzz target: pub/sub request frames (or HTTP) into a real worker.
 
 Where the `wire` target stops at the decoded `Request`, this one sends the frames to a
 `worker.broker_app.BrokerApp` on a `MemoryBus`, through the real `worker.protocol.WebSocket`
@@ -13,7 +13,9 @@ Input: flags byte (bit 0 msgpack, bit 1 permessage-deflate, bit 2 frames of the 
 type, bit 3 raw frames), then records `[length][bytes]`, each one frame (JSON: the bytes as
 UTF-8 text, undecodable bytes replaced); raw: records `[first byte][length][payload]`, sent
 masked as they are (bad opcodes, fragments, RSV1 without deflate...): the worker may close
-the connection (1002, 1007, 1009), but never fail it (1011) nor log an error.
+the connection (1002, 1007, 1009), but never fail it (1011) nor log an error. Flags bit 4:
+the rest is one plain HTTP request on a new connection (the app has an API key and a
+`static_dir`): never a 500, never closed without an answer, nothing logged.
 """
 
 from __future__ import annotations
