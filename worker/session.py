@@ -119,7 +119,7 @@ class ClientSession:
         self.live = True
         self._queue: deque[Any] | None = None
         self._error_times: deque[float] | None = None
-        self._inflight: set[asyncio.Task[Published]] = set()  # pipelined publishes
+        self._inflight: set[asyncio.Future[Published]] = set()  # pipelined publishes
         self._drained: asyncio.Future[None] | None = None
         self._bucket = (
             None
@@ -351,14 +351,14 @@ class ClientSession:
         message = BusMessage(
             request.topic, request.payload, self.codec.encoding, self.app.worker_id
         )
-        task = asyncio.get_running_loop().create_task(self.app.bus.publish(message, key=key))
+        task = self.app.bus.publish_nowait(message, key=key)
         inflight = self._inflight
         inflight.add(task)
         if len(inflight) >= self.app.settings.max_publishes_in_flight:
             self.ws.hold_input("publishes")
         task.add_done_callback(lambda done: self._published(request.id, done))
 
-    def _published(self, req_id: Any, done: asyncio.Task[Published]) -> None:
+    def _published(self, req_id: Any, done: asyncio.Future[Published]) -> None:
         inflight = self._inflight
         inflight.discard(done)
         if len(inflight) < self.app.settings.max_publishes_in_flight:

@@ -55,6 +55,7 @@ test_bus_contract.py, test_bus_cluster.py, test_bus_sentinel.py).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from abc import ABC, abstractmethod
@@ -228,6 +229,15 @@ class Bus(ABC):
         written and no reply came, it may have been published: retry only with the same
         key. Bounded in time: it never hangs. Cancelled before it was written: never sent.
         """
+
+    def publish_nowait(
+        self, message: BusMessage, *, key: str | None = None
+    ) -> asyncio.Future[Published]:
+        """`publish` without a coroutine for the caller to run: a future with its outcome,
+        the same results and errors, bounded in time the same way; cancelling it before the
+        command was written means it is never sent. Buses with a cheaper way override it
+        (the Redis bus queues the command at once); this one runs `publish` as a task."""
+        return asyncio.ensure_future(self.publish(message, key=key))
 
     @abstractmethod
     async def history(

@@ -41,7 +41,10 @@ Theory of operation.
   queued behind it with BusUnavailable (never sent). The next batch reconnects. Commands
   whose caller gave up (future cancelled) before their batch was written are dropped. Any
   other exception fails only its batch (logged) and the loop goes on; each caller's wait is
-  bounded anyway (publish timeout + connect timeout + 1 s).
+  bounded anyway (publish timeout + connect timeout + 1 s). `publish_nowait` (what
+  `publish` awaits, and what the worker calls per client publish) queues its command at
+  once and returns the command's future, the reply mapped to a `Published` when it comes:
+  no task per message, and publishes enter the queue in call order.
 - `healthy` = the session is live, the last probe (if one is out) is not overdue, and the
   last publish batch worked. Each flip is reported through `on_health`.
 - Scripts. History and presence commands are Lua scripts (`broker/bus/lua.py`) queued on
@@ -157,6 +160,23 @@ log = logging.getLogger("redwire.bus")
 _IO_ERRORS = (RedisError, OSError)  # asyncio's TimeoutError is the builtin, an OSError
 _PUBLISHED = Published()
 _DUPLICATE = Published(duplicate=True)
+
+
+def _published_reply(_receivers: Any) -> Published:
+    return _PUBLISHED
+
+
+def _keyed_reply(published: Any) -> Published:
+    """The keyed-publish script's reply: 1 published, 0 the key was used (a duplicate)."""
+    return _PUBLISHED if published else _DUPLICATE
+
+
+def _history_reply(reply: Any) -> Published:
+    """The history publish script's reply: offset, epoch, duplicate."""
+    offset, epoch, duplicate = reply
+    return Published(offset, epoch.decode(), bool(duplicate))
+
+
 _MALFORMED_LOG_EVERY_S = 10.0  # log a malformed envelope at most this often (all are counted)
 _MAX_BACKOFF_DOUBLINGS = 30
 _TAG_HISTORY = ord("H")  # first byte of a history topic's channel payload
@@ -301,6 +321,15 @@ def _reject(future: asyncio.Future[Any], error: BaseException) -> None:
         future.set_exception(error)
 
 
+def _expire(command: _Command) -> None:
+    """`bound_s` passed and the command's future is still open: fail it as `_wait` does (an
+    unsent command is then never sent: the publisher skips done futures)."""
+    if command.sent:
+        _reject(command.future, BusOutcomeUnknown("no reply from Redis in time: it may have run"))
+    else:
+        _reject(command.future, BusUnavailable("the bus did not send it in time; not sent"))
+
+
 # --- publisher -------------------------------------------------------------------------------
 
 _ZERO_REPLID = b"0" * 40
@@ -318,6 +347,7 @@ class _Command:
     keys: int = 0
     sent: bool = False  # its bytes went (or started to go) to Redis: it may have run
     asking: bool = False  # sent after ASKING (a Cluster slot being imported by that node)
+    on_reply: Callable[[Any], Any] | None = None  # the future's result from the reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,6 +474,23 @@ class _Publisher:
     async def call_script(self, script: Script, keys: Sequence[Any], argv: Sequence[Any]) -> Any:
         """`run` and wait for the reply, bounded by `bound_s` (see `_wait`)."""
         return await self._wait(self._enqueue(self._script(script, keys, argv)))
+
+    def call_nowait(
+        self,
+        args: tuple[Any, ...],
+        on_reply: Callable[[Any], Any],
+        script: Script | None = None,
+        keys: int = 0,
+    ) -> _Command:
+        """`call` (or, with `script`, `call_script` with `keys` keys first in `args`)
+        without a coroutine: the command is queued now, its future's result is
+        `on_reply(reply)`, and it is failed past `bound_s` as `_wait` would fail it."""
+        future = self._new_future()
+        command = _Command(args, future, script, keys, asking=ASKING.get(), on_reply=on_reply)
+        self._enqueue(command)
+        timer = asyncio.get_running_loop().call_later(self.bound_s, _expire, command)
+        command.future.add_done_callback(lambda _: timer.cancel())
+        return command
 
     def _script(self, script: Script, keys: Sequence[Any], argv: Sequence[Any]) -> _Command:
         future = self._new_future()
@@ -605,7 +652,8 @@ class _Publisher:
                 name = command.script.name if command.script else command.args[0].decode()
                 _reject(command.future, BusError(f"Redis refused {name}: {exc}"))
             else:
-                _resolve(command.future, result)
+                on_reply = command.on_reply
+                _resolve(command.future, result if on_reply is None else on_reply(result))
         return retry
 
     def _fail_all(self, error: BusError) -> None:
@@ -1167,34 +1215,59 @@ class RedisBus(Bus):
         return s.wait(channels, subscribing=False)
 
     async def publish(self, message: BusMessage, *, key: str | None = None) -> Published:
+        return await self.publish_nowait(message, key=key)
+
+    def publish_nowait(
+        self, message: BusMessage, *, key: str | None = None
+    ) -> asyncio.Future[Published]:
+        """`publish` with no task per message (the worker's hot path): the command (a
+        PUBLISH, or the same script `publish` runs) is queued now, so publishes enter the
+        bus in call order, and the future resolves as `publish` would return."""
         check_key(key)
         topic = message.topic
         rule = self.settings.rule_for(topic)
         data = pack(message)
+        publisher = self._publisher
         try:
             if rule is not None and rule.history_size > 0:
-                result = await self._publish_history(topic, rule, data, key)
+                keys, argv = self._history_args(topic, rule, data, key)
+                script = self.LUA[PUBLISH]
+                command = publisher.call_nowait((*keys, *argv), _history_reply, script, len(keys))
             elif key is None:
-                await self._publisher.call(self.PUBLISH_VERB, self.channel(topic), data)
-                result = _PUBLISHED
+                args = (self.PUBLISH_VERB, self.channel(topic), data)
+                command = publisher.call_nowait(args, _published_reply)
             else:
-                argv = (self.channel(topic), data, _ms(self.settings.idempotency_ttl_s))
-                keys = (self.key(topic, "k:" + key),)
-                published = await self._publisher.call_script(self.LUA[PUBLISH_KEYED], keys, argv)
-                result = _PUBLISHED if published else _DUPLICATE
-        except BusError:
-            self.publish_errors += 1
-            raise
-        if result.duplicate:
+                args = (
+                    self.key(topic, "k:" + key),
+                    self.channel(topic),
+                    data,
+                    _ms(self.settings.idempotency_ttl_s),
+                )
+                command = publisher.call_nowait(args, _keyed_reply, self.LUA[PUBLISH_KEYED], 1)
+            future = command.future
+        except BusError as exc:  # not running: that is the outcome, as publish's
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(exc)
+        future.add_done_callback(self._count_publish)
+        return future
+
+    def _count_publish(self, future: asyncio.Future[Published]) -> None:
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            if isinstance(error, BusError):
+                self.publish_errors += 1
+        elif future.result().duplicate:
             self.duplicates += 1
         else:
             self.published += 1
-        return result
 
-    async def _publish_history(
+    def _history_args(
         self, topic: str, rule: TopicRule, data: bytes, key: str | None
-    ) -> Published:
-        keys = [self.key(topic, "m"), self.key(topic, "h")]
+    ) -> tuple[list[Any], tuple[Any, ...]]:
+        """KEYS and ARGV of the history publish script."""
+        keys: list[Any] = [self.key(topic, "m"), self.key(topic, "h")]
         if key is not None:
             keys.append(self.key(topic, "k:" + key))
         argv = (
@@ -1206,8 +1279,7 @@ class RedisBus(Bus):
             _ms(meta_ttl_s(rule)),
             _ms(self.settings.idempotency_ttl_s),
         )
-        offset, epoch, duplicate = await self._publisher.call_script(self.LUA[PUBLISH], keys, argv)
-        return Published(offset, epoch.decode(), bool(duplicate))
+        return keys, argv
 
     async def history(
         self, topic: str, *, after: int | None, epoch: str | None, limit: int | None = None
