@@ -40,7 +40,7 @@ from broker.errors import (
     PayloadTooBig,
     ProtocolError,
 )
-from broker.frames import MAX_CONTROL_PAYLOAD, Frame, FrameParser, Opcode, serialize_frame
+from broker.frames import Frame, FrameParser, Opcode, serialize_frame
 
 
 class Role(Enum):
@@ -166,7 +166,6 @@ class Connection:
         self._mask = role is Role.CLIENT
         # A compressed frame may be slightly larger than the data it carries.
         limit = max_message_bytes + (max_message_bytes >> 6) + 64 if deflate else max_message_bytes
-        self._frame_limit = limit
         self._parser = FrameParser(
             mask_required=role is Role.SERVER,
             max_payload_bytes=limit,
@@ -256,14 +255,13 @@ class Connection:
         self._msg_size += len(payload)
         if not self._msg_compressed:
             self._check_size(self._msg_size)
-        elif self._msg_size > self._frame_limit:
+        elif self._msg_size > self._parser.max_payload_bytes:
             raise PayloadTooBig("compressed message exceeds the message size limit")
         if not final:
             # The next fragment may bring only what is left of the limit: the parser refuses
-            # a longer one from its header (1009) instead of buffering it first. Control
-            # frames (at most 125 bytes) always pass.
-            cap = self._frame_limit if self._msg_compressed else self.max_message_bytes
-            self._parser.max_payload_bytes = max(cap - self._msg_size, MAX_CONTROL_PAYLOAD)
+            # a longer one from its header (1009) instead of buffering it first.
+            cap = self._parser.max_payload_bytes if self._msg_compressed else self.max_message_bytes
+            self._parser.continuation_bytes = cap - self._msg_size
         decoder = self._msg_decoder
         if decoder is not None:
             checked = self._partial_checked
@@ -317,7 +315,7 @@ class Connection:
         self._msg_parts = []
         self._msg_text = []
         self._msg_size = 0
-        self._parser.max_payload_bytes = self._frame_limit
+        self._parser.continuation_bytes = None
         if opcode is Opcode.TEXT and not compressed:
             return TextMessage("".join(text_parts))
         payload = b"".join(parts)

@@ -66,10 +66,20 @@ class FrameParser:
     `mask_required` is True on the server (clients MUST mask, RFC 6455 section 5.1) and
     False on the client (servers MUST NOT mask). `allow_rsv1` is set once a negotiated
     extension (permessage-deflate) gives RSV1 a meaning. Frames whose payload exceeds
-    `max_payload_bytes` raise `PayloadTooBig` as soon as their header is read.
+    `max_payload_bytes` raise `PayloadTooBig` as soon as their header is read, and so do
+    continuation frames longer than `continuation_bytes` when it is set (the connection sets
+    it to what the fragmented message in progress has left of its limit).
     """
 
-    __slots__ = ("_buf", "_need", "allow_rsv1", "error", "mask_required", "max_payload_bytes")
+    __slots__ = (
+        "_buf",
+        "_need",
+        "allow_rsv1",
+        "continuation_bytes",
+        "error",
+        "mask_required",
+        "max_payload_bytes",
+    )
 
     def __init__(
         self, *, mask_required: bool, max_payload_bytes: int, allow_rsv1: bool = False
@@ -77,6 +87,7 @@ class FrameParser:
         self.mask_required = mask_required
         self.max_payload_bytes = max_payload_bytes
         self.allow_rsv1 = allow_rsv1
+        self.continuation_bytes: int | None = None
         self._buf = bytearray()
         self._need = 0  # buffered bytes the pending frame needs before parsing can progress
         # An error found after complete frames in the same chunk: those frames are returned
@@ -176,20 +187,21 @@ class FrameParser:
         return pos
 
     def check_pending(self) -> None:
-        """PayloadTooBig if the frame still arriving is longer than `max_payload_bytes` as
-        it is now: the connection lowers it during a fragmented message, possibly after
-        this frame's header was read in the same chunk as the fragment before it."""
+        """PayloadTooBig if the frame still arriving is a continuation frame longer than
+        `continuation_bytes` as it is now: the connection lowers it as fragments arrive,
+        possibly after this frame's header was read in the same chunk as the one before."""
         buf = self._buf
         n = len(buf)
-        if n < 2:
+        limit = self.continuation_bytes
+        if n < 2 or limit is None or buf[0] & 0x0F != Opcode.CONTINUATION:
             return
         length = buf[1] & 0x7F
         if length == 126:
             length = _U16.unpack_from(buf, 2)[0] if n >= 4 else 0
         elif length == 127:
             length = _U64.unpack_from(buf, 2)[0] if n >= 10 else 0
-        if length > self.max_payload_bytes:
-            raise PayloadTooBig(f"frame of {length} bytes exceeds {self.max_payload_bytes}")
+        if length > limit:
+            raise PayloadTooBig(f"frame of {length} bytes exceeds {limit}")
 
     def pending_opcode(self) -> tuple[Opcode | None, bool] | None:
         """(opcode, rsv1) of the incomplete frame still buffered, None if nothing is."""
@@ -258,8 +270,12 @@ class FrameParser:
                 raise ProtocolError("control frame payload longer than 125 bytes")
             if b0 & _RSV1:
                 raise ProtocolError("RSV1 set on a control frame")
-        if length is not None and length > self.max_payload_bytes:
-            raise PayloadTooBig(f"frame of {length} bytes exceeds {self.max_payload_bytes}")
+        if length is not None:
+            limit = self.max_payload_bytes
+            if opcode is Opcode.CONTINUATION and self.continuation_bytes is not None:
+                limit = min(limit, self.continuation_bytes)
+            if length > limit:
+                raise PayloadTooBig(f"frame of {length} bytes exceeds {limit}")
         return opcode
 
 

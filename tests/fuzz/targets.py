@@ -121,9 +121,8 @@ def _check_events(conn: Connection, events: list[Event], chunk: int = 0) -> None
 
     The limit is the message's (`max_message_bytes`; with deflate, the compressed frame
     bound). A partial message, the frame in progress included, holds at most the limit plus
-    a frame header and a control frame's 125 bytes (a fragment that small passes the frame
-    parser whatever is left of the limit), plus the chunk being read (the frames a chunk
-    completes are parsed before the first of them is handled)."""
+    a frame header, plus the chunk being read (the frames a chunk completes are parsed
+    before the first of them is handled)."""
     m = conn.max_message_bytes
     limit = m + (m >> 6) + 64 if conn.deflate is not None else m
     # Once failed, the parser may still hold the chunk it stopped in (dropped with it).
@@ -132,7 +131,7 @@ def _check_events(conn: Connection, events: list[Event], chunk: int = 0) -> None
     check(buffered <= limit + slack, f"parser holds {buffered} > {limit} + {slack} bytes")
     # What the worker's partial-input cap counts: the frame plus the message so far.
     accounted = getattr(conn, "buffered_in_bytes", buffered + conn._msg_size)
-    slack = HEADER_SLACK + MAX_CONTROL_PAYLOAD + chunk
+    slack = HEADER_SLACK + chunk
     check(accounted <= limit + slack, f"partial message holds {accounted} > {limit} + {slack}")
     # Also counting the text decoded ahead (UTF-8 checked as a frame arrives): one more frame.
     held = _held_bytes(conn)

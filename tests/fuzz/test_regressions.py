@@ -10,7 +10,11 @@
    header was checked against the whole limit, not what the message had left of it, so a
    frame that had to fail 1009 was buffered in full first (1 MiB so far + a 1 MiB frame
    announced: 2 MiB held per connection). Now the header fails it (`buffered_in_bytes` at
-   most the limit + a header + 125 bytes). Input: corpus/frames/struct-fragment-past-limit.
+   most the limit + a header). Input: corpus/frames/struct-fragment-past-limit.
+3. (In the first fix for 2, found by the harness within minutes:) the lowered limit also
+   applied to the first frame of the next message when it arrived in the same chunk as
+   the last fragment, a false 1009. Only continuation frames are held to what their
+   message has left. Input: corpus/frames/found-next-message-after-fragments.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ def test_a_continuation_frame_past_the_limit_fails_at_its_header(
         events = conn.receive_data(start)
     assert [type(e) for e in events] == [ConnectionFailed]
     assert events[0].code == CLOSE_TOO_BIG
-    assert conn.buffered_in_bytes <= 1000 + 14 + 125
+    assert conn.buffered_in_bytes <= 1000 + 14
 
 
 def test_fragments_within_the_limit_and_pings_between_still_pass() -> None:
@@ -109,6 +113,25 @@ def test_fragments_within_the_limit_and_pings_between_still_pass() -> None:
         assert [type(e).__name__ for e in events] == ["Ping", "TextMessage", "BinaryMessage"]
 
 
+@pytest.mark.parametrize("split", ["one-read", "bytewise", "last-fragment-and-next-header"])
+def test_the_next_message_has_the_whole_limit_whatever_the_reads(split: str) -> None:
+    first = targets.frame(Opcode.BINARY, b"a" * 900, fin=False)
+    last = targets.frame(Opcode.CONTINUATION, b"b" * 99)  # 999 of 1000
+    stream = first + last + targets.frame(Opcode.PING, b"p" * 125)
+    stream += targets.frame(Opcode.TEXT, b"c" * 1000)  # a new message: the whole limit
+    cut = len(first) + 12  # the last fragment's header and 10 bytes: the limit is lowered
+    reads = {
+        "one-read": [stream],
+        "bytewise": [stream[i : i + 1] for i in range(len(stream))],
+        # Then its end, the ping and the next message's header are parsed in one read,
+        # before the last fragment is handled and the message's limit restored.
+        "last-fragment-and-next-header": [stream[:cut], stream[cut:]],
+    }[split]
+    conn = Connection(Role.CLIENT, max_message_bytes=1000)
+    events = [event for data in reads for event in conn.receive_data(data)]
+    assert [type(e).__name__ for e in events] == ["BinaryMessage", "Ping", "TextMessage"]
+
+
 def test_the_harness_reports_the_old_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     seed = (CORPUS / "frames" / "struct-fragment-past-limit").read_bytes()
     targets.fuzz_frames(seed)
@@ -116,7 +139,7 @@ def test_the_harness_reports_the_old_bound(monkeypatch: pytest.MonkeyPatch) -> N
 
     def old_append(self: Connection, payload: bytes, final: bool) -> None:
         append(self, payload, final)
-        self._parser.max_payload_bytes = self._frame_limit  # each frame against the whole
+        self._parser.continuation_bytes = None  # each frame against the whole limit
 
     monkeypatch.setattr(Connection, "_append", old_append)
     with pytest.raises(targets.Finding, match="partial message holds"):
