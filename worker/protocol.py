@@ -260,6 +260,13 @@ class WebSocket(asyncio.Protocol):
                 transport.pause_reading()
         held.add(reason)
 
+    def hold_input_for(self, reason: str, delay_s: float) -> None:
+        """`hold_input(reason)`, released by itself `delay_s` later (once, if held again)."""
+        if reason in self._input_holds:
+            return
+        self.hold_input(reason)
+        self._call_later(delay_s, lambda: self.release_input(reason))
+
     def release_input(self, reason: str) -> None:
         held = self._input_holds
         held.discard(reason)
