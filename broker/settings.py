@@ -126,8 +126,8 @@ class Settings:
     coalesce_window_s: float = 0.002  # a busy hub writes to a subscriber at most this often
 
     # --- fairness: one connection's input is handled in slices (worker/protocol.py) ---
-    read_slice_bytes: int = 64 * KIB  # most received bytes parsed per turn of the loop
-    read_slice_messages: int = 64  # most messages handled per turn; the rest waits a turn
+    read_slice_bytes: int = 16 * KIB  # most received bytes parsed per turn of the loop
+    read_slice_messages: int = 16  # most messages handled per turn; the rest waits a turn
 
     # --- pub/sub protocol ---
     max_topic_bytes: int = 200
