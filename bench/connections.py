@@ -25,7 +25,9 @@ Then, in order:
            deliveries counted (each connection counts the message frames it receives).
 
 It prints a table and writes it as JSON into bench/results/connections.json (one entry per
-(N, compression) pair, the newest run replacing the older one).
+N, workers, compression and trickle rate, the newest run replacing the older one); the
+broker's own counters over the trickle (GET /metrics: messages from the bus, frames sent,
+bus gaps) tell late deliveries from lost ones.
 
 Before starting it checks what the box can hold: the file-descriptor hard limit (each worker
 and each load process holds one descriptor per connection, and RLIMIT_NOFILE's hard limit
@@ -619,7 +621,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "bench": "connections",
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "machine": f"{platform.node()} {os.cpu_count()} CPUs, Linux {platform.release()}",
-            "load_before_1_5_15": os.getloadavg(),
+            "loadavg_at_end": os.getloadavg(),
             "requested_connections": requested,
             "connections": n,
             "clamped_because": clamped,
@@ -785,19 +787,17 @@ def table(result: dict) -> str:
 
 
 def save(result: dict[str, object], path: Path) -> None:
-    """Keep one entry per (requested N, compression): the newest replaces the older."""
+    """Keep one entry per (requested N, workers, compression, trickle rate): the newest
+    replaces the older."""
     runs: list[dict[str, object]] = []
     if path.exists():
         with contextlib.suppress(ValueError):
             runs = json.loads(path.read_text()).get("runs", [])
-    key = (result["requested_connections"], result["compression_offered"], result["workers"])
-    runs = [
-        r
-        for r in runs
-        if (r["requested_connections"], r["compression_offered"], r.get("workers")) != key
-    ]
+    fields = ("requested_connections", "workers", "compression_offered", "trickle_rate_per_topic_s")
+    key = [result[f] for f in fields]
+    runs = [r for r in runs if [r.get(f) for f in fields] != key]
     runs.append(result)
-    runs.sort(key=lambda r: (r["requested_connections"], r["workers"], r["compression_offered"]))
+    runs.sort(key=lambda r: [r.get(f) for f in fields])
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
 
