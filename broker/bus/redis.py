@@ -16,8 +16,10 @@ Theory of operation.
             loop iteration go out together: that is how concurrent `subscribe` calls
             coalesce;
     prober  when nothing arrived for `bus_probe_interval_s`, publishes a probe on the
-            private channel; if it is not back within `bus_probe_timeout_s` (or PUBLISH
-            says nobody listens) the subscription is wedged and the session ends.
+            private channel; if it is not back within `bus_probe_timeout_s` of the last
+            reply read (or PUBLISH says nobody listens) the subscription is wedged and the
+            session ends. A subscription still delivering, but behind (the probe queued
+            after seconds of backlog), is alive: replies read keep pushing the deadline.
   A session ends on any connection error, a wedge, or a resubscribe not confirmed within
   `bus_connect_timeout_s`. The bus then reconnects with exponential backoff and jitter
   (`bus_reconnect_min_s` .. `bus_reconnect_max_s`), subscribes exactly the owner's
@@ -837,6 +839,7 @@ class RedisBus(Bus):
         self._last_rx = 0.0  # time.monotonic() of the last reply from the subscription
         self._last_probe_at = 0.0
         self._probe_sent_at: float | None = None
+        self._probe_deadline = 0.0  # the probe out is overdue past this (see _probe)
         self._probe_nonce = b""
         self._probe_back: asyncio.Future[None] | None = None
         self._malformed_logged_at = -math.inf
@@ -1156,6 +1159,7 @@ class RedisBus(Bus):
         self._probe_nonce = b"%d" % self.probes
         self._probe_back = back = asyncio.get_running_loop().create_future()
         self._probe_sent_at = sent_at = self._last_probe_at = time.monotonic()
+        self._probe_deadline = sent_at + timeout
         try:
             try:
                 nonce = self._probe_nonce
@@ -1166,11 +1170,17 @@ class RedisBus(Bus):
                 return
             if receivers == 0:
                 raise _SubscriptionWedged("Redis has no subscriber on our probe channel")
-            try:
-                async with asyncio.timeout(max(0.0, sent_at + timeout - time.monotonic())):
-                    await back
-            except TimeoutError:
-                raise _SubscriptionWedged(f"probe not back within {timeout}s") from None
+            deadline = sent_at + timeout
+            while not back.done():
+                await asyncio.wait((back,), timeout=max(0.0, deadline - time.monotonic()))
+                if back.done():
+                    break
+                # Not back yet. Replies still read since the probe went out: the reader is
+                # behind, not wedged (the probe waits behind that backlog). Nothing read
+                # for a whole timeout: wedged.
+                if self._last_rx <= deadline - timeout:
+                    raise _SubscriptionWedged(f"probe not back within {timeout}s")
+                deadline = self._probe_deadline = self._last_rx + timeout
         finally:
             self._probe_sent_at = None
             self._probe_back = None
@@ -1444,8 +1454,9 @@ class RedisBus(Bus):
         s = self._session
         if s is None or not s.live or not self._publisher.ok:
             return False
-        sent_at = self._probe_sent_at
-        return sent_at is None or time.monotonic() - sent_at <= self.settings.bus_probe_timeout_s
+        if self._probe_sent_at is None:
+            return True
+        return time.monotonic() <= self._probe_deadline  # moved on by replies still read
 
     def stats(self) -> dict[str, StatsValue]:
         s = self._session
