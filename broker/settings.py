@@ -137,7 +137,7 @@ class Settings:
     # Publishes one connection has on their way to Redis; more: stop reading it until some
     # are answered. Small, so a flooding connection's publishes queue in its own socket, not
     # ahead of everybody's in the worker's one publisher pipeline (fairness).
-    max_publishes_in_flight: int = 64
+    max_publishes_in_flight: int = 16
     max_errors_per_window: int = 20  # more error replies than this in the window: close 1008
     error_window_s: float = 10.0
     heartbeat_interval_s: float = 25.0  # clients send an app-level {"op":"ping"} this often
