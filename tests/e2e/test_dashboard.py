@@ -110,7 +110,7 @@ class Load:
             await ws.send(json.dumps({"op": "publish", "topic": self.topic, "data": {"n": n}}))
             n += 1
             self.sent += 1
-            await asyncio.sleep(1 / RATE_PER_PUBLISHER)
+            await asyncio.sleep(1 / RATE_PER_PUBLISHER)  # the load's pace, not a wait
 
 
 def number(page: Page, test_id: str) -> float:

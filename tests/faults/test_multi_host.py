@@ -94,7 +94,7 @@ class Subscriber:
             if time.monotonic() > deadline:
                 missing = sorted(expected - set(self.received()))
                 raise AssertionError(f"{self.host} is missing {len(missing)}: {missing[:10]}")
-            time.sleep(0.1)
+            time.sleep(0.1)  # polling the lines collected, within the deadline above
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -161,7 +161,7 @@ def wait_for_health(net: Network, host: str, status: int, timeout_s: float = 60)
         if done.stdout.strip() == str(status):
             return
         assert time.monotonic() < deadline, f"{host}'s /healthz never said {status}"
-        time.sleep(0.3)
+        time.sleep(0.3)  # polling /healthz, within the deadline above
 
 
 def publish(net: Network, host: str, first: int, count: int) -> set[tuple[str, int]]:

@@ -109,4 +109,4 @@ def _get(port: int, path: str) -> bytes:
                 data += chunk
         if COUNTED in data or time.monotonic() > deadline:
             return data
-        time.sleep(0.2)
+        time.sleep(0.2)  # polling /metrics (synced once a second), within the deadline

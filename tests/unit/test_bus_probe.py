@@ -37,7 +37,7 @@ async def test_a_reader_behind_but_reading_is_not_wedged() -> None:
     end = time.monotonic() + 3 * TIMEOUT_S
     while time.monotonic() < end:
         b._last_rx = time.monotonic()
-        await asyncio.sleep(TIMEOUT_S / 5)
+        await asyncio.sleep(TIMEOUT_S / 5)  # the behaviour under test: replies read over time
     assert not probing.done()
     b._probe_arrived(b._probe_nonce)
     await asyncio.wait_for(probing, 5)  # no _SubscriptionWedged
@@ -55,7 +55,7 @@ async def test_reading_that_stops_is_wedged_a_timeout_later() -> None:
     probing = asyncio.ensure_future(b._probe())
     for _ in range(4):
         b._last_rx = time.monotonic()
-        await asyncio.sleep(TIMEOUT_S / 5)
+        await asyncio.sleep(TIMEOUT_S / 5)  # the behaviour under test: replies read over time
     last_read = b._last_rx
     with pytest.raises(_SubscriptionWedged):
         await asyncio.wait_for(probing, 5)
