@@ -530,16 +530,28 @@ class ClientSession:
     # --- draining and closing ----------------------------------------------------------------
 
     async def drain(self) -> None:
-        """Stop taking requests and wait until the ones taken are answered (the caller
-        bounds the wait), so no publish already in flight loses its ack."""
-        self.ws.hold_input("drain")
+        """Answer what the client sent before the drain closes it: requests in flight, queued,
+        read but not handed over, and those its socket still holds (read as answers free
+        the publishes-in-flight cap). Done once it is all answered and nothing more came for
+        two turns of the loop; the caller bounds the wait (a client that keeps sending is
+        closed when it runs out), so no publish already sent loses its ack."""
         ws = self.ws
-        while self.live and (self._inflight or self._queue is not None or ws.input_pending):
-            if not self._inflight and self._queue is None:
-                await asyncio.sleep(0)  # requests already read: handed over a slice a turn
-                continue
-            self._drained = asyncio.get_running_loop().create_future()
-            await self._drained
+        quiet_turns = 0
+        while self.live:
+            if self._inflight or self._queue is not None:
+                quiet_turns = 0
+                self._drained = asyncio.get_running_loop().create_future()
+                await self._drained
+            elif ws.input_pending:  # requests read but not handed over: a slice a turn
+                quiet_turns = 0
+                await asyncio.sleep(0)
+            elif quiet_turns < 2:
+                # Idle for now; a socket read let go by an answer (the publishes-in-flight
+                # cap) is handled on the next turns: look again before calling it done.
+                quiet_turns += 1
+                await asyncio.sleep(0)
+            else:
+                return
 
     def _check_drained(self) -> None:
         waiter = self._drained
