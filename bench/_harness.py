@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -121,3 +122,19 @@ def percentile(sorted_values: list[float], q: float) -> float:
         return float("nan")
     index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
     return sorted_values[index]
+
+
+# Chrome's and Firefox's permessage-deflate offer, word for word.
+BROWSER_OFFER = "permessage-deflate; client_max_window_bits"
+
+
+def upgrade_request(host: str, port: int, compress: bool = False) -> bytes:
+    """A raw WebSocket upgrade for the redwire.json subprotocol (with a fresh key), offering
+    permessage-deflate as a browser does when `compress`."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    offer = f"Sec-WebSocket-Extensions: {BROWSER_OFFER}\r\n" if compress else ""
+    return (
+        f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Protocol: redwire.json\r\n{offer}\r\n"
+    ).encode()

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import datetime as dt
 import functools
@@ -64,10 +63,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import Broker, RedisServer, children, cpu_seconds, rss_bytes
+from _harness import Broker, RedisServer, children, cpu_seconds, rss_bytes, upgrade_request
 
 PREFIX = "bench:"
-BROWSER_OFFER = "permessage-deflate; client_max_window_bits"  # Chrome's and Firefox's
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 MESSAGE = b'"op":"message"'
 FD_SPARE = 200  # descriptors a process needs besides its connections (Redis, pipes, files)
@@ -90,13 +88,7 @@ def source_address(index: int, per_address: int) -> str:
 @functools.cache
 def _handshake(host: str, port: int, compress: bool) -> bytes:
     """The upgrade request, one key per load process (the server's work is the same)."""
-    key = base64.b64encode(os.urandom(16)).decode()
-    offer = f"Sec-WebSocket-Extensions: {BROWSER_OFFER}\r\n" if compress else ""
-    return (
-        f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-        f"Sec-WebSocket-Protocol: redwire.json\r\n{offer}\r\n"
-    ).encode()
+    return upgrade_request(host, port, compress)
 
 
 _FRAMES: dict[tuple[int, bytes, bool], bytes] = {}

@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import multiprocessing as mp
-import os
 import re
 import sys
 import time
@@ -41,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import Broker, RedisServer, cpu_seconds, percentile, rss_bytes
+from _harness import Broker, RedisServer, cpu_seconds, percentile, rss_bytes, upgrade_request
 
 TOPIC = "bench"
 MARK = b'"op":"message"'
@@ -51,19 +49,7 @@ T_RE = re.compile(rb'"t":(\d+)')
 # --- subscriber load process ----------------------------------------------------------------
 
 
-# Chrome's and Firefox's offer, word for word.
-BROWSER_OFFER = "permessage-deflate; client_max_window_bits"
 PONG = b'"op":"pong"'
-
-
-def _handshake(host: str, port: int, compress: bool = False) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    offer = f"Sec-WebSocket-Extensions: {BROWSER_OFFER}\r\n" if compress else ""
-    return (
-        f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-        f"Sec-WebSocket-Protocol: redwire.json\r\n{offer}\r\n"
-    ).encode()
 
 
 def _masked_text(text: str) -> bytes:
@@ -182,7 +168,7 @@ def subscriber_process(
                 host,
                 port,
             )
-            transport.write(_handshake(host, port, compress))
+            transport.write(upgrade_request(host, port, compress))
             subs.append(proto)
             await asyncio.wait_for(ready.wait(), 30)
         conn.send(("ready", count))

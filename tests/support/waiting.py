@@ -25,7 +25,7 @@ async def eventually(
             return result
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout_s}s (last: {result!r})")
-        await asyncio.sleep(interval_s)
+        await asyncio.sleep(interval_s)  # the polling helper itself: between looks, to a deadline
 
 
 def eventually_sync(
@@ -39,4 +39,4 @@ def eventually_sync(
             return result
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout_s}s (last: {result!r})")
-        time.sleep(interval_s)
+        time.sleep(interval_s)  # the polling helper itself: between looks, to a deadline
