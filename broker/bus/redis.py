@@ -6,11 +6,14 @@ each bus has a private probe channel `channel_prefix + "probe:" + origin + ":" +
 a topic channel is `envelope.pack(message)`. URLs: `redis://`, `rediss://`, `unix://`.
 
 Theory of operation.
-- Subscriber. Each connection attempt is a *session*: a fresh redis-py `Connection` (RESP2),
-  which only connects and parses replies. redis-py's PubSub is not used: it reconnects
-  lazily and silently loses what was published meanwhile. A session runs three tasks:
-    reader  reads replies; every message already buffered (at most `bus_read_batch`) goes
-            to `on_messages` as one list before it yields to the loop;
+- Wire. redis-py only connects (and packs commands): once a connection is up, its transport
+  is taken over by a `RespWire` (broker/bus/redis_wire.py), which parses each read with hiredis
+  and hands the whole replies to us inside `data_received`, with no await per reply.
+- Subscriber. Each connection attempt is a *session*: a fresh redis-py `Connection` (RESP2)
+  and its wire. redis-py's PubSub is not used: it reconnects lazily and silently loses what
+  was published meanwhile. A session has a reader and two tasks:
+    reader  the wire: the messages of each read (in lists of at most `bus_read_batch`) go
+            to `on_messages` as they are parsed; its `closed` ends the session;
     sender  turns changes of the session's channel set into SUBSCRIBE / UNSUBSCRIBE
             commands of at most `bus_resubscribe_batch` channels. Changes made within one
             loop iteration go out together: that is how concurrent `subscribe` calls
@@ -35,18 +38,20 @@ Theory of operation.
   the session ends, waiting subscribes fail with BusUnavailable and the next session
   starts from `wanted_topics()` again: a failed subscribe leaves nothing behind.
 - Publisher. Publishes are queued; one task sends up to `bus_publish_batch` of them as one
-  pipeline (one write, replies read in order, no transaction) on its own connection, and
-  resolves each caller's future with its command's result. Batches go one at a time, so
-  messages leave in publish order. A connection error or `bus_publish_timeout_s` fails the
-  batch: before its write started, with BusUnavailable; after, each command whose reply
-  did not come with BusOutcomeUnknown (those answered keep their results); everything
-  queued behind it with BusUnavailable (never sent). The next batch reconnects. Commands
-  whose caller gave up (future cancelled) before their batch was written are dropped. Any
-  other exception fails only its batch (logged) and the loop goes on; each caller's wait is
-  bounded anyway (publish timeout + connect timeout + 1 s). `publish_nowait` (what
-  `publish` awaits, and what the worker calls per client publish) queues its command at
-  once and returns the command's future, the reply mapped to a `Published` when it comes:
-  no task per message, and publishes enter the queue in call order.
+  pipeline (one write, no transaction) on its own connection; the wire settles each
+  caller's future with its command's reply as the replies are read, in order, and a reply
+  when no batch is waiting for one (Redis restarted, a stray byte) drops the connection.
+  Batches go one at a time, so messages leave in publish order. A connection error or
+  `bus_publish_timeout_s` fails the batch: before its write started, with BusUnavailable;
+  after, each command whose reply did not come with BusOutcomeUnknown (those answered keep
+  their results); everything queued behind it with BusUnavailable (never sent). The next
+  batch reconnects. Commands whose caller gave up (future cancelled) before their batch
+  was written are dropped. Any other exception fails only its batch (logged) and the loop
+  goes on; each caller's wait is bounded anyway (publish timeout + connect timeout + 1 s).
+  `publish_nowait` (what `publish` awaits, and what the worker calls per client publish)
+  queues its command at once and returns the command's future, the reply mapped to a
+  `Published` when it comes: no task per message, and publishes enter the queue in call
+  order.
 - `healthy` = the session is live, the last probe (if one is out) is not overdue, and the
   last publish batch worked. Each flip is reported through `on_health`.
 - Scripts. History and presence commands are Lua scripts (`broker/bus/lua.py`) queued on
@@ -104,6 +109,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import itertools
 import json
 import logging
 import math
@@ -153,6 +159,7 @@ from broker.bus.lua import (
     SCRIPTS,
     Script,
 )
+from broker.bus.redis_wire import RespWire
 from broker.envelope import BusMessage, pack, unpack
 from broker.errors import BusError, BusOutcomeUnknown, BusUnavailable, ConfigError, EnvelopeError
 from broker.settings import Settings, TopicRule
@@ -254,14 +261,6 @@ def split_hosts_url(url: str, scheme: str, what: str) -> tuple[Any, str, list[tu
     return parts, userinfo, found
 
 
-async def _idle_and_open(conn: AbstractConnection) -> bool:
-    """True if `conn` is connected with nothing unread: no EOF, no stray reply."""
-    try:
-        return conn.is_connected and not await conn.can_read()
-    except _IO_ERRORS:
-        return False
-
-
 def _ms(seconds: float) -> int:
     """Whole milliseconds, at least 1 for a positive duration (0 stays 0: "none")."""
     return math.ceil(seconds * 1000) if seconds > 0 else 0
@@ -350,6 +349,7 @@ class _Command:
     sent: bool = False  # its bytes went (or started to go) to Redis: it may have run
     asking: bool = False  # sent after ASKING (a Cluster slot being imported by that node)
     on_reply: Callable[[Any], Any] | None = None  # the future's result from the reply
+    deadline: float = math.inf  # loop time past which the publisher's watchdog fails it
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +402,56 @@ def _ignore_server(server: ServerInfo) -> None:
     pass
 
 
+class _BatchReplies:
+    """The replies one pipeline is waiting for, settled in order as they are read.
+
+    `expected` has one entry per command sent: the `_Command` its reply settles, or None
+    for a reply only logged or skipped (the SCRIPT LOADs in front, an ASKING). `done` gets
+    the scripts Redis did not know (to send again after SCRIPT LOAD) once all replies are
+    in, or the connection's error if it goes first."""
+
+    __slots__ = ("done", "expected", "next", "prefix", "retry", "retry_noscript")
+
+    def __init__(self, expected: list[_Command | None], prefix: int, retry_noscript: bool) -> None:
+        self.expected = expected
+        self.prefix = prefix  # the first `prefix` entries are SCRIPT LOADs
+        self.retry_noscript = retry_noscript
+        self.next = 0
+        self.retry: list[_Command] = []
+        self.done: asyncio.Future[list[_Command]] = asyncio.get_running_loop().create_future()
+
+    def take(self, reply: Any) -> None:
+        index = self.next
+        self.next = index + 1
+        command = self.expected[index]
+        if command is None:
+            if index < self.prefix and isinstance(reply, ResponseError):
+                log.warning("bus: Redis refused SCRIPT LOAD: %s", reply)  # its commands fail below
+        elif isinstance(reply, _REDIRECTS):  # a Cluster node did not run it: the bus re-routes it
+            _reject(command.future, _redirected(reply))
+        elif isinstance(reply, NoScriptError):  # not run: safe to send again
+            if self.retry_noscript:
+                command.sent = False
+                self.retry.append(command)
+            else:
+                _reject(command.future, BusError(f"Redis lost the script again: {reply}"))
+        elif isinstance(reply, ResponseError):  # this command failed; the pipeline goes on
+            name = command.script.name if command.script else command.args[0].decode()
+            _reject(command.future, BusError(f"Redis refused {name}: {reply}"))
+        elif command.on_reply is None:
+            _resolve(command.future, reply)
+        else:
+            try:
+                result = command.on_reply(reply)
+            except Exception as exc:  # a reply of the wrong shape fails its command only
+                log.exception("bus: unexpected reply to %r", command.args[:1])
+                _reject(command.future, BusError(f"unexpected reply from Redis: {exc!r}"))
+            else:
+                _resolve(command.future, result)
+        if self.next == len(self.expected):
+            self.done.set_result(self.retry)
+
+
 class _Publisher:
     """A queue of commands (PUBLISH, scripts, ...) flushed as pipelines over one connection,
     in order; scripts go as EVALSHA, re-sent after SCRIPT LOAD when Redis answers NOSCRIPT.
@@ -431,8 +481,11 @@ class _Publisher:
         )
         self._on_change = on_change
         self._conn: AbstractConnection | None = None
+        self._wire: RespWire | None = None  # _conn's transport, taken over once connected
+        self._reading: _BatchReplies | None = None  # the batch whose replies are due
         self._queue: deque[_Command] = deque()
         self._sending: list[_Command] = []
+        self._watchdog: asyncio.TimerHandle | None = None  # see `_watch`
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.ok = True  # the last batch worked (or none was sent yet)
@@ -452,6 +505,9 @@ class _Publisher:
     async def close(self) -> None:
         task, self._task = self._task, None
         sending = self._sending
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -489,10 +545,27 @@ class _Publisher:
         `on_reply(reply)`, and it is failed past `bound_s` as `_wait` would fail it."""
         future = self._new_future()
         command = _Command(args, future, script, keys, asking=ASKING.get(), on_reply=on_reply)
+        loop = asyncio.get_running_loop()
+        command.deadline = loop.time() + self.bound_s
         self._enqueue(command)
-        timer = asyncio.get_running_loop().call_later(self.bound_s, _expire, command)
-        command.future.add_done_callback(lambda _: timer.cancel())
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(command.deadline, self._watch)
         return command
+
+    def _watch(self) -> None:
+        """Fail the commands past their deadline. One timer for the publisher, not one per
+        command: commands are settled in the order they were queued (the batch being read,
+        then the queue), so the first one still open that is not due sets the next check."""
+        self._watchdog = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for command in itertools.chain(self._sending, self._queue):
+            if command.future.done() or command.deadline == math.inf:
+                continue
+            if command.deadline > now:
+                self._watchdog = loop.call_at(command.deadline, self._watch)
+                return
+            _expire(command)
 
     def _script(self, script: Script, keys: Sequence[Any], argv: Sequence[Any]) -> _Command:
         future = self._new_future()
@@ -589,7 +662,7 @@ class _Publisher:
 
     async def _connection(self) -> AbstractConnection:
         conn = self._conn
-        if conn is not None and not await _idle_and_open(conn):
+        if conn is not None and (self._wire is None or not self._wire.is_open):
             await self._drop_connection()  # e.g. Redis restarted since the last batch
             conn = None
         if conn is None:
@@ -599,6 +672,8 @@ class _Publisher:
             if server.loading:  # not ready: its commands would fail, its INFO misleads
                 await self._drop_connection()
                 raise RedisConnectionError("Redis is loading its data; retrying")
+            self._wire = wire = RespWire.take(conn, self._on_replies)
+            wire.closed.add_done_callback(self._wire_closed)
             self.server = server
             self.on_server(server)
         return conn
@@ -620,43 +695,50 @@ class _Publisher:
         retry_noscript: bool,
     ) -> list[_Command]:
         """Send `prefix` then `commands` as one write and resolve each command's future with
-        its reply; returns the scripts Redis did not know (when `retry_noscript`)."""
+        its reply as it comes (`_on_replies`); returns the scripts Redis did not know (when
+        `retry_noscript`)."""
         encoded: list[tuple[Any, ...]] = list(prefix)
+        expected: list[_Command | None] = [None] * len(prefix)  # None: a reply to skip
         for command in commands:
             if command.asking:
                 encoded.append((b"ASKING",))
+                expected.append(None)
             encoded.append(self._encode(command))
+            expected.append(command)
+        wire = self._wire
+        assert wire is not None
         packed = conn.pack_commands(encoded)
+        replies = self._reading = _BatchReplies(expected, len(prefix), retry_noscript)
         for command in commands:
             command.sent = True
-        await conn.send_packed_command(packed, check_health=False)
-        read = conn.read_response
-        for _ in prefix:
-            try:
-                await read(disable_decoding=True, timeout=math.inf)
-            except ResponseError as exc:  # the commands that need it fail below
-                log.warning("bus: Redis refused SCRIPT LOAD: %s", exc)
-        retry: list[_Command] = []
-        for command in commands:
-            try:
-                if command.asking:
-                    await read(disable_decoding=True, timeout=math.inf)  # ASKING's OK
-                result = await read(disable_decoding=True, timeout=math.inf)
-            except _REDIRECTS as exc:  # a Cluster node did not run it: the bus re-routes it
-                _reject(command.future, _redirected(exc))
-            except NoScriptError as exc:  # not run: safe to send again
-                if retry_noscript:
-                    command.sent = False
-                    retry.append(command)
-                else:
-                    _reject(command.future, BusError(f"Redis lost the script again: {exc}"))
-            except ResponseError as exc:  # this command failed; the pipeline goes on
-                name = command.script.name if command.script else command.args[0].decode()
-                _reject(command.future, BusError(f"Redis refused {name}: {exc}"))
-            else:
-                on_reply = command.on_reply
-                _resolve(command.future, result if on_reply is None else on_reply(result))
-        return retry
+        try:
+            wire.write(packed)
+            return await replies.done
+        finally:
+            self._reading = None
+
+    def _on_replies(self, replies: list[Any]) -> None:
+        """Replies read on the publisher connection, in order: each settles the next
+        command of the batch being read (`_BatchReplies`)."""
+        batch = self._reading
+        for reply in replies:
+            if batch is None or batch.done.done():
+                assert self._wire is not None
+                self._wire.abort("Redis sent a reply nobody asked for")
+                return
+            if isinstance(reply, Exception) and not isinstance(reply, ResponseError):
+                assert self._wire is not None  # e.g. LOADING, NOAUTH: the connection is unusable
+                self._wire.abort(f"Redis: {reply}")
+                return
+            batch.take(reply)
+
+    def _wire_closed(self, closed: asyncio.Future[None]) -> None:
+        """The publisher connection is gone: the batch being read fails (its commands that
+        got no reply become BusOutcomeUnknown in `_flush`)."""
+        batch = self._reading
+        if batch is not None and not batch.done.done():
+            error = None if closed.cancelled() else closed.exception()
+            batch.done.set_exception(error or RedisConnectionError("Redis connection closed"))
 
     def _fail_all(self, error: BusError) -> None:
         """Fail everything queued (never sent)."""
@@ -665,6 +747,9 @@ class _Publisher:
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.close()
         if conn is not None:
             with contextlib.suppress(*_IO_ERRORS):
                 await conn.disconnect(nowait=True)
@@ -695,6 +780,7 @@ class _Session:
 
     def __init__(self, conn: AbstractConnection | None) -> None:
         self.conn = conn
+        self.wire: RespWire | None = None  # conn's transport, taken over (redis_wire.py)
         self.live = False  # the initial (re)subscribe was confirmed
         self.topics: dict[bytes, str] = {}  # asked of this session: channel -> topic
         self.initial: frozenset[str] = frozenset()  # wanted_topics() when it started
@@ -936,7 +1022,7 @@ class RedisBus(Bus):
         """One subscriber connection, from connect to loss. True if it went live."""
         conn = self._new_connection()
         s = _Session(conn)
-        tasks: list[asyncio.Task[None]] = []
+        tasks: list[asyncio.Future[None]] = []  # the session's tasks, and its wire's `closed`
         ready: asyncio.Future[None] | None = None
         try:
             async with asyncio.timeout(self.settings.bus_connect_timeout_s):
@@ -955,7 +1041,8 @@ class RedisBus(Bus):
             s.touch(channels)
             ready = s.wait(channels, subscribing=True)
             loop = asyncio.get_running_loop()
-            tasks.append(loop.create_task(self._read_loop(s), name="bus-reader"))
+            s.wire = RespWire.take(conn, lambda replies: self._on_replies(s, replies))
+            tasks.append(s.wire.closed)  # the reader: done only when the connection is gone
             tasks.append(loop.create_task(self._send_loop(s), name="bus-sender"))
             done, _ = await asyncio.wait(
                 (ready, *tasks),
@@ -1001,7 +1088,7 @@ class RedisBus(Bus):
             log.debug("bus: connect attempt %d failed: %s", failures + 1, reason)
 
     async def _end_session(
-        self, s: _Session, tasks: list[asyncio.Task[None]], ready: asyncio.Future[None] | None
+        self, s: _Session, tasks: list[asyncio.Future[None]], ready: asyncio.Future[None] | None
     ) -> None:
         if self._session is s:
             self._session = None
@@ -1012,6 +1099,8 @@ class RedisBus(Bus):
         if ready is not None and ready.done() and not ready.cancelled():
             ready.exception()  # retrieved: the session ending is reported above
         self._probe_sent_at = None
+        if s.wire is not None:
+            s.wire.close()
         with contextlib.suppress(*_IO_ERRORS):
             if s.conn is not None:
                 await s.conn.disconnect(nowait=True)
@@ -1039,53 +1128,48 @@ class RedisBus(Bus):
 
     # --- session tasks ---------------------------------------------------------------------
 
-    async def _read_loop(self, s: _Session) -> None:
-        assert s.conn is not None
-        read = s.conn.read_response
-        can_read = s.conn.can_read
+    def _on_replies(self, s: _Session, replies: list[Any]) -> None:
+        """What one read from the subscriber connection completed (`RespWire`), in order:
+        messages go to `on_messages` in lists of at most `bus_read_batch`."""
+        self._last_rx = time.monotonic()
         topics = s.topics  # only what this session subscribed is routed
         probe_channel = self.probe_channel
         limit = self.settings.bus_read_batch
-        forever = math.inf
         message_kind = self.MESSAGE_KIND
-        while True:
-            reply = await read(disable_decoding=True, timeout=forever)
-            self._last_rx = time.monotonic()
-            batch: list[BusMessage] = []
-            count = 0
-            while True:
-                count += 1
-                if type(reply) is list and len(reply) == 3 and reply[0] == message_kind:
-                    channel = reply[1]
-                    topic = topics.get(channel)
-                    if topic is not None:
-                        data = reply[2]
-                        tag = data[0] if data else 0
-                        try:
-                            if tag == _TAG_HISTORY:
-                                batch.append(parse_tagged(topic, data))
-                            elif tag == _TAG_PRESENCE:
-                                kind, client_id, info = parse_presence(data)
-                                batch = self._hand_over(s, batch)  # keep the topic's order
-                                self.presence_events += 1
-                                self._call_presence(topic, kind, client_id, info)
-                            else:
-                                message = unpack(data)
-                                if message.topic != topic:
-                                    raise EnvelopeError("envelope of another topic")
-                                batch.append(message)
-                        except EnvelopeError as exc:
-                            self._skip_malformed(channel, exc)
-                    elif channel == probe_channel:
-                        self._probe_arrived(reply[2])
-                else:
-                    self._control(s, reply)
-                if count >= limit or not await can_read():
-                    break
-                reply = await read(disable_decoding=True, timeout=forever)
-            self._hand_over(s, batch)
-            if count >= limit:
-                await asyncio.sleep(0)  # a backlog: let the hub's writes run
+        batch: list[BusMessage] = []
+        for reply in replies:
+            if type(reply) is list and len(reply) == 3 and reply[0] == message_kind:
+                channel = reply[1]
+                topic = topics.get(channel)
+                if topic is not None:
+                    data = reply[2]
+                    tag = data[0] if data else 0
+                    try:
+                        if tag == _TAG_HISTORY:
+                            batch.append(parse_tagged(topic, data))
+                        elif tag == _TAG_PRESENCE:
+                            kind, client_id, info = parse_presence(data)
+                            batch = self._hand_over(s, batch)  # keep the topic's order
+                            self.presence_events += 1
+                            self._call_presence(topic, kind, client_id, info)
+                        else:
+                            message = unpack(data)
+                            if message.topic != topic:
+                                raise EnvelopeError("envelope of another topic")
+                            batch.append(message)
+                    except EnvelopeError as exc:
+                        self._skip_malformed(channel, exc)
+                    if len(batch) >= limit:
+                        batch = self._hand_over(s, batch)
+                elif channel == probe_channel:
+                    self._probe_arrived(reply[2])
+            elif isinstance(reply, Exception):  # a refused (UN)SUBSCRIBE: start over
+                assert s.wire is not None
+                s.wire.abort(f"Redis refused a subscriber command: {reply}")
+                return
+            else:
+                self._control(s, reply)
+        self._hand_over(s, batch)
 
     def _hand_over(self, s: _Session, batch: list[BusMessage]) -> list[BusMessage]:
         """Report the gaps confirmed so far, then give `batch` (if any) to `on_messages`;
@@ -1133,12 +1217,10 @@ class RedisBus(Bus):
             )
             if not commands:
                 continue
-            assert s.conn is not None
-            if not s.conn.is_connected:  # never let redis-py reconnect behind our back
-                raise RedisConnectionError("subscriber connection closed")
+            assert s.conn is not None and s.wire is not None
             verb = self.SUBSCRIBE_VERBS[0]
             self.subscribe_commands += sum(1 for c in commands if c[0] == verb)
-            await s.conn.send_packed_command(s.conn.pack_commands(commands), check_health=False)
+            s.wire.write(s.conn.pack_commands(commands))  # raises once the connection is gone
 
     async def _probe_loop(self, s: _Session) -> None:
         interval = self.settings.bus_probe_interval_s
