@@ -180,7 +180,8 @@ def plot(table: dict, ours: str, out: Path, show_all: bool, ceiling: bool) -> li
             ax.set_xlabel("offered load (deliveries/s)")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
-        top.set_ylim(bottom=0)
+        highest = max((line.get_ydata().max() for line in top.get_lines()), default=0)
+        top.set_ylim(0, highest * 1.2 or None)  # from 0, with room above the highest point
     fig.suptitle("bench-peers harness: medians per scenario", fontsize=10)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
