@@ -36,11 +36,17 @@ def test_broker_never_imports_worker_or_client() -> None:
 @pytest.mark.parametrize(
     ("library", "allowed"),
     [
-        # The bus' Redis modules: one node, a Cluster, behind Sentinel.
+        # The bus' Redis modules: one node, a Cluster, behind Sentinel, and their wire.
         (
             "redis",
-            {"broker/bus/redis.py", "broker/bus/redis_cluster.py", "broker/bus/redis_sentinel.py"},
+            {
+                "broker/bus/redis.py",
+                "broker/bus/redis_cluster.py",
+                "broker/bus/redis_sentinel.py",
+                "broker/bus/redis_wire.py",
+            },
         ),
+        ("hiredis", {"broker/bus/redis_wire.py"}),
         ("msgpack", {"broker/envelope.py"}),
         ("uvloop", {"worker/main.py"}),
     ],

@@ -354,15 +354,22 @@ class ClientSession:
         message = BusMessage(
             request.topic, request.payload, self.codec.encoding, self.app.worker_id
         )
-        task = self.app.bus.publish_nowait(message, key=key)
+        req_id = request.id
+
+        def settled(done: asyncio.Future[Published]) -> None:
+            self._published(req_id, done)
+
+        task = self.app.bus.publish_nowait(message, key=key, settled=settled)
         inflight = self._inflight
         inflight.add(task)
         if len(inflight) >= self.app.settings.max_publishes_in_flight:
             self.ws.hold_input("publishes")
-        task.add_done_callback(lambda done: self._published(request.id, done))
+        task.add_done_callback(settled)  # the bus may call `settled` sooner: handled once
 
     def _published(self, req_id: Any, done: asyncio.Future[Published]) -> None:
         inflight = self._inflight
+        if done not in inflight:
+            return  # handled already (the bus' `settled`, then the done callback)
         inflight.discard(done)
         if len(inflight) < self.app.settings.max_publishes_in_flight:
             self.ws.release_input("publishes")

@@ -231,12 +231,21 @@ class Bus(ABC):
         """
 
     def publish_nowait(
-        self, message: BusMessage, *, key: str | None = None
+        self,
+        message: BusMessage,
+        *,
+        key: str | None = None,
+        settled: Callable[[asyncio.Future[Published]], None] | None = None,
     ) -> asyncio.Future[Published]:
         """`publish` without a coroutine for the caller to run: a future with its outcome,
         the same results and errors, bounded in time the same way; cancelling it before the
         command was written means it is never sent. Buses with a cheaper way override it
-        (the Redis bus queues the command at once); this one runs `publish` as a task."""
+        (the Redis bus queues the command at once); this one runs `publish` as a task.
+
+        `settled`, if given, may be called with the future as soon as it is done, before
+        its done callbacks run (the Redis bus does, as it reads the reply: one loop turn
+        sooner). A bus may also never call it: the caller keeps its done callback, and
+        handles each future once."""
         return asyncio.ensure_future(self.publish(message, key=key))
 
     @abstractmethod

@@ -51,7 +51,9 @@ Theory of operation.
   `publish_nowait` (what `publish` awaits, and what the worker calls per client publish)
   queues its command at once and returns the command's future, the reply mapped to a
   `Published` when it comes: no task per message, and publishes enter the queue in call
-  order.
+  order. Its `settled` callback is called as the reply is read, a loop turn before the
+  future's done callbacks: the worker's ack, and the end of its publishes-in-flight hold,
+  come that much sooner.
 - `healthy` = the session is live, the last probe (if one is out) is not overdue, and the
   last publish batch worked. Each flip is reported through `on_health`.
 - Scripts. History and presence commands are Lua scripts (`broker/bus/lua.py`) queued on
@@ -350,6 +352,7 @@ class _Command:
     asking: bool = False  # sent after ASKING (a Cluster slot being imported by that node)
     on_reply: Callable[[Any], Any] | None = None  # the future's result from the reply
     deadline: float = math.inf  # loop time past which the publisher's watchdog fails it
+    settled: Callable[[asyncio.Future[Any]], None] | None = None  # told as its reply is read
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,6 +451,11 @@ class _BatchReplies:
                 _reject(command.future, BusError(f"unexpected reply from Redis: {exc!r}"))
             else:
                 _resolve(command.future, result)
+        if command is not None and command.settled is not None and command.future.done():
+            try:
+                command.settled(command.future)
+            except Exception:  # the caller's bug must not cost the batch its other replies
+                log.exception("bus: a publish's settled callback failed")
         if self.next == len(self.expected):
             self.done.set_result(self.retry)
 
@@ -1310,11 +1318,16 @@ class RedisBus(Bus):
         return await self.publish_nowait(message, key=key)
 
     def publish_nowait(
-        self, message: BusMessage, *, key: str | None = None
+        self,
+        message: BusMessage,
+        *,
+        key: str | None = None,
+        settled: Callable[[asyncio.Future[Published]], None] | None = None,
     ) -> asyncio.Future[Published]:
         """`publish` with no task per message (the worker's hot path): the command (a
         PUBLISH, or the same script `publish` runs) is queued now, so publishes enter the
-        bus in call order, and the future resolves as `publish` would return."""
+        bus in call order, and the future resolves as `publish` would return. `settled` is
+        called as the reply is read (see `Bus.publish_nowait`)."""
         check_key(key)
         topic = message.topic
         rule = self.settings.rule_for(topic)
@@ -1336,6 +1349,7 @@ class RedisBus(Bus):
                     _ms(self.settings.idempotency_ttl_s),
                 )
                 command = publisher.call_nowait(args, _keyed_reply, self.LUA[PUBLISH_KEYED], 1)
+            command.settled = settled
             future = command.future
         except BusError as exc:  # not running: that is the outcome, as publish's
             future = asyncio.get_running_loop().create_future()

@@ -45,6 +45,10 @@ PUBLISH_S = 45.0  # publish_nowait x TOTAL, then flush, within this
 DELIVERY_S = 30.0  # every subscriber has everything within this after the flush
 TOPICS = [{"pattern": "bulk.*", "history_size": 200_000}]
 TOPICS_JSON = json.dumps(TOPICS)
+# The deadlines above bound each phase (20 s + 45 s + 30 s, and the setup's own): pytest's
+# guard against a hang (120 s by default) must sit above their sum, or a loaded machine
+# meets it first and the test fails with no word of which phase was late.
+pytestmark = pytest.mark.timeout(300)
 
 # window.t = {client, seqs, offsets, gaps, events}: only numbers are kept per message.
 SETUP = """

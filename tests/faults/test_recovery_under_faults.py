@@ -15,6 +15,7 @@ import os
 import signal
 import time
 
+import pytest
 from support.processes import ServerProcess, redwire, worker_pids
 from support.redis_server import RedisServer
 
@@ -27,6 +28,10 @@ TOPIC = "feed.orders"
 RATE = 2000
 SECONDS = 10.0
 SUBSCRIBERS = 50
+# Each run is 10 s of publishing, then a catch-up bounded at 60 s by the test itself; with
+# 50 clients connecting and recovering in this one process it takes 45-60 s on a quiet
+# 2-core machine. pytest's guard against a hang sits above that bound, not at 120 s.
+pytestmark = pytest.mark.timeout(300)
 
 
 def _rules(history_size: int) -> list[dict[str, object]]:

@@ -181,3 +181,23 @@ async def test_a_stray_reply_on_the_publisher_connection_reconnects_and_loses_no
         assert publisher._wire.is_open
     finally:
         await bus.close()
+
+
+async def test_settled_is_told_as_the_reply_is_read_before_any_done_callback(
+    redis_url: str,
+) -> None:
+    """`publish_nowait(settled=...)`: the Redis bus calls it from the reply's read, with the
+    future already done, one loop turn before the future's done callbacks."""
+    bus = RedisBus(redis_url, Settings(bus_probe_interval_s=3600.0), origin="wire-test")
+    await bus.start()
+    try:
+        order: list[tuple[str, bool]] = []
+        future = bus.publish_nowait(
+            BusMessage("t.wire", b'"x"', ENCODING_JSON, "wire-test"),
+            settled=lambda done: order.append(("settled", done.done())),
+        )
+        future.add_done_callback(lambda done: order.append(("callback", done.done())))
+        await future
+        assert order == [("settled", True), ("callback", True)]
+    finally:
+        await bus.close()
