@@ -5,10 +5,26 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from support.processes import ServerProcess, redwire, serve
+from support.processes import (
+    ServerProcess,
+    redwire,
+    running_servers,
+    serve,
+    stop_servers_started_since,
+)
 from support.redis_cluster import RedisCluster
 from support.redis_server import RedisServer
 from support.tls import SelfSigned, make_self_signed
+
+
+@pytest.fixture(autouse=True)
+def _no_server_outlives_its_test() -> Iterator[None]:
+    """Stop the servers a test started and left running (it failed, or pytest's timeout cut
+    it off, before its own `stop`). Fixtures of a wider scope start theirs before this one
+    runs, so those are kept."""
+    before = running_servers()
+    yield
+    stop_servers_started_since(before)
 
 
 @pytest.fixture(scope="session")

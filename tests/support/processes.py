@@ -22,6 +22,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Every ServerProcess started and not stopped yet: tests/conftest.py stops those a test
+# leaves behind (a test that failed, or was cut off by pytest's timeout, before its own
+# `stop`), so they cannot load the machine under the tests that follow.
+_RUNNING: set[ServerProcess] = set()
+
+
+def running_servers() -> frozenset[ServerProcess]:
+    return frozenset(_RUNNING)
+
+
+def stop_servers_started_since(before: frozenset[ServerProcess]) -> list[ServerProcess]:
+    """Stop every server still running that is not in `before`; returns them."""
+    left = [server for server in running_servers() if server not in before]
+    for server in left:
+        server.stop()
+    return left
+
+
 class ServerProcess:
     """A child process whose stdout announces `listening <host> <port>`."""
 
@@ -47,6 +65,7 @@ class ServerProcess:
             text=True,
             start_new_session=True,
         )
+        _RUNNING.add(self)
         self.output: list[str] = []
         self._ready_re = re.compile(ready)
         self._ready = threading.Event()
@@ -103,6 +122,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout_s)
+        _RUNNING.discard(self)
         return self.proc.returncode
 
 
