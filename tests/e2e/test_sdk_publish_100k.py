@@ -42,10 +42,13 @@ WORKERS = 2
 MAX_PAGES = 24  # pages opened at most while looking for one on the other worker
 WAIT_MS = 20_000  # connecting, subscribing
 PUBLISH_S = 45.0  # publish_nowait x TOTAL, then flush, within this
-DELIVERY_S = 30.0  # every subscriber has everything within this after the flush
+# Every subscriber has everything within this after the flush. Two Chromium pages, the
+# workers, Redis and the publisher share 2 cores: the pages were seen finishing just past
+# 30 s after a publish phase slowed to 80 s by that same load, so 60 s.
+DELIVERY_S = 60.0
 TOPICS = [{"pattern": "bulk.*", "history_size": 200_000}]
 TOPICS_JSON = json.dumps(TOPICS)
-# The deadlines above bound each phase (20 s + 45 s + 30 s, and the setup's own): pytest's
+# The deadlines above bound each phase (20 s + 45 s + 60 s, and the setup's own): pytest's
 # guard against a hang (120 s by default) must sit above their sum, or a loaded machine
 # meets it first and the test fails with no word of which phase was late.
 pytestmark = pytest.mark.timeout(300)
