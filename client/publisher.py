@@ -91,6 +91,7 @@ class AsyncPublisher:
         self.retry_timeout_s = retry_timeout_s
         self._bus: Bus | None = None
         self._queue: deque[_Item] = deque()
+        self._sending: list[_Item] = []  # the chunk the sender has taken from the queue
         self._wake: asyncio.Event | None = None
         self._sender: asyncio.Task[None] | None = None
 
@@ -107,8 +108,15 @@ class AsyncPublisher:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
-        while self._queue:
-            _fail(self._queue.popleft()[2], BusUnavailable("the publisher is closed"))
+        # Every caller gets an outcome, none waits forever: what was still queued was never
+        # written; the chunk being sent may have been, and its replies will not be read now.
+        for _, _, target in self._queue:
+            _fail(target, BusUnavailable("the publisher is closed; not published"))
+        for _, _, target in self._sending:
+            _fail(target, BusOutcomeUnknown("the publisher closed; it may have been published"))
+        self._pending = 0  # nothing is queued or in flight now
+        self._queue.clear()
+        self._sending = []
         bus, self._bus = self._bus, None
         if bus is not None:
             await bus.close()
@@ -146,19 +154,24 @@ class AsyncPublisher:
         return self._enqueue(topic, data, key)
 
     def _enqueue(self, topic: str, data: Any, key: str | None) -> asyncio.Future[Published]:
+        future: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
+        self._put(topic, data, key, future)
+        return future
+
+    def _put(self, topic: str, data: Any, key: str | None, target: _Target) -> None:
+        """Queue one publish whose outcome goes to `target` (an asyncio future, or the
+        blocking publisher's concurrent one: no second future per message). It counts as
+        pending until the sender settles it, or drops it because its caller gave up."""
         if self._wake is None:
             raise BusUnavailable("the publisher is not started")
         check_topic(topic, self.settings.max_topic_bytes)
         check_key(key)
         message = BusMessage(topic, self.encode(data), self.encoding, self.origin)
-        future: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
         self._pending += 1
-        future.add_done_callback(self._released)
-        self._queue.append((message, key, future))
+        self._queue.append((message, key, target))
         self._wake.set()
-        return future
 
-    def _released(self, _: asyncio.Future[Published]) -> None:
+    def _released(self) -> None:
         self._pending -= 1
         if self._pending < self.max_pending:
             self._room.set()
@@ -202,68 +215,90 @@ class AsyncPublisher:
             self._wake.clear()
             while self._queue:
                 queue = self._queue
-                chunk = [queue.popleft() for _ in range(min(len(queue), batch))]
-                await self._send_chunk(chunk)
+                self._sending = [queue.popleft() for _ in range(min(len(queue), batch))]
+                await self._send_chunk(self._sending)
+                self._sending = []
 
     async def _send_chunk(self, chunk: list[_Item]) -> None:
+        """Send one chunk until each of its publishes has an outcome: the bus queues them
+        all at once (`publish_nowait`, no task per message) and pipelines them; what may be
+        retried is sent again, in its original order, with backoff."""
         bus = self._bus
         assert bus is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.retry_timeout_s
         delay = 0.05
-        unknown: set[int] = set()  # ids of futures whose last attempt may have run
+        unknown: set[int] = set()  # ids of targets whose last attempt may have run
         while chunk:
-            chunk = [item for item in chunk if not item[2].done()]  # callers that gave up
-            results = await asyncio.gather(
-                *(bus.publish(message, key=key) for message, key, _ in chunk),
-                return_exceptions=True,
-            )
+            live = []
+            for item in chunk:
+                if item[2].done():
+                    self._released()  # its caller gave up (cancelled): not sent again
+                else:
+                    live.append(item)
+            chunk = live
+            if not chunk:
+                return
+            outcomes = [bus.publish_nowait(message, key=key) for message, key, _ in chunk]
+            await asyncio.wait(outcomes)
             retry: list[_Item] = []
-            for item, result in zip(chunk, results, strict=True):
-                future = item[2]
-                if isinstance(result, BusUnavailable):
+            for item, outcome in zip(chunk, outcomes, strict=True):
+                target = item[2]
+                error = (
+                    BusUnavailable("the publish was cancelled")
+                    if outcome.cancelled()
+                    else outcome.exception()
+                )
+                if isinstance(error, BusUnavailable):
                     retry.append(item)  # never written: safe to send again, in order
-                elif isinstance(result, BusOutcomeUnknown) and item[1] is not None:
-                    unknown.add(id(future))
+                    continue
+                if isinstance(error, BusOutcomeUnknown) and item[1] is not None:
+                    unknown.add(id(target))
                     retry.append(item)  # may have run: the same key makes it land once
-                elif isinstance(result, BaseException):
-                    _fail(future, result)  # BusOutcomeUnknown without a key: the caller's
-                elif not future.done():
-                    future.set_result(result)
+                    continue
+                if error is not None:
+                    _fail(target, error)  # BusOutcomeUnknown without a key: the caller's
+                else:
+                    _succeed(target, outcome.result())
+                self._released()
             chunk = retry
             remaining = deadline - loop.time()
             if chunk and remaining <= 0:
-                for _, _, future in chunk:
-                    if id(future) in unknown:
-                        error: Exception = BusOutcomeUnknown(
+                for _, _, target in chunk:
+                    if id(target) in unknown:
+                        failure: Exception = BusOutcomeUnknown(
                             "Redis did not answer in time; it may have been published "
                             "(retry with the same key)"
                         )
                     else:
-                        error = BusUnavailable("Redis stayed unavailable; not published")
-                    _fail(future, error)
+                        failure = BusUnavailable("Redis stayed unavailable; not published")
+                    _fail(target, failure)
+                    self._released()
                 return
             if chunk:
                 await asyncio.sleep(min(remaining, delay))  # backoff between retries
                 delay = min(delay * 2, 1.0)
 
 
-_Item = tuple[BusMessage, "str | None", "asyncio.Future[Published]"]
+# Where a publish's outcome goes: both kinds have done/set_result/set_exception.
+_Target = "asyncio.Future[Published] | concurrent.futures.Future[Published]"
+_Item = tuple[BusMessage, "str | None", _Target]
+_INVALID_STATE = (asyncio.InvalidStateError, concurrent.futures.InvalidStateError)
 
 
 def _fail(future: asyncio.Future[Any] | concurrent.futures.Future[Any], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
+    """Give `future` its error, unless its caller already gave up (cancelled it)."""
+    with contextlib.suppress(*_INVALID_STATE):
+        if not future.done():
+            future.set_exception(exc)
 
 
-def _settle(future: concurrent.futures.Future[Published], done: asyncio.Future[Published]) -> None:
-    """Copy an asyncio future's outcome to the caller thread's concurrent future."""
-    if done.cancelled():
-        future.cancel()
-    elif done.exception() is not None:
-        future.set_exception(done.exception())  # type: ignore[arg-type]
-    else:
-        future.set_result(done.result())
+def _succeed(future: asyncio.Future[Any] | concurrent.futures.Future[Any], result: Any) -> None:
+    """Give `future` its result (a concurrent one may be cancelled from another thread
+    between the check and the set: then the caller gave up, and that is its outcome)."""
+    with contextlib.suppress(*_INVALID_STATE):
+        if not future.done():
+            future.set_result(result)
 
 
 class Publisher:
@@ -316,16 +351,16 @@ class Publisher:
 
     def _drain_inbox(self) -> None:
         """On the loop thread: queue what publish_nowait gathered, in order, on the async
-        publisher (its sender pipelines them in chunks; no task per message)."""
+        publisher (its sender pipelines them in chunks and settles each caller's future
+        itself: no task, and no second future, per message)."""
         with self._lock:
             batch, self._inbox = self._inbox, []
+        put = self._async._put
         for topic, data, key, future in batch:
             try:
-                inner = self._async._enqueue(topic, data, key)  # bounded by publish_nowait
+                put(topic, data, key, future)  # bounded by publish_nowait
             except Exception as exc:
                 _fail(future, exc)
-                continue
-            inner.add_done_callback(lambda f, target=future: _settle(target, f))
 
     def _done(self, future: concurrent.futures.Future[Published]) -> None:
         with self._lock:

@@ -46,6 +46,7 @@ PUBLISH_S = 45.0  # publish_nowait x TOTAL, then flush, within this
 # workers, Redis and the publisher share 2 cores: the pages were seen finishing just past
 # 30 s after a publish phase slowed to 80 s by that same load, so 60 s.
 DELIVERY_S = 60.0
+CHILD_GUARD_S = 280.0  # the Python subscribers' own limit, should the parent go away
 TOPICS = [{"pattern": "bulk.*", "history_size": 200_000}]
 TOPICS_JSON = json.dumps(TOPICS)
 # The deadlines above bound each phase (20 s + 45 s + 60 s, and the setup's own): pytest's
@@ -134,9 +135,12 @@ class Received:
 # test_bus_history_faults.py): consuming 2 x 100k messages on a thread of this process would
 # take the GIL from the Publisher's loop thread. argv: ws url, redis url, topic, REDWIRE_TOPICS,
 # total, timeout, result path. It prints "subscribed <worker>" once both subscriptions are
-# acknowledged, then writes what each subscriber got to the result path as JSON.
+# acknowledged, then, once both have every message or the parent's deadline passed (the
+# parent creates <result path>.stop: the deadline is the parent's, which starts after the
+# publish phase, however long that took), writes what each subscriber got to the result
+# path as JSON. Its own timeout is only a guard for a parent that went away.
 _SUBSCRIBERS = """
-import asyncio, json, sys, time
+import asyncio, json, os, sys, time
 from broker.settings import Settings
 from client.pubsub import connect
 from client.subscriber import Gap, Subscriber
@@ -166,7 +170,12 @@ async def main(ws_url, redis_url, topic, topics, total, timeout_s, out):
     got = {n: {"seqs": [], "offsets": [], "gaps": [], "seconds": None} for n in NAMES}
     tasks = [asyncio.create_task(collect(s, got[n], total, started))
              for n, s in zip(NAMES, (sub, subscriber))]
-    await asyncio.wait(tasks, timeout=timeout_s)
+    ends = time.monotonic() + timeout_s  # a guard: the parent says when (the stop file)
+    stop = out + ".stop"
+    while not all(t.done() for t in tasks) and time.monotonic() < ends:
+        await asyncio.wait(tasks, timeout=0.2)
+        if os.path.exists(stop):
+            break
     for task in tasks:
         task.cancel()
     result = {"worker": client.worker, "disconnects": client.disconnects,
@@ -187,14 +196,18 @@ def python_subscribers(
     """The child process, once both its subscriptions are acknowledged."""
     argv = [
         sys.executable, "-c", _SUBSCRIBERS, broker.url, redis_url, topic, TOPICS_JSON,
-        str(TOTAL), str(DELIVERY_S + PUBLISH_S), str(result),
+        str(TOTAL), str(CHILD_GUARD_S), str(result),
     ]  # fmt: skip
     return ServerProcess(argv, ready=r"^subscribed \S+$", timeout_s=WAIT_MS / 1000)
 
 
 def python_received(child: ServerProcess, result: Path, deadline: float) -> list[Received]:
-    """What the child's two subscribers got (it writes that once done or out of time)."""
-    child.wait_for_output(r"^done$", timeout_s=max(0.0, deadline - time.monotonic()) + 10)
+    """What the child's two subscribers got (it writes that once done or told to stop)."""
+    try:
+        child.wait_for_output(r"^done$", timeout_s=max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        result.with_name(result.name + ".stop").touch()  # the deadline: report what came
+        child.wait_for_output(r"^done$", timeout_s=15)
     got = json.loads(result.read_text())
     received = []
     for name in ("pubsub", "subscriber"):

@@ -12,7 +12,7 @@ from support.redis_server import RedisServer
 
 from broker.bus import Published
 from broker.envelope import ENCODING_JSON, BusMessage
-from broker.errors import BusOutcomeUnknown
+from broker.errors import BusOutcomeUnknown, BusUnavailable
 from broker.settings import Settings, TopicRule
 from client.publisher import AsyncPublisher, Publisher, PublisherFull
 from client.subscriber import Gap, Message, Subscriber
@@ -76,6 +76,38 @@ async def test_async_publisher_buffer_is_bounded(redis_url: str) -> None:
         assert [r.offset for r in results] == [1, 2, 3, 4] and pub.pending == 0
         many = await pub.publish_many(("sdk.b", n) for n in range(10))  # 3 at a time
         assert [r.offset for r in many] == list(range(5, 15))
+
+
+async def test_closing_gives_every_queued_and_in_flight_publish_an_outcome(
+    redis_url: str,
+) -> None:
+    """Closed while Redis is paused: the chunk being sent may have run (outcome unknown),
+    what was still queued was never written (unavailable); no caller waits forever."""
+    settings = HISTORY.replace(bus_publish_batch=10, bus_publish_timeout_s=5.0)
+    pub = AsyncPublisher(redis_url, settings=settings, retry_timeout_s=10)
+    await pub.start()
+    await pub.publish("sdk.close", -1)
+    await asyncio.to_thread(redis_url_command, redis_url, "CLIENT", "PAUSE", "1500", "ALL")
+    futures = [pub.enqueue("sdk.close", n) for n in range(30)]
+    await asyncio.sleep(0.2)  # the sender has written the first chunk, no reply yet
+    await asyncio.wait_for(pub.close(), 10)
+    outcomes = [type(f.exception()) for f in futures]
+    assert outcomes == [BusOutcomeUnknown] * 10 + [BusUnavailable] * 20
+    assert pub.pending == 0
+
+
+async def test_a_cancelled_publish_is_not_sent_and_frees_its_room(redis_url: str) -> None:
+    settings = HISTORY.replace(bus_publish_timeout_s=5.0)
+    async with AsyncPublisher(redis_url, settings=settings, max_pending=50) as pub:
+        first = await pub.publish("sdk.cancel", 0)
+        await asyncio.to_thread(redis_url_command, redis_url, "CLIENT", "PAUSE", "500", "WRITE")
+        futures = [pub.enqueue("sdk.cancel", n) for n in range(1, 41)]
+        for future in futures[::2]:
+            future.cancel()  # their callers gave up while they were queued or in flight
+        kept = await asyncio.gather(*futures[1::2])
+        assert pub.pending == 0
+        start = (first.offset or 0) + 1  # nothing cancelled took an offset: it was not sent
+        assert [r.offset for r in kept] == list(range(start, start + 20))
 
 
 def test_blocking_publisher_blocks_past_max_pending(redis_url: str) -> None:
