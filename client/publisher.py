@@ -26,6 +26,9 @@ Without a key, BusOutcomeUnknown is raised to the caller: the message may or may
 been published, and only the caller can decide (pass `key=` to make retries safe; keys work
 on every topic). When Redis stays away past `retry_timeout_s`: BusUnavailable (not
 published), or BusOutcomeUnknown for a keyed publish whose last attempt was written.
+Closing the publisher gives every pending publish an outcome: BusUnavailable for what was
+still queued, BusOutcomeUnknown for the chunk being sent. A publish whose future its caller
+cancelled before it was sent is not sent.
 
 Bounded buffers. At most `max_pending` publishes (default 10,000) are queued or in flight
 per publisher. Past it, `AsyncPublisher.publish` / `publish_many` wait for room,
