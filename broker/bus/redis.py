@@ -37,8 +37,13 @@ Theory of operation.
   in flight; `subscribe` / `unsubscribe` return when all their channels are settled. When
   the session ends, waiting subscribes fail with BusUnavailable and the next session
   starts from `wanted_topics()` again: a failed subscribe leaves nothing behind.
-- Publisher. Publishes are queued; one task sends up to `bus_publish_batch` of them as one
-  pipeline (one write, no transaction) on its own connection; the wire settles each
+- Publisher. Publishes are queued and sent, up to `bus_publish_batch` at a time, as one
+  pipeline (one write, no transaction) on its own connection. A task connects and sends
+  the first batch; once a batch worked on a live connection, the next ones are written from
+  callbacks (the *fast path*: the commands queued in one loop turn go together, and the last
+  reply of a batch writes the next at once; one timer per `bus_publish_timeout_s` bounds
+  the batch being read), until a failure or a NOSCRIPT hands the queue back to the task.
+  Commands are packed by hiredis' C packer (redis-py's bytes). The wire settles each
   caller's future with its command's reply as the replies are read, in order, and a reply
   when no batch is waiting for one (Redis restarted, a stray byte) drops the connection.
   Batches go one at a time, so messages leave in publish order. A connection error or
@@ -125,6 +130,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import hiredis
 from redis.asyncio.connection import AbstractConnection, Connection, parse_url
 from redis.exceptions import (
     AskError,
@@ -335,6 +341,17 @@ def _expire(command: _Command) -> None:
 
 # --- publisher -------------------------------------------------------------------------------
 
+
+def _pack(conn: AbstractConnection | None, commands: list[tuple[Any, ...]]) -> list[bytes]:
+    """RESP for `commands`: hiredis' C packer (the same bytes as redis-py's, several times
+    faster), redis-py's for an argument type hiredis does not take."""
+    try:
+        return [b"".join([hiredis.pack_command(command) for command in commands])]
+    except TypeError:
+        assert conn is not None
+        return conn.pack_commands(commands)
+
+
 _ZERO_REPLID = b"0" * 40
 _OUTER_MARGIN_S = 1.0  # publish()'s outer bound: publish timeout + connect timeout + this
 
@@ -413,9 +430,17 @@ class _BatchReplies:
     the scripts Redis did not know (to send again after SCRIPT LOAD) once all replies are
     in, or the connection's error if it goes first."""
 
-    __slots__ = ("done", "expected", "next", "prefix", "retry", "retry_noscript")
+    __slots__ = ("done", "expected", "fast", "next", "prefix", "retry", "retry_noscript")
 
-    def __init__(self, expected: list[_Command | None], prefix: int, retry_noscript: bool) -> None:
+    def __init__(
+        self,
+        expected: list[_Command | None],
+        prefix: int,
+        retry_noscript: bool,
+        *,
+        fast: bool = False,
+    ) -> None:
+        self.fast = fast  # written by the fast path: its last reply sends the next batch
         self.expected = expected
         self.prefix = prefix  # the first `prefix` entries are SCRIPT LOADs
         self.retry_noscript = retry_noscript
@@ -496,6 +521,13 @@ class _Publisher:
         self._watchdog: asyncio.TimerHandle | None = None  # see `_watch`
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # The fast path (see `_send_fast`): True while the connection is up and the last
+        # batch worked; batches are then written from callbacks, the task only reconnects.
+        self._fast = False
+        self._kicked = False  # a `_kick` is scheduled for this loop turn
+        self._retry: list[_Command] = []  # refused with NOSCRIPT on the fast path: the task's
+        self._batch_timer: asyncio.TimerHandle | None = None  # see `_check_batch`
+        self._batch_started = 0.0
         self.ok = True  # the last batch worked (or none was sent yet)
         self.server = ServerInfo()  # fetched on each (re)connection
         self.batches = 0
@@ -516,6 +548,10 @@ class _Publisher:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        self._stop_fast()
+        if self._retry:
+            sending = [*sending, *self._retry]
+            self._retry = []
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -598,7 +634,13 @@ class _Publisher:
 
     def _enqueue(self, command: _Command) -> _Command:
         self._queue.append(command)
-        self._wake.set()
+        if not self._fast:
+            self._wake.set()
+        elif self._reading is None and not self._kicked:
+            # what is queued in this loop turn goes as one batch; while a batch is being
+            # read, its last reply sends the next one (`_batch_done`)
+            self._kicked = True
+            asyncio.get_running_loop().call_soon(self._kick)
         return command
 
     async def _run(self) -> None:
@@ -606,29 +648,152 @@ class _Publisher:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while queue:
-                batch: list[_Command] = []
-                while queue and len(batch) < self._batch:
-                    command = queue.popleft()
-                    if command.future.done():  # its caller gave up: never send it
-                        self.dropped += 1
-                    else:
-                        batch.append(command)
-                if not batch:
-                    continue
+            while (queue or self._retry) and not self._fast:
+                retry, self._retry = self._retry, []
+                if retry:  # the fast path's NOSCRIPT refusals: they go before the queue
+                    batch = retry
+                else:
+                    batch = self._take_batch()
+                    if not batch:
+                        continue
                 self._sending = batch
                 try:
-                    await self._flush(batch)
+                    await self._flush(batch, retry_only=bool(retry))
                 except Exception as exc:  # a bug: fail this batch only, keep the loop
-                    self.internal_errors += 1
-                    log.exception("bus: publisher batch failed (%d so far)", self.internal_errors)
-                    reason = f"internal error in the bus: {exc!r}"
-                    self._fail_batch(batch, reason, BusError(reason))
+                    self._internal_error(batch, exc)
                     await self._drop_connection()  # replies may be left unread on it
                 finally:
                     self._sending = []
+            if self._fast and queue and self._reading is None:
+                self._send_fast()
 
-    async def _flush(self, batch: list[_Command]) -> None:
+    def _take_batch(self) -> list[_Command]:
+        """Up to `bus_publish_batch` queued commands, skipping those whose caller gave up."""
+        queue = self._queue
+        batch: list[_Command] = []
+        while queue and len(batch) < self._batch:
+            command = queue.popleft()
+            if command.future.done():  # its caller gave up: never send it
+                self.dropped += 1
+            else:
+                batch.append(command)
+        return batch
+
+    def _internal_error(self, batch: list[_Command], exc: Exception) -> None:
+        self.internal_errors += 1
+        log.error("bus: publisher batch failed (%d so far)", self.internal_errors, exc_info=exc)
+        reason = f"internal error in the bus: {exc!r}"
+        self._fail_batch(batch, reason, BusError(reason))
+
+    # --- the fast path -------------------------------------------------------------------------
+    # Once a batch worked on a live connection, the next batches are written from callbacks:
+    # `_enqueue` schedules one `_kick` per loop turn, the last reply of a batch writes the
+    # next one at once (`_batch_done`), and one timer per `bus_publish_timeout_s` checks the
+    # batch being read (`_check_batch`). No task step, event or timeout context per batch.
+    # Anything else (connecting, NOSCRIPT, a failure) goes back to the task: `_fast` False.
+
+    def _kick(self) -> None:
+        self._kicked = False
+        if not self._queue or self._reading is not None:
+            return
+        task = self._task
+        if self._fast and task is not None and not task.done():
+            self._send_fast()
+        else:
+            self._stop_fast()
+            self._wake.set()
+
+    def _send_fast(self) -> None:
+        """Write the next batch now (the connection is up, no batch is being read)."""
+        wire = self._wire
+        if wire is None or not wire.is_open:
+            self._stop_fast()
+            self._wake.set()
+            return
+        batch = self._take_batch()
+        if not batch:
+            return
+        self.batches += 1
+        self._sending = batch
+        try:
+            expected: list[_Command | None] = []
+            encoded: list[tuple[Any, ...]] = []
+            for command in batch:
+                if command.asking:
+                    encoded.append((b"ASKING",))
+                    expected.append(None)
+                encoded.append(self._encode(command))
+                expected.append(command)
+            packed = _pack(self._conn, encoded)
+        except Exception as exc:  # a bug: fail this batch only, the connection is unused
+            self._sending = []
+            self._internal_error(batch, exc)
+            if self._queue:
+                self._kicked = True
+                asyncio.get_running_loop().call_soon(self._kick)
+            return
+        replies = self._reading = _BatchReplies(expected, 0, True, fast=True)
+        for command in batch:
+            command.sent = True
+        loop = asyncio.get_running_loop()
+        self._batch_started = loop.time()
+        if self._batch_timer is None:
+            self._batch_timer = loop.call_at(
+                self._batch_started + self._timeout_s, self._check_batch
+            )
+        try:
+            wire.write(packed)
+        except _IO_ERRORS as exc:
+            if self._reading is replies:
+                self._fast_failed(f"Redis publish failed: {exc or type(exc).__name__}")
+
+    def _batch_done(self, replies: _BatchReplies) -> None:
+        """The last reply of a fast batch was read: the next batch goes now."""
+        self._reading = None
+        self._sending = []
+        retry = replies.done.result()
+        if retry:  # Redis lost its scripts: the task loads them and sends these again
+            self._retry = retry
+            self._stop_fast()
+            self._wake.set()
+            return
+        self._set_ok(True)
+        if self._queue:
+            self._send_fast()
+
+    def _check_batch(self) -> None:
+        """The fast path's bound: the batch being read fails past `bus_publish_timeout_s`."""
+        self._batch_timer = None
+        replies = self._reading
+        if replies is None or not replies.fast:
+            return
+        due = self._batch_started + self._timeout_s
+        loop = asyncio.get_running_loop()
+        if loop.time() < due:
+            self._batch_timer = loop.call_at(due, self._check_batch)
+            return
+        self._fast_failed("Redis publish failed: timed out")
+
+    def _fast_failed(self, reason: str) -> None:
+        """A fast batch failed (timeout, connection lost): as `_flush` fails one."""
+        batch = self._sending
+        self._reading = None
+        self._sending = []
+        self._stop_fast()
+        self._fail_batch(batch, reason)
+        self._fail_all(BusUnavailable(f"{reason}; not sent"))
+        wire = self._wire
+        if wire is not None:
+            wire.abort(reason)  # the task disconnects it and reconnects on the next batch
+        self._set_ok(False)
+
+    def _stop_fast(self) -> None:
+        self._fast = False
+        if self._batch_timer is not None:
+            self._batch_timer.cancel()
+            self._batch_timer = None
+
+    async def _flush(self, batch: list[_Command], *, retry_only: bool = False) -> None:
         self.batches += 1
         try:
             async with asyncio.timeout(self._timeout_s):
@@ -638,7 +803,10 @@ class _Publisher:
                 batch = sending
                 if not batch:
                     return
-                retry = await self._pipeline(conn, (), batch, retry_noscript=True)
+                if retry_only:  # refused with NOSCRIPT on the fast path
+                    retry = batch
+                else:
+                    retry = await self._pipeline(conn, (), batch, retry_noscript=True)
                 if retry:
                     # SCRIPT FLUSH, a restart or a failover emptied the script cache. Load
                     # every script at once (so later batches never find one script known and
@@ -657,6 +825,8 @@ class _Publisher:
             self._set_ok(False)
         else:
             self._set_ok(True)
+            wire = self._wire
+            self._fast = wire is not None and wire.is_open
 
     @staticmethod
     def _fail_batch(batch: list[_Command], reason: str, unsent: BusError | None = None) -> None:
@@ -715,7 +885,7 @@ class _Publisher:
             expected.append(command)
         wire = self._wire
         assert wire is not None
-        packed = conn.pack_commands(encoded)
+        packed = _pack(conn, encoded)
         replies = self._reading = _BatchReplies(expected, len(prefix), retry_noscript)
         for command in commands:
             command.sent = True
@@ -739,14 +909,20 @@ class _Publisher:
                 self._wire.abort(f"Redis: {reply}")
                 return
             batch.take(reply)
+            if batch.fast and batch.done.done():
+                self._batch_done(batch)
+                batch = self._reading
 
     def _wire_closed(self, closed: asyncio.Future[None]) -> None:
         """The publisher connection is gone: the batch being read fails (its commands that
         got no reply become BusOutcomeUnknown in `_flush`)."""
         batch = self._reading
-        if batch is not None and not batch.done.done():
+        if batch is not None and batch.fast:
+            self._fast_failed("Redis publish failed: the connection was lost")
+        elif batch is not None and not batch.done.done():
             error = None if closed.cancelled() else closed.exception()
             batch.done.set_exception(error or RedisConnectionError("Redis connection closed"))
+        self._stop_fast()  # the next batch goes through the task, which reconnects
 
     def _fail_all(self, error: BusError) -> None:
         """Fail everything queued (never sent)."""
