@@ -43,7 +43,7 @@ Theory of operation.
   callbacks (the *fast path*: the commands queued in one loop turn go together, and the last
   reply of a batch writes the next at once; one timer per `bus_publish_timeout_s` bounds
   the batch being read), until a failure or a NOSCRIPT hands the queue back to the task.
-  Commands are packed by hiredis' C packer (redis-py's bytes). The wire settles each
+  Commands are packed by `redis_wire.pack_commands` (hiredis'). The wire settles each
   caller's future with its command's reply as the replies are read, in order, and a reply
   when no batch is waiting for one (Redis restarted, a stray byte) drops the connection.
   Batches go one at a time, so messages leave in publish order. A connection error or
@@ -130,7 +130,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import hiredis
 from redis.asyncio.connection import AbstractConnection, Connection, parse_url
 from redis.exceptions import (
     AskError,
@@ -167,7 +166,7 @@ from broker.bus.lua import (
     SCRIPTS,
     Script,
 )
-from broker.bus.redis_wire import RespWire
+from broker.bus.redis_wire import RespWire, pack_commands
 from broker.envelope import BusMessage, pack, unpack
 from broker.errors import BusError, BusOutcomeUnknown, BusUnavailable, ConfigError, EnvelopeError
 from broker.settings import Settings, TopicRule
@@ -340,16 +339,6 @@ def _expire(command: _Command) -> None:
 
 
 # --- publisher -------------------------------------------------------------------------------
-
-
-def _pack(conn: AbstractConnection | None, commands: list[tuple[Any, ...]]) -> list[bytes]:
-    """RESP for `commands`: hiredis' C packer (the same bytes as redis-py's, several times
-    faster), redis-py's for an argument type hiredis does not take."""
-    try:
-        return [b"".join([hiredis.pack_command(command) for command in commands])]
-    except TypeError:
-        assert conn is not None
-        return conn.pack_commands(commands)
 
 
 _ZERO_REPLID = b"0" * 40
@@ -724,7 +713,7 @@ class _Publisher:
                     expected.append(None)
                 encoded.append(self._encode(command))
                 expected.append(command)
-            packed = _pack(self._conn, encoded)
+            packed = pack_commands(self._conn, encoded)
         except Exception as exc:  # a bug: fail this batch only, the connection is unused
             self._sending = []
             self._internal_error(batch, exc)
@@ -885,7 +874,7 @@ class _Publisher:
             expected.append(command)
         wire = self._wire
         assert wire is not None
-        packed = _pack(conn, encoded)
+        packed = pack_commands(conn, encoded)
         replies = self._reading = _BatchReplies(expected, len(prefix), retry_noscript)
         for command in commands:
             command.sent = True
