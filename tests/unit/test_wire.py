@@ -64,6 +64,8 @@ JSON_BAD: list[tuple[str, str | bytes, str, Any]] = [
     ("not-json", "{op: ping}", BAD_REQUEST, None),
     ("truncated", '{"op":"ping"', BAD_REQUEST, None),
     ("empty", "", BAD_REQUEST, None),
+    ("byte-order-mark", '\ufeff{"op":"ping"}', BAD_REQUEST, None),
+    ("trailing-data", '{"op":"ping"} {}', BAD_REQUEST, None),
     ("array", '["ping"]', BAD_REQUEST, None),
     ("string", '"ping"', BAD_REQUEST, None),
     ("number", "1", BAD_REQUEST, None),
