@@ -95,3 +95,47 @@ async def test_redis_down_is_unavailable_never_unknown(server: RedisServer) -> N
         assert await eventually(published, timeout_s=5)
     finally:
         await bus.close()
+
+
+async def test_redis_killed_under_the_fast_path_gives_every_publish_an_outcome(
+    server: RedisServer,
+) -> None:
+    """Once a batch worked, batches are written from callbacks (the publisher's fast path).
+    A batch written on the connection of a Redis just killed gets its outcome within the
+    bound: unknown (it may have run), never success and never a hang. Once the loss is
+    known, publishes are unavailable, never unknown; when Redis is back they land again,
+    several queued in one loop turn together."""
+    bus = RedisBus(server.url, FAST, "w1")
+    await bus.start()
+    try:
+        for i in range(3):
+            assert await bus.publish(_msg(b"%d" % i)) == Published()
+        # Killed from this loop turn, not a thread: the bus has not seen the loss yet when
+        # the batch is queued, so the fast path writes it on a connection Redis has left.
+        server.kill()
+        batches = bus.stats()["publish_batches"]
+        futures = [bus.publish_nowait(_msg(b"x%d" % i)) for i in range(5)]  # one batch
+        bound_s = FAST.bus_publish_timeout_s + FAST.bus_connect_timeout_s + 1
+        _, pending = await asyncio.wait(futures, timeout=bound_s)
+        assert not pending
+        assert bus.stats()["publish_batches"] == batches + 1  # it was written
+        for future in futures:
+            assert isinstance(future.exception(), BusOutcomeUnknown)  # written: it may have run
+        for _ in range(3):
+            with pytest.raises(BusUnavailable):
+                await bus.publish(_msg(b"y"))
+        await asyncio.to_thread(server.start)
+
+        async def published() -> bool:
+            try:
+                return await bus.publish(_msg(b"z")) == Published()
+            except BusUnavailable:
+                return False
+
+        assert await eventually(published, timeout_s=5)
+        batches = bus.stats()["publish_batches"]
+        results = await asyncio.gather(*(bus.publish_nowait(_msg(b"w%d" % i)) for i in range(5)))
+        assert results == [Published()] * 5
+        assert bus.stats()["publish_batches"] > batches
+    finally:
+        await bus.close()
