@@ -707,12 +707,7 @@ class _Publisher:
         try:
             expected: list[_Command | None] = []
             encoded: list[tuple[Any, ...]] = []
-            for command in batch:
-                if command.asking:
-                    encoded.append((b"ASKING",))
-                    expected.append(None)
-                encoded.append(self._encode(command))
-                expected.append(command)
+            self._encode_into(batch, encoded, expected)
             packed = pack_commands(self._conn, encoded)
         except Exception as exc:  # a bug: fail this batch only, the connection is unused
             self._sending = []
@@ -845,6 +840,21 @@ class _Publisher:
             self.on_server(server)
         return conn
 
+    def _encode_into(
+        self,
+        commands: list[_Command],
+        encoded: list[tuple[Any, ...]],
+        expected: list[_Command | None],
+    ) -> None:
+        """Append each command to `encoded` (behind an ASKING when Redis Cluster redirected
+        it with ASK) and, entry for entry, whose reply it is to `expected` (None: skipped)."""
+        for command in commands:
+            if command.asking:
+                encoded.append((b"ASKING",))
+                expected.append(None)
+            encoded.append(self._encode(command))
+            expected.append(command)
+
     def _encode(self, command: _Command) -> tuple[Any, ...]:
         script, args = command.script, command.args
         if script is None:
@@ -866,12 +876,7 @@ class _Publisher:
         `retry_noscript`)."""
         encoded: list[tuple[Any, ...]] = list(prefix)
         expected: list[_Command | None] = [None] * len(prefix)  # None: a reply to skip
-        for command in commands:
-            if command.asking:
-                encoded.append((b"ASKING",))
-                expected.append(None)
-            encoded.append(self._encode(command))
-            expected.append(command)
+        self._encode_into(commands, encoded, expected)
         wire = self._wire
         assert wire is not None
         packed = pack_commands(conn, encoded)
