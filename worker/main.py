@@ -18,7 +18,9 @@ removes the `--owned-dir` directories (the supervisor's temporary files: nobody 
 left to), and exits; a kernel timer (SIGALRM, default action) ends it if that hangs.
 
 At start the worker raises its RLIMIT_NOFILE soft limit to the hard limit and logs how many
-connections that leaves room for; a failure there is logged and the worker goes on.
+connections that leaves room for; a failure there is logged and the worker goes on. A
+`max_connections_per_worker` above that room is lowered to it (logged): the cap answers
+503, where the kernel would refuse the accept.
 """
 
 from __future__ import annotations
@@ -143,7 +145,8 @@ def watch_lifeline(loop: asyncio.AbstractEventLoop, fd: int, on_gone: Callable[[
 
 def raise_fd_limit() -> int | None:
     """Raise RLIMIT_NOFILE's soft limit to the hard one (an unlimited hard limit means
-    fs.nr_open); log the connection capacity. The soft limit in force, None on failure."""
+    fs.nr_open); log the connection capacity and return it (descriptors left for client
+    connections past those open now and `FD_RESERVE`), None on failure."""
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         target = hard
@@ -165,7 +168,25 @@ def raise_fd_limit() -> int | None:
         "file descriptors: limit %d (was %d, hard %s); room for about %d connections",
         new_soft, soft, "unlimited" if hard == resource.RLIM_INFINITY else hard, capacity,
     )  # fmt: skip
-    return new_soft
+    return capacity
+
+
+def cap_connections(settings: Settings, room: int | None) -> Settings:
+    """`max_connections_per_worker` no larger than the descriptors leave room for: past
+    that the kernel would refuse the accept (the client sees a reset), where the cap
+    answers 503 with `Retry-After`. Logged when it lowers the setting; None: unchanged."""
+    if room is None:
+        return settings
+    room = max(1, room)
+    wanted = settings.max_connections_per_worker
+    if wanted is not None and wanted <= room:
+        return settings
+    log.warning(
+        "max_connections_per_worker %s is more than the file descriptor limit leaves room "
+        "for; capped at %d (raise the limit, `ulimit -n` or LimitNOFILE, for more)",
+        "unset" if wanted is None else wanted, room,
+    )  # fmt: skip
+    return settings.replace(max_connections_per_worker=room)
 
 
 # --- run -------------------------------------------------------------------------------------
@@ -245,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"worker {args.worker_id}: the supervisor is gone; not starting\n")
         remove_owned_dirs(args.owned_dir)
         return 1
-    raise_fd_limit()
+    settings = cap_connections(settings, raise_fd_limit())
     install_uvloop()
     try:
         return asyncio.run(run(args, settings))

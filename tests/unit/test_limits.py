@@ -10,6 +10,7 @@ from broker.errors import ConfigError, HandshakeError
 from broker.settings import Settings
 from broker.token_bucket import TokenBucket
 from worker.broker_app import BrokerApp
+from worker.main import cap_connections
 from worker.metrics import series_names
 from worker.server import ConnectionLimits
 from worker.stats import WorkerStats
@@ -214,3 +215,26 @@ async def test_refused_connections_are_counted_by_reason() -> None:
     assert 'redwire_connections_refused_total{reason="per_ip",worker="w4"} 2.0' in text
     assert 'redwire_connections_refused_total{reason="worker_full",worker="w4"} 0.0' in text
     assert 'redwire_rate_limited_total{worker="w4"} 5.0' in text
+
+
+# --- the per-worker cap and the file descriptors ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("wanted", "room", "capped"),
+    [
+        (10000, 500, 500),  # the default above the room: lowered to it
+        (100, 500, 100),  # under the room: kept
+        (None, 500, 500),  # no cap asked for: the room is the cap
+        (10000, 0, 1),  # no room at all: one, not zero (zero would refuse everyone)
+        (10000, None, 10000),  # the limit could not be read: unchanged
+    ],
+)
+def test_connection_cap_fits_the_descriptors(
+    wanted: int | None, room: int | None, capped: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(max_connections_per_worker=wanted)
+    result = cap_connections(settings, room)
+    assert result.max_connections_per_worker == capped
+    lowered = room is not None and (wanted is None or wanted > max(1, room))
+    assert ("capped at" in caplog.text) is lowered
