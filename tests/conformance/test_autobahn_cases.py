@@ -57,8 +57,7 @@ _NO_PARTIAL_UTF8 = (
     "NON-STRICT, as websockets: UTF-8 is checked per complete frame, so invalid bytes inside"
     " a frame still arriving are only seen once the whole frame is in (broker/frames.py)"
 )
-KNOWN_NON_STRICT: dict[str, str] = {
-}
+KNOWN_NON_STRICT: dict[str, str] = {}
 
 
 # --- building blocks -----------------------------------------------------------------------

@@ -44,9 +44,9 @@ async def test_killed_worker_is_restarted_and_serves_again(broker) -> None:
     assert set(before) == {"0", "1"}
     os.kill(before["0"], signal.SIGKILL)
     broker.wait_for_output(r"worker 0 restarted pid \d+", timeout_s=20)
-    after = eventually_sync(lambda: len(worker_pids(broker.proc.pid)) == 2 and worker_pids(
-        broker.proc.pid
-    ))
+    after = eventually_sync(
+        lambda: len(worker_pids(broker.proc.pid)) == 2 and worker_pids(broker.proc.pid)
+    )
     assert after["0"] != before["0"] and after["1"] == before["1"]
     clients = await clients_on_workers(broker.url, 2)
     for client in clients:

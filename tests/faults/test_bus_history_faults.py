@@ -44,8 +44,6 @@ def _msg(i: int) -> BusMessage:
     return BusMessage("hist.f", b"%d" % i, ENCODING_JSON, "test")
 
 
-
-
 @pytest.fixture
 async def make_bus() -> AsyncIterator[Callable[..., RedisBus]]:
     buses: list[RedisBus] = []
