@@ -27,7 +27,9 @@ Theory of operation
   whether browsers (requests with an `Origin`) may publish; the token's claims narrow that
   further, and the application's hooks run after both.
 - The JWKS (a JSON Web Key Set, read into `PyJWK`s) is data handed in (`set_jwks`);
-  reading or fetching it is the worker's job (worker/jwks.py): nothing here waits.
+  reading or fetching it is the worker's job (worker/jwks.py): nothing here waits. A
+  token naming a `kid` not held is `UnknownKeyId` (an InvalidToken), so the worker can
+  load the JWKS again, no more often than `jwt_jwks_min_refresh_s`, and check it once more.
 
 Every failure is an `InvalidToken` (HTTP 401 with `WWW-Authenticate: Bearer`) whose reason
 names the check that failed and never carries the token or a key.
@@ -97,6 +99,11 @@ class InvalidToken(HandshakeError):
     def __init__(self, reason: str, status: int = 401) -> None:
         headers = _CHALLENGE if status == 401 else (("Retry-After", "5"),)
         super().__init__(status, reason, headers)
+
+
+class UnknownKeyId(InvalidToken):
+    """A token whose `kid` names no key we hold: 401, unless a JWKS load (worker/jwks.py)
+    brings the key, after which the token is checked once more."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +290,7 @@ class TokenVerifier:
             if self.expects_jwks and self.jwks is None:
                 raise InvalidToken("token keys not loaded yet (JWKS): try again", status=503)
             if kid is not None:
-                raise InvalidToken("invalid token: unknown key id (kid)")
+                raise UnknownKeyId("invalid token: unknown key id (kid)")
             raise InvalidToken(f"invalid token: no key for {alg}")
         return keys
 

@@ -168,6 +168,8 @@ class Settings:
     jwt_public_key_file: str | None = None  # PEM public key (RSA, EC, Ed25519) for RS/PS/ES/EdDSA
     jwt_jwks: str | None = None  # a JWKS: a file path, or an http(s):// URL each worker fetches
     jwt_jwks_refresh_s: float = 300.0  # read or fetch the JWKS again this often
+    # A token naming an unknown `kid` makes the JWKS load again now, at most this often.
+    jwt_jwks_min_refresh_s: float = 30.0
     jwt_jwks_timeout_s: float = 5.0  # one JWKS fetch; a failed one keeps the keys it has
     jwt_jwks_max_bytes: int = 1 * MIB  # a larger JWKS document is refused
     jwt_algorithms: tuple[str, ...] = ()  # pinned; (): HS256 with secrets, RS256 with keys
@@ -594,6 +596,11 @@ def _validate(s: Settings) -> None:
     for name in ("jwt_jwks_refresh_s", "jwt_jwks_timeout_s", "token_refresh_margin_s"):
         need(getattr(s, name) > 0, f"{name} must be > 0")
     need(0 <= s.jwt_leeway_s <= 300, "jwt_leeway_s must be 0..300 (seconds)")
+    need(
+        s.jwt_jwks_min_refresh_s >= 1,
+        "jwt_jwks_min_refresh_s must be >= 1 (seconds): tokens naming made-up kids would"
+        " make every upgrade fetch the JWKS",
+    )
     if s.jwt_jwks and not s.jwt_jwks.startswith(("https://", "http://")):
         need(os.path.isfile(s.jwt_jwks), f"jwt_jwks: {s.jwt_jwks} is not a file nor an http(s) URL")
     need(s.jwt_jwks_max_bytes >= 1024, "jwt_jwks_max_bytes must be >= 1024")

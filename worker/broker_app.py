@@ -116,7 +116,7 @@ class BrokerApp:
             try:
                 token = auth.token_from_request(request)
                 if token is not None:
-                    verified = self.verifier.verify(token)
+                    verified = await self.verify_token(token)
                 elif not self.settings.anonymous_allowed and not presents_api_key(
                     self.settings.api_key, request
                 ):  # the API key (the dashboard's) is let in without a token, anonymous
@@ -130,6 +130,18 @@ class BrokerApp:
                 raise
         identity = await self.hooks.on_connect(request, verified)
         return (verified.subject if identity is None else identity), verified
+
+    async def verify_token(self, token: str) -> auth.Auth:
+        """The Auth `token` grants (InvalidToken otherwise). A token naming a `kid` we lack
+        loads the JWKS again first, at most once per `jwt_jwks_min_refresh_s`
+        (worker/jwks.py): a key rotated in since the last load is taken at once."""
+        assert self.verifier is not None
+        try:
+            return self.verifier.verify(token)
+        except auth.UnknownKeyId:
+            if self._jwks is None or not await self._jwks.load_for_unknown_kid():
+                raise
+        return self.verifier.verify(token)
 
     def open_session(self, ws: WebSocket) -> ClientSession:
         session = ClientSession(self, ws)

@@ -5,13 +5,21 @@ off the event loop (a thread), bounded by `jwt_jwks_timeout_s` and `jwt_jwks_max
 and hands it over. It loads once at start, then again every `jwt_jwks_refresh_s`; a failed
 load keeps the keys already there and is retried sooner (`min(jwt_jwks_refresh_s, 10 s)`).
 Until a first load succeeds, tokens needing the JWKS are refused with 503 (try again).
+
+A token naming a `kid` we do not hold (a key rotated in since the last load) asks for a
+load now (`load_for_unknown_kid`): at most one load starts per `jwt_jwks_min_refresh_s`,
+whatever starts it, and the callers waiting meanwhile share it, so tokens with made-up kids
+cost the identity provider one fetch per interval per worker, never one per upgrade.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 import urllib.request
+from collections.abc import Callable
 
 from broker.auth import TokenVerifier
 from broker.settings import Settings, mask_url
@@ -41,14 +49,23 @@ def read_document(source: str, *, timeout_s: float, max_bytes: int) -> bytes:
 class JwksRefresher:
     """Loads `settings.jwt_jwks` into `verifier` now and then (see the module docstring)."""
 
-    def __init__(self, verifier: TokenVerifier, settings: Settings) -> None:
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         assert settings.jwt_jwks
+        self._clock = clock
         self.verifier = verifier
         self.source = settings.jwt_jwks
         self.settings = settings
         self.loads = 0
         self.failures = 0
         self._task: asyncio.Task[None] | None = None
+        self._load_started = -math.inf  # `clock()` when the last load started
+        self._on_demand: asyncio.Task[bool] | None = None  # a load for an unknown kid
 
     async def start(self) -> None:
         await self.load_once()
@@ -58,9 +75,25 @@ class JwksRefresher:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        if self._on_demand is not None:
+            self._on_demand.cancel()
+            self._on_demand = None
+
+    async def load_for_unknown_kid(self) -> bool:
+        """Load now for a token whose `kid` we lack, unless a load started less than
+        `jwt_jwks_min_refresh_s` ago (then False at once); callers meanwhile wait for the
+        same load. True when a load ran and worked: check the token again."""
+        task = self._on_demand
+        if task is None or task.done():
+            if self._clock() - self._load_started < self.settings.jwt_jwks_min_refresh_s:
+                return False
+            task = self._on_demand = spawn(self.load_once(), name="jwks-kid")
+        # shielded: a caller that gives up (its upgrade timed out) leaves the load running
+        return await asyncio.shield(task)
 
     async def load_once(self) -> bool:
         s = self.settings
+        self._load_started = self._clock()
         try:
             async with asyncio.timeout(s.jwt_jwks_timeout_s + 1.0):
                 data = await asyncio.to_thread(

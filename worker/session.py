@@ -243,8 +243,6 @@ class ClientSession:
                 return
         if op == "ping":
             self.send_control({"op": "pong", "id": request.id})
-        elif op == "refresh":
-            self._refresh(request)
         elif op == "unsubscribe":
             assert request.topic is not None
             if request.topic in self.topics:
@@ -253,7 +251,7 @@ class ClientSession:
         elif op == "publish" and self.app.hooks.publish_untouched:
             self._publish_pipelined(request)
         else:
-            # The others may wait (bus, hooks): hold later requests until done.
+            # The others may wait (bus, hooks, a JWKS load): hold later requests until done.
             self._queue = deque()
             task = spawn(self._run_async(request), name="request")
             task.add_done_callback(self._async_done)
@@ -264,6 +262,8 @@ class ClientSession:
                 await self._subscribe(request)
             elif request.op == "publish":
                 await self._publish(request)
+            elif request.op == "refresh":
+                await self._refresh(request)
             else:
                 await self._presence(request)
         except ClientError as exc:
@@ -462,17 +462,17 @@ class ClientSession:
         rule = self.app.settings.rule_for(topic)
         return auth.permission(rule, self.auth, action, topic, browser=self.browser)
 
-    def _refresh(self, request: wire.Request) -> None:
-        """A `refresh` request: a new token for the same `sub` replaces the claims."""
-        verifier = getattr(self.app, "verifier", None)
-        if verifier is None:
+    async def _refresh(self, request: wire.Request) -> None:
+        """A `refresh` request: a new token for the same `sub` replaces the claims (a token
+        signed with a key rotated in since the last JWKS load waits for one more load)."""
+        if getattr(self.app, "verifier", None) is None:
             self._reply_error(
                 request.id, ClientError(wire.NOT_ENABLED, "this server takes no tokens")
             )
             return
         token = (request.options or {}).get("token", "")
         try:
-            new = verifier.verify(token)
+            new = await self.app.verify_token(token)
         except auth.InvalidToken as exc:
             if exc.status == 503:  # the JWKS is not loaded yet: our trouble, not the client's
                 error = ClientError(wire.UNAVAILABLE, exc.reason)
@@ -480,6 +480,8 @@ class ClientSession:
             else:
                 self._reply_error(request.id, ClientError(wire.UNAUTHORIZED, exc.reason))
             return
+        if not self.live:
+            return  # closed while a JWKS load ran
         if new.subject != self.auth.subject:
             reason = "the new token is for another sub: connect again with it"
             self._reply_error(request.id, ClientError(wire.UNAUTHORIZED, reason))

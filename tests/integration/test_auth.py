@@ -457,10 +457,12 @@ class JwksServer:
     def __init__(self) -> None:
         self.document = b'{"keys": []}'
         self.stopped = False
+        self.fetches = 0
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # the http.server API names it
+                outer.fetches += 1
                 body = outer.document
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -535,6 +537,61 @@ async def test_a_jwks_url_is_reloaded_and_kept_when_unreachable(redis_server) ->
         await asyncio.to_thread(server.wait_for_output, "JWKS .* not loaded", WAIT_S, start)
         assert await connects(server, rsa_token(first, "k1"))
         assert await connects(server, rsa_token(second, "k2"))
+    finally:
+        jwks.stop()
+        assert server.stop() == 0
+    assert "Traceback" not in "".join(server.output)
+
+
+async def test_a_key_rotated_in_is_taken_at_once_and_made_up_kids_cost_no_fetch_each(
+    redis_server,
+) -> None:
+    """The periodic reload is 300 s away: a token signed with a key just added to the JWKS
+    is taken at its upgrade (and in a `refresh`), because an unknown kid loads the JWKS
+    again; tokens with made-up kids make at most one fetch per `jwt_jwks_min_refresh_s`."""
+    first = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    second = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    third = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwks = JwksServer()
+    jwks.publish(("k1", first))
+    server = serve(
+        redis_server.url,
+        workers=1,
+        env={
+            "REDWIRE_JWT_JWKS": jwks.url,
+            "REDWIRE_JWT_JWKS_REFRESH_S": "300",
+            "REDWIRE_JWT_JWKS_MIN_REFRESH_S": "1",
+            "REDWIRE_JWT_AUDIENCE": "redwire-tests",
+            "REDWIRE_CHANNEL_PREFIX": "auth-kid:",
+        },
+    )
+    try:
+        assert await connects(server, rsa_token(first, "k1"))
+        jwks.publish(("k1", first), ("k2", second))
+
+        async def second_key_works() -> bool:  # refused only within 1 s of the start's load
+            return await connects(server, rsa_token(second, "k2"))
+
+        await eventually(second_key_works, timeout_s=WAIT_S, interval_s=0.2)
+
+        fetches, started = jwks.fetches, time.monotonic()
+        for i in range(20):
+            assert not await connects(server, rsa_token(second, f"made-up-{i}"))
+        elapsed_s = time.monotonic() - started
+        assert jwks.fetches - fetches <= 1 + elapsed_s  # one per second at most, not 20
+
+        jwks.publish(("k1", first), ("k2", second), ("k3", third))
+        async with websockets.connect(f"{server.url}/ws?token={rsa_token(second, 'k2')}") as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))["op"] == "welcome"
+
+            async def refreshed_with_the_third_key() -> bool:
+                request = {"op": "refresh", "id": 1, "token": rsa_token(third, "k3")}
+                await ws.send(json.dumps(request))
+                reply = json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))
+                assert reply["id"] == 1 and reply["op"] in ("ack", "error"), reply
+                return reply["op"] == "ack"
+
+            await eventually(refreshed_with_the_third_key, timeout_s=WAIT_S, interval_s=0.2)
     finally:
         jwks.stop()
         assert server.stop() == 0

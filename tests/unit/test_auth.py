@@ -1,11 +1,14 @@
-"""broker/auth.py: connection tokens, where they travel, and per-topic permissions.
+"""broker/auth.py: connection tokens, where they travel, and per-topic permissions; and
+worker/jwks.py's load for a token naming an unknown `kid`.
 
 Table-driven: each row is a token made here (pyjwt, keys from `cryptography`) and the
-outcome the verifier must give. No server, no clock tricks: tokens are dated from now.
+outcome the verifier must give. No server; tokens are dated from now (only the JWKS
+refresher's own interval runs on a clock moved by hand).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -24,12 +27,14 @@ from broker.auth import (
     Auth,
     InvalidToken,
     TokenVerifier,
+    UnknownKeyId,
     permission,
     token_from_request,
 )
 from broker.errors import ConfigError, HandshakeError
 from broker.handshake import Request
 from broker.settings import Settings, TopicRule
+from worker.jwks import JwksRefresher
 
 SECRET = "s" * 32
 OLD_SECRET = "o" * 32
@@ -216,11 +221,53 @@ def test_jwks_file(rsa_key: rsa.RSAPrivateKey, tmp_path: Path) -> None:
     with pytest.raises(InvalidToken, match="bad signature"):
         verifier.verify(wrong_kid)
     unknown = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "k9"})
-    with pytest.raises(InvalidToken, match="unknown key id"):
+    with pytest.raises(UnknownKeyId, match="unknown key id") as unknown_info:
         verifier.verify(unknown)
+    assert unknown_info.value.status == 401
     with pytest.raises(ValueError, match="JWKS"):
         verifier.set_jwks('{"keys": []}')
     assert verifier.verify(token).subject == "alice"  # a bad document keeps the old keys
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_an_unknown_kid_loads_the_jwks_again_at_most_so_often(
+    rsa_key: rsa.RSAPrivateKey, tmp_path: Path
+) -> None:
+    second = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [jwk_of(rsa_key, "k1")]}))
+    settings = Settings(jwt_jwks=str(path), jwt_jwks_min_refresh_s=30)
+    verifier = TokenVerifier.from_settings(settings)
+    assert verifier is not None
+    clock = Clock()
+    refresher = JwksRefresher(verifier, settings, clock=clock)
+    assert await refresher.load_once()  # what `start` does first
+    path.write_text(json.dumps({"keys": [jwk_of(rsa_key, "k1"), jwk_of(second, "k2")]}))
+    rotated = jwt.encode(claims(), second, algorithm="RS256", headers={"kid": "k2"})
+    with pytest.raises(UnknownKeyId):
+        verifier.verify(rotated)
+    clock.now += 29  # too soon after the last load: no load, the token stays refused
+    assert await refresher.load_for_unknown_kid() is False
+    assert refresher.loads == 1
+    clock.now += 1
+    waiting = [refresher.load_for_unknown_kid() for _ in range(5)]
+    assert await asyncio.gather(*waiting) == [True] * 5  # five callers, one load
+    assert refresher.loads == 2
+    assert verifier.verify(rotated).subject == "alice"
+    made_up = jwt.encode(claims(), second, algorithm="RS256", headers={"kid": "k-made-up"})
+    for _ in range(10):  # made-up kids right after a load: no fetch each
+        with pytest.raises(UnknownKeyId):
+            verifier.verify(made_up)
+        assert await refresher.load_for_unknown_kid() is False
+    assert refresher.loads == 2
+    refresher.stop()
 
 
 @pytest.mark.parametrize(
@@ -232,6 +279,7 @@ def test_jwks_file(rsa_key: rsa.RSAPrivateKey, tmp_path: Path) -> None:
         ({"jwt_algorithms": ("HS256",)}, "no JWT key"),
         ({"jwt_public_key_file": "/nonexistent.pem"}, "cannot read"),
         ({"jwt_jwks": "/nonexistent.json"}, "not a file"),
+        ({"jwt_secrets": (SECRET,), "jwt_jwks_min_refresh_s": 0.5}, "must be >= 1"),
         ({"allow_anonymous": False}, "needs JWT keys"),
         ({"topics": (TopicRule("a.*", allow_publish="authenticated"),)}, "needs JWT keys"),
         ({"topics": (TopicRule("a.*", allow_publish="admins"),)}, "is not one of"),
