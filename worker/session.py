@@ -1,7 +1,8 @@
 """One client's pub/sub session on a worker: requests in, replies and messages out.
 
 Requests are handled in the order they arrive: one that must wait (a subscribe waiting for
-the bus, an application hook) holds the ones behind it in a small queue, so a client that
+the bus, an application hook, a `refresh` whose token's key needs a JWKS load) holds the
+ones behind it in a small queue, so a client that
 subscribes and then publishes receives its own message. Publishes no hook transforms are
 pipelined: each enters the bus in request order and its ack follows when Redis answers.
 
