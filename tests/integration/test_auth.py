@@ -591,7 +591,9 @@ async def test_a_key_rotated_in_is_taken_at_once_and_made_up_kids_cost_no_fetch_
                 assert reply["id"] == 1 and reply["op"] in ("ack", "error"), reply
                 return reply["op"] == "ack"
 
-            await eventually(refreshed_with_the_third_key, timeout_s=WAIT_S, interval_s=0.2)
+            # 0.5 s apart: the refusals before the load (within 1 s) stay far from the
+            # error flood limit (max_errors_per_window)
+            await eventually(refreshed_with_the_third_key, timeout_s=WAIT_S, interval_s=0.5)
     finally:
         jwks.stop()
         assert server.stop() == 0
