@@ -508,20 +508,28 @@ async def connects(broker: ServerProcess, tok: str) -> bool:
         return False
 
 
-async def test_a_jwks_url_is_reloaded_and_kept_when_unreachable(redis_server) -> None:
-    first = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    second = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+def new_rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def serve_with_jwks(
+    redis_url: str, key: rsa.RSAPrivateKey, **env: str
+) -> tuple[JwksServer, ServerProcess]:
+    """A JWKS URL holding `key` as "k1", and one worker taking RS256 tokens for
+    `redwire-tests` against it; `env` on top."""
     jwks = JwksServer()
-    jwks.publish(("k1", first))
-    server = serve(
+    jwks.publish(("k1", key))
+    base = {"REDWIRE_JWT_JWKS": jwks.url, "REDWIRE_JWT_AUDIENCE": "redwire-tests"}
+    return jwks, serve(redis_url, workers=1, env={**base, **env})
+
+
+async def test_a_jwks_url_is_reloaded_and_kept_when_unreachable(redis_server) -> None:
+    first, second = new_rsa_key(), new_rsa_key()
+    jwks, server = serve_with_jwks(
         redis_server.url,
-        workers=1,
-        env={
-            "REDWIRE_JWT_JWKS": jwks.url,
-            "REDWIRE_JWT_JWKS_REFRESH_S": "0.5",
-            "REDWIRE_JWT_AUDIENCE": "redwire-tests",
-            "REDWIRE_CHANNEL_PREFIX": "auth-jwks:",
-        },
+        first,
+        REDWIRE_JWT_JWKS_REFRESH_S="0.5",
+        REDWIRE_CHANNEL_PREFIX="auth-jwks:",
     )
     try:
         assert await connects(server, rsa_token(first, "k1"))
@@ -549,21 +557,13 @@ async def test_a_key_rotated_in_is_taken_at_once_and_made_up_kids_cost_no_fetch_
     """The periodic reload is 300 s away: a token signed with a key just added to the JWKS
     is taken at its upgrade (and in a `refresh`), because an unknown kid loads the JWKS
     again; tokens with made-up kids make at most one fetch per `jwt_jwks_min_refresh_s`."""
-    first = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    second = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    third = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    jwks = JwksServer()
-    jwks.publish(("k1", first))
-    server = serve(
+    first, second, third = new_rsa_key(), new_rsa_key(), new_rsa_key()
+    jwks, server = serve_with_jwks(
         redis_server.url,
-        workers=1,
-        env={
-            "REDWIRE_JWT_JWKS": jwks.url,
-            "REDWIRE_JWT_JWKS_REFRESH_S": "300",
-            "REDWIRE_JWT_JWKS_MIN_REFRESH_S": "1",
-            "REDWIRE_JWT_AUDIENCE": "redwire-tests",
-            "REDWIRE_CHANNEL_PREFIX": "auth-kid:",
-        },
+        first,
+        REDWIRE_JWT_JWKS_REFRESH_S="300",
+        REDWIRE_JWT_JWKS_MIN_REFRESH_S="1",
+        REDWIRE_CHANNEL_PREFIX="auth-kid:",
     )
     try:
         assert await connects(server, rsa_token(first, "k1"))
