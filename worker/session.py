@@ -2,9 +2,9 @@
 
 Requests are handled in the order they arrive: one that must wait (a subscribe waiting for
 the bus, an application hook, a `refresh` whose token's key needs a JWKS load) holds the
-ones behind it in a small queue, so a client that
-subscribes and then publishes receives its own message. Publishes no hook transforms are
-pipelined: each enters the bus in request order and its ack follows when Redis answers.
+ones behind it in a small queue, so a client that subscribes and then publishes receives
+its own message. Publishes no hook transforms are pipelined: each enters the bus in
+request order and its ack follows when Redis answers.
 
 Everything the client receives goes through the session's `Outbox` (worker/outbox.py), in
 the order decided here and in the hub; subscribing, recovering and repairing are the hub's
